@@ -1,0 +1,174 @@
+"""One entry per fusable op, and the one function that picks its implementation.
+
+Models call these functions, never a kernel directly. Each op has a torch reference here (the fallback, the
+test oracle and the benchmark baseline); fast implementations (Triton in `dblocks_fast.kernels`, CUDA in
+`dblocks_fast._C`) register themselves with `register` and are chosen by `select`:
+
+  kernels="auto"   the fastest implementation registered for the op that can run on the inputs' device;
+                   a registered fast path that fails its availability check falls back with one warning.
+  kernels="torch"  the reference.
+  kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run.
+
+Env flags DBLOCKS_DISABLE_TRITON=1 / DBLOCKS_DISABLE_CUDA=1 take a backend out of "auto" (for bisecting).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import precond
+
+__all__ = [
+    "KERNELS",
+    "register",
+    "select",
+    "available",
+    "adaln_modulate",
+    "gated_residual_adaln",
+    "edm_l2_loss",
+    "adaln_modulate_ref",
+    "gated_residual_adaln_ref",
+    "edm_l2_loss_ref",
+]
+
+KERNELS = ("auto", "cuda", "triton", "torch")
+_PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, in order
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    usable: Callable[[torch.device], bool]  # can this implementation run on tensors of that device?
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def register(op: str, backend: str, fn: Callable, usable: Callable[[torch.device], bool]) -> None:
+    """Make `fn` the `backend` implementation of `op` (later issues register Triton and CUDA paths)."""
+    if backend not in _PREFERENCE:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {_PREFERENCE}")
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, usable)
+
+
+def available(op: str) -> tuple[str, ...]:
+    """Backends registered for `op`."""
+    return tuple(b for b in _PREFERENCE if b in _REGISTRY.get(op, {}))
+
+
+def _disabled(backend: str) -> bool:
+    return os.environ.get(f"DBLOCKS_DISABLE_{backend.upper()}", "0") not in ("", "0")
+
+
+def select(op: str, kernels: str, device: torch.device) -> Callable:
+    """The implementation of `op` for `kernels` on `device` (see the module docstring)."""
+    impls = _REGISTRY[op]
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels != "auto":
+        impl = impls.get(kernels)
+        if impl is None:
+            raise RuntimeError(
+                f"kernels={kernels!r} was requested for {op}, but this build has no {kernels} implementation "
+                f"of it (registered: {', '.join(available(op))}). Use kernels='auto' or 'torch'."
+            )
+        if not impl.usable(device):
+            raise RuntimeError(f"the {kernels} implementation of {op} cannot run on device {device}.")
+        return impl.fn
+    for backend in _PREFERENCE:
+        impl = impls.get(backend)
+        if impl is None or _disabled(backend):
+            continue
+        if impl.usable(device):
+            return impl.fn
+        if backend != "torch" and (op, backend) not in _WARNED and device.type == "cuda":
+            _WARNED.add((op, backend))
+            msg = f"{op}: the {backend} kernel is unavailable on {device}; using the torch reference."
+            warnings.warn(msg, stacklevel=3)
+    raise AssertionError(f"{op} has no usable implementation")  # the torch reference is always usable
+
+
+def _any_device(device: torch.device) -> bool:
+    return True
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# --- adaln_modulate ---------------------------------------------------------------------------------------
+def adaln_modulate_ref(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """LayerNorm(x, no affine) * (1 + scale[:, None]) + shift[:, None], computed in fp32 for half inputs."""
+    xf = _upcast(x)
+    y = F.layer_norm(xf, (x.shape[-1],), eps=eps)
+    y = y * (1 + _upcast(scale)[:, None]) + _upcast(shift)[:, None]
+    return y.to(x.dtype)
+
+
+def adaln_modulate(x, shift, scale, eps: float = 1e-6, kernels: str = "auto") -> torch.Tensor:
+    """AdaLN modulation (DiT): y = LayerNorm(x) * (1 + scale) + shift.
+
+    Args:
+        x: (N, T, D) activations. shift, scale: (N, D) per-sample modulation.
+    Returns:
+        y of x's shape and dtype.
+    """
+    return select("adaln_modulate", kernels, x.device)(x, shift, scale, eps)
+
+
+# --- gated_residual_adaln ---------------------------------------------------------------------------------
+def gated_residual_adaln_ref(x, y, gate, shift, scale, eps: float = 1e-6):
+    """(x + gate[:, None] * y, adaln_modulate(that, shift, scale))."""
+    x_new = x + gate[:, None] * y
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps)
+
+
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6, kernels: str = "auto"):
+    """The seam between one AdaLN-Zero sub-layer and the next: the gated residual, then the next norm.
+
+    Args:
+        x: (N, T, D) residual stream. y: (N, T, D) branch output. gate, shift, scale: (N, D).
+    Returns:
+        (x_new, h): x_new = x + gate * y, h = LayerNorm(x_new) * (1 + scale) + shift.
+    """
+    return select("gated_residual_adaln", kernels, x.device)(x, y, gate, shift, scale, eps)
+
+
+# --- edm_l2_loss ------------------------------------------------------------------------------------------
+def edm_l2_loss_ref(z, f, y, sigma, sigma_data: float = precond.SIGMA_DATA):
+    """(loss, per_sample): per_sample[i] = w(sigma_i) * mean_j (D_ij - y_ij)^2, loss = mean_i per_sample[i].
+
+    D = c_skip z + c_out f. Computed in fp32 (or fp64 for fp64 inputs) whatever the input dtype.
+    """
+    dt = torch.float64 if f.dtype == torch.float64 else torch.float32
+    s = sigma.to(dt)
+    d = precond.denoise(z.to(dt), f.to(dt), s, sigma_data)
+    per_sample = precond.loss_weight(s, sigma_data) * (d - y.to(dt)).square().flatten(1).mean(1)
+    return per_sample.mean(), per_sample
+
+
+def edm_l2_loss(z, f, y, sigma, sigma_data: float = precond.SIGMA_DATA, kernels: str = "auto"):
+    """EDM score-matching loss of a denoiser output, weighted by w(sigma) = 1 / c_out^2.
+
+    Args:
+        z: (N, ...) noisy input y + sigma * eps. f: (N, ...) raw network output F. y: (N, ...) clean target.
+        sigma: (N,) noise levels.
+    Returns:
+        (loss, per_sample): loss = mean over all elements of w(sigma) (c_skip z + c_out f - y)^2, a scalar;
+        per_sample the (N,) per-example means, for logging (no second pass).
+    """
+    return select("edm_l2_loss", kernels, f.device)(z, f, y, sigma, sigma_data)
+
+
+register("adaln_modulate", "torch", adaln_modulate_ref, _any_device)
+register("gated_residual_adaln", "torch", gated_residual_adaln_ref, _any_device)
+register("edm_l2_loss", "torch", edm_l2_loss_ref, _any_device)
