@@ -1,0 +1,95 @@
+"""A DiffusionBlocks model: a task, a noise schedule and B independent blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import rng
+from .nn import set_kernels
+from .schedule import NoiseSchedule
+
+__all__ = ["BlockModel", "split_layers", "build_block"]
+
+
+def split_layers(
+    num_layers: int, num_blocks: int, layers: list[int] | tuple[int, ...] | None = None
+) -> list[int]:
+    """Layers per block: L/B each, or an explicit list that must sum to L."""
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if layers is not None:
+        layers = [int(n) for n in layers]
+        if len(layers) != num_blocks:
+            raise ValueError(f"layers={layers} gives {len(layers)} blocks but num_blocks={num_blocks}")
+        if any(n < 1 for n in layers):
+            raise ValueError(f"layers={layers}: every block needs at least one layer")
+        if sum(layers) != num_layers:
+            raise ValueError(
+                f"layers={layers} sums to {sum(layers)}, but the model has {num_layers} layers; give a list "
+                f"that sums to {num_layers}"
+            )
+        return layers
+    if num_blocks > num_layers:
+        raise ValueError(
+            f"num_blocks={num_blocks} is larger than the number of layers ({num_layers}); "
+            f"every block needs at "
+            f"least one layer: use num_blocks <= {num_layers} or a deeper model"
+        )
+    if num_layers % num_blocks:
+        even = [num_layers // num_blocks + (i < num_layers % num_blocks) for i in range(num_blocks)]
+        raise ValueError(
+            f"{num_layers} layers do not split evenly into {num_blocks} blocks; pass an explicit list, e.g. "
+            f"layers={even} (--layers {','.join(map(str, even))})"
+        )
+    return [num_layers // num_blocks] * num_blocks
+
+
+def build_block(task, index: int, num_layers: int, seed: int) -> nn.Module:
+    """Block `index`, initialised from its own seed on the CPU, so its initial weights do not depend on the
+    device, on the other blocks, or on the order in which blocks are built."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.derive_seed(seed, rng.INIT, index))
+        return task.build_block(index, num_layers)
+
+
+class BlockModel(nn.Module):
+    """The B blocks with their schedule; `denoise` routes each sigma to the block that owns it."""
+
+    def __init__(self, task, schedule: NoiseSchedule, layers: list[int], blocks: list[nn.Module]):
+        super().__init__()
+        if len(blocks) != schedule.num_blocks or len(layers) != schedule.num_blocks:
+            raise ValueError(
+                f"{len(blocks)} blocks and {len(layers)} layer counts for {schedule.num_blocks} blocks"
+            )
+        self.task = task
+        self.schedule = schedule
+        self.layers = list(layers)
+        self.blocks = nn.ModuleList(blocks)
+
+    @classmethod
+    def create(cls, task, schedule: NoiseSchedule, layers: list[int], seed: int) -> BlockModel:
+        return cls(task, schedule, layers, [build_block(task, b, n, seed) for b, n in enumerate(layers)])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.schedule.num_blocks
+
+    def set_kernels(self, kernels: str) -> BlockModel:
+        set_kernels(self, kernels)
+        return self
+
+    @torch.no_grad()
+    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, cond, block: int | None = None) -> torch.Tensor:
+        """D(z, sigma, cond) by the block owning sigma (all of sigma in one block), or by `block`."""
+        if block is None:
+            owners = torch.unique(self.schedule.block_of(sigma.detach().double().cpu()))
+            if owners.numel() != 1:
+                raise ValueError(
+                    f"sigmas span blocks {owners.tolist()}; denoise one block's sigmas at a time"
+                )
+            block = int(owners)
+        return self.task.denoise(self.blocks[block], z, sigma, cond)
+
+    def extra_repr(self) -> str:
+        return f"task={self.task.kind}, layers={self.layers}, schedule={self.schedule!r}"

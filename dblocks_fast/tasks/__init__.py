@@ -1,0 +1,55 @@
+"""Tasks (what y and x are, the block network, the loss) and the presets the CLI trains.
+
+A task object provides: `kind`, `num_layers`, `to_dict()`, `build_block(index, num_layers)`,
+`check_data(data)`, `loss(block, batch, sigma, generator) -> (loss, per_sample)`,
+`denoise(block, z, sigma, cond)` and `null_cond(cond)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..data import load_digits, load_image_npz
+from .image_generation import DiTBlock, DiTConfig, ImageGeneration
+
+__all__ = ["DiTBlock", "DiTConfig", "ImageGeneration", "Preset", "PRESETS", "task_from_dict"]
+
+_TASKS = {ImageGeneration.kind: (ImageGeneration, DiTConfig)}
+
+
+def task_from_dict(d: dict):
+    """Rebuild a task from its `to_dict()` (as saved in a run's manifest)."""
+    kind = d.get("kind")
+    if kind not in _TASKS:
+        raise ValueError(
+            f"unknown task kind {kind!r} in the run manifest; this version knows {sorted(_TASKS)}"
+        )
+    cls, cfg_cls = _TASKS[kind]
+    return cls(cfg_cls(**d["config"]))
+
+
+@dataclass
+class Preset:
+    """A named recipe: how to load the data (built-in, or --data), the task, TrainConfig defaults."""
+
+    description: str
+    load_data: Callable  # (path or None, split "train" | "test") -> dataset
+    make_task: Callable  # (training dataset) -> task
+    train_defaults: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
+    sample_defaults: dict = field(default_factory=dict)  # num_steps, sampler, cfg_scale for sample/eval
+
+
+def _digits_or_npz(path, split):
+    return load_digits(split) if path is None else load_image_npz(path, split)
+
+
+PRESETS: dict[str, Preset] = {
+    "digits-dit": Preset(
+        description="class-conditional DiT on scikit-learn's 8x8 digits (or --data images.npz)",
+        load_data=_digits_or_npz,
+        make_task=lambda data: ImageGeneration.for_data(data, hidden=96, heads=4, num_layers=6, patch_size=2),
+        train_defaults=dict(num_blocks=3, steps_per_block=1500, batch_size=128, lr=1e-3, warmup=100),
+        sample_defaults=dict(num_steps=30, sampler="heun", cfg_scale=1.5),
+    ),
+}
