@@ -1,0 +1,173 @@
+"""Run folders: one safetensors file per block (weights and AdamW state) and a JSON manifest.
+
+The manifest is the commit point. A save writes each changed block to a new file named by its step count
+(temporary file, fsync, rename), then replaces the manifest the same way, then deletes the block files the
+new manifest no longer names. A crash at any point leaves the previous manifest and every file it names
+intact. Block files carry a CRC-32 in the manifest, so a damaged file is reported, never silently loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = [
+    "MANIFEST",
+    "CheckpointError",
+    "atomic_write",
+    "block_state",
+    "load_block_state",
+    "save_blocks",
+    "read_manifest",
+    "read_block",
+]
+
+MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FORMAT = "dblocks_fast.run/1"
+
+
+class CheckpointError(RuntimeError):
+    """A run folder that cannot be read: missing, incomplete or damaged files."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part of either."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def block_state(block: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A block's parameters and AdamW moments as flat named CPU tensors."""
+    out = {}
+    for name, p in block.named_parameters():
+        out[f"param/{name}"] = p.detach().cpu()
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                out[f"{key}/{name}"] = state[key].detach().cpu()
+    return out
+
+
+def load_block_state(
+    block: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    steps: int = 0,
+) -> None:
+    """The inverse of `block_state`: copy the weights in place, and with `optimizer` its moments and step."""
+    params = dict(block.named_parameters())
+    want = {f"param/{n}" for n in params}
+    have = {k for k in tensors if k.startswith("param/")}
+    if want != have:
+        missing, extra = sorted(want - have)[:3], sorted(have - want)[:3]
+        raise CheckpointError(
+            f"the checkpoint does not match the model (missing {missing}, unexpected {extra}); "
+            f"was it written "
+            f"by a different model configuration?"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            src = tensors[f"param/{name}"]
+            if src.shape != p.shape:
+                raise CheckpointError(
+                    f"{name}: checkpoint shape {tuple(src.shape)} != model {tuple(p.shape)}"
+                )
+            p.copy_(src)
+            if optimizer is not None and f"exp_avg/{name}" in tensors:
+                optimizer.state[p] = {
+                    # the step is a float tensor on the CPU, as torch.optim.AdamW keeps it (capturable=False)
+                    "step": torch.tensor(float(steps)),
+                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device).clone(),
+                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device).clone(),
+                }
+
+
+def save_blocks(run_dir: Path, manifest: dict, changed: dict[int, dict[str, torch.Tensor]]) -> dict:
+    """Write the changed blocks, then the manifest (the commit), then drop block files no longer named.
+
+    manifest["blocks"][b] must hold "steps"; this fills in "file", "bytes" and "crc32" for changed blocks and
+    keeps the previous entries of the others. Returns the manifest as written.
+    """
+    run_dir = Path(run_dir)
+    (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
+    for b, tensors in sorted(changed.items()):
+        entry = manifest["blocks"][b]
+        rel = f"blocks/block{b:03d}-step{entry['steps']:09d}.safetensors"
+        data = st_save(tensors, metadata={"block": str(b), "steps": str(entry["steps"])})
+        atomic_write(run_dir / rel, data)
+        entry.update(file=rel, bytes=len(data), crc32=zlib.crc32(data))
+    manifest = {**manifest, "format": FORMAT}
+    atomic_write(run_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    named = {e["file"] for e in manifest["blocks"] if e.get("file")}
+    for f in (run_dir / "blocks").glob("block*.safetensors"):
+        if f"blocks/{f.name}" not in named:
+            f.unlink()
+    return manifest
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict:
+    """The run's manifest, with errors that say what is wrong and what to do."""
+    path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} has no {MANIFEST}: it holds no finished checkpoint (was training stopped before the "
+            f"first save?). Train into it without --resume to start afresh."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e}); restore it from a backup or start a new run") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+    return manifest
+
+
+def read_block(run_dir: str | os.PathLike, manifest: dict, b: int) -> dict[str, torch.Tensor]:
+    """Block b's tensors, checked against the manifest's size and CRC-32."""
+    entry = manifest["blocks"][b]
+    if not entry.get("file"):
+        raise CheckpointError(
+            f"block {b} has no checkpoint in {run_dir} yet (it had taken no steps when saved)"
+        )
+    path = Path(run_dir) / entry["file"]
+    if not path.is_file():
+        raise CheckpointError(
+            f"block {b}'s checkpoint {path} is missing; the run folder is incomplete. "
+            f"Restore the file, or start "
+            f"a new run."
+        )
+    data = path.read_bytes()
+    if len(data) != entry["bytes"] or zlib.crc32(data) != entry["crc32"]:
+        raise CheckpointError(
+            f"block {b}'s checkpoint {path} is corrupt (size or CRC-32 differs from the manifest); "
+            f"restore the "
+            f"file from a backup, or start a new run."
+        )
+    return st_load(data)
