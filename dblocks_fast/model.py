@@ -83,12 +83,12 @@ class BlockModel(nn.Module):
     def denoise(self, z: torch.Tensor, sigma: torch.Tensor, cond, block: int | None = None) -> torch.Tensor:
         """D(z, sigma, cond) by the block owning sigma (all of sigma in one block), or by `block`."""
         if block is None:
-            owners = torch.unique(self.schedule.block_of(sigma.detach().double().cpu()))
-            if owners.numel() != 1:
-                raise ValueError(
-                    f"sigmas span blocks {owners.tolist()}; denoise one block's sigmas at a time"
-                )
-            block = int(owners)
+            # block_of is monotone in sigma, so the extremes tell whether one block owns them all
+            ends = torch.stack([sigma.max(), sigma.min()]).detach().double().cpu()
+            first, last = self.schedule.block_of(ends).tolist()
+            if first != last:
+                raise ValueError(f"sigmas span blocks {first}..{last}; denoise one block's sigmas at a time")
+            block = first
         return self.task.denoise(self.blocks[block], z, sigma, cond)
 
     def extra_repr(self) -> str:

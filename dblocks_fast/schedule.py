@@ -120,7 +120,7 @@ class NoiseSchedule:
 
     def block_of(self, sigma) -> int | torch.Tensor:
         """Index of the block whose (unwidened) interval holds sigma; values outside clamp to the ends."""
-        s = torch.as_tensor(sigma, dtype=torch.float64)
+        s = torch.as_tensor(sigma, dtype=torch.float64).contiguous()
         # Count the interior boundaries strictly below sigma (searchsorted's left insertion point): a sigma
         # equal to a boundary is then the top of the lower-noise block, as the class docstring says.
         interior = torch.tensor(self.boundaries[1:-1][::-1], dtype=torch.float64, device=s.device)

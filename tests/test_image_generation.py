@@ -82,7 +82,7 @@ def test_block_model_routes_sigma_to_its_block(tiny_task):
     for sigma, want in [(80.0, 0), (0.505, 1), (0.3, 1), (0.1796, 2), (0.002, 2)]:
         model.denoise(z, torch.full((2,), sigma, dtype=torch.float64), lab)
         assert calls[-1] == want
-    with pytest.raises(ValueError, match="span blocks"):
+    with pytest.raises(ValueError, match="span blocks 0..2"):
         model.denoise(z, torch.tensor([80.0, 0.01], dtype=torch.float64), lab)
 
 

@@ -1,0 +1,292 @@
+"""`dblocks-fast train | sample | eval`: the command line. The only module that parses arguments."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import typing
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointError, atomic_write
+from .tasks import PRESETS
+from .train import TrainConfig, TrainingDiverged
+
+CLI_FILE = "cli.json"  # what the CLI knows that the library does not: preset and data path of a run
+DEFAULT_PRESET = "digits-dit"
+
+
+# --- flags from TrainConfig ---------------------------------------------------------------------------------
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {s!r}") from None
+
+
+def _opt_float(s: str) -> float | None:
+    return None if s.lower() in ("none", "off", "0") else float(s)
+
+
+def _field_help() -> dict[str, str]:
+    """The trailing comments of TrainConfig's fields, so --help says what the dataclass says."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
+    return out
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    hints = typing.get_type_hints(TrainConfig)
+    preset_set = {k for pr in PRESETS.values() for k in pr.train_defaults}
+    for f in dataclasses.fields(TrainConfig):
+        flag, hint, h = "--" + f.name.replace("_", "-"), hints[f.name], helps.get(f.name, "")
+        if f.name in ("out_dir", "progress"):
+            continue  # --out and --no-progress below
+        # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None
+        kw = {"default": argparse.SUPPRESS}
+        if f.name == "num_blocks":
+            p.add_argument("--blocks", "--num-blocks", dest="num_blocks", type=int, help=h, **kw)
+        elif f.name == "layers":
+            p.add_argument(flag, type=_int_list, help=h + " (e.g. 2,4,2)", **kw)
+        elif f.name == "grad_clip":
+            p.add_argument(flag, type=_opt_float, help=h + " ('none' to disable)", **kw)
+        elif hint in (int, float, str):
+            where = " unless the preset sets it" if f.name in preset_set else ""
+            p.add_argument(flag, type=hint, help=f"{h} (default {f.default}{where})", **kw)
+        else:
+            raise TypeError(f"no CLI flag rule for TrainConfig.{f.name}: {hint}")  # a new field needs one
+    p.add_argument(
+        "--out", dest="out_dir", help="run folder (default runs/<preset>-b<B>)", default=argparse.SUPPRESS
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+
+
+def _preset(name: str):
+    if name not in PRESETS:
+        raise SystemExit(f"error: unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+# --- commands -----------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .quality import evaluate
+    from .train import train
+
+    preset = _preset(args.preset)
+    train_data = preset.load_data(args.data, "train")
+    test_data = preset.load_data(args.data, "test")
+    task = preset.make_task(train_data)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(**{**preset.train_defaults, **given})
+    if config.out_dir is None:
+        config.out_dir = str(Path("runs") / f"{args.preset}-b{config.num_blocks}")
+    run = Path(config.out_dir)
+    data_desc = f"{train_data.name}, {len(train_data)} examples"
+    print(f"training {args.preset} ({data_desc}) with B={config.num_blocks} into {run}")
+    model = train(task, train_data, config, resume=args.resume)
+    atomic_write(run / CLI_FILE, json.dumps({"preset": args.preset, "data": _abs(args.data)}).encode())
+    if args.no_eval:
+        return 0
+    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
+
+
+def cmd_eval(args) -> int:
+    from .quality import evaluate
+    from .sample import load
+
+    preset, data_path = _run_preset(args)
+    model = load(args.run, args.device)
+    train_data, test_data = preset.load_data(data_path, "train"), preset.load_data(data_path, "test")
+    return _eval_and_report(model, Path(args.run), preset, train_data, test_data, args, evaluate)
+
+
+def cmd_sample(args) -> int:
+    from .sample import load, sample
+
+    preset, _ = _run_preset(args)
+    model = load(args.run, args.device)
+    s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
+    s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
+    classes = model.task.config.num_classes
+    labels = np.repeat(np.arange(classes), args.per_class)
+    images = sample(model, labels, seed=args.seed, **s)
+    _save_grid(images.cpu().numpy(), classes, args.per_class, args.out)
+    print(f"wrote {args.out}: {classes} classes x {args.per_class} samples ({_describe(s)})")
+    return 0
+
+
+def _eval_and_report(model, run: Path, preset, train_data, test_data, args, evaluate) -> int:
+    s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
+    s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
+    print(f"evaluating: {args.per_class} samples per class ({_describe(s)})")
+    result = evaluate(
+        model, train_data, test_data, run_dir=run, per_class=args.per_class, seed=args.seed, **s
+    )
+    show = min(8, args.per_class)
+    grid = result["samples"].numpy().reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
+    _save_grid(
+        grid[:, :show].reshape(-1, *train_data.image_shape), train_data.num_classes, show, run / "samples.png"
+    )
+    _print_report(run, model.num_blocks, result)
+    return 0
+
+
+def _print_report(run: Path, num_blocks: int, result: dict) -> None:
+    rows = [
+        ("sample accuracy (higher is better)", "sample_accuracy", "{:.3f}"),
+        ("Frechet distance to test digits (lower)", "frechet_distance", "{:.2f}"),
+        ("  real train digits, same count (floor)", "real_frechet", "{:.2f}"),
+    ]
+    cols = [(f"B={num_blocks} (this run)", result)]
+    base = _find_baseline(run)
+    if base is not None and num_blocks != 1:
+        cols.append((f"B=1 baseline ({base[0]})", base[1]))
+    print(f"\nsamples: {run / 'samples.png'}   figures: {run / 'eval.json'}")
+    print(f"{'':42s}" + "".join(f"{c[0]:>36s}" for c in cols))
+    for label, key, fmt in rows:
+        print(f"{label:42s}" + "".join(f"{fmt.format(c[1][key]):>36s}" for c in cols))
+    if base is None and num_blocks != 1:
+        print(
+            f"\nno B=1 baseline found next to {run}; make one with: dblocks-fast train --blocks 1 "
+            f"--out {run.parent / (run.name.rsplit('-b', 1)[0] + '-b1')}"
+        )
+
+
+def _find_baseline(run: Path):
+    """The eval.json of the B=1 run beside this one (<name>-b1), trained with the same model and steps."""
+    if "-b" not in run.name:
+        return None
+    base = run.parent / (run.name.rsplit("-b", 1)[0] + "-b1")
+    try:
+        mine, theirs = (json.loads((d / "config.json").read_text()) for d in (run, base))
+        same = (
+            mine["task"] == theirs["task"]
+            and mine["train"]["steps_per_block"] == theirs["train"]["steps_per_block"]
+        )
+        return (str(base), json.loads((base / "eval.json").read_text())) if same else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _run_preset(args):
+    """The preset and data path of a run (from its cli.json), unless given on the command line."""
+    info = {}
+    path = Path(args.run) / CLI_FILE
+    if path.is_file():
+        info = json.loads(path.read_text())
+    elif not Path(args.run).is_dir():
+        raise CheckpointError(f"run folder {args.run} does not exist")
+    data = getattr(args, "data", None) or info.get("data")
+    return _preset(args.preset or info.get("preset") or DEFAULT_PRESET), data
+
+
+def _describe(s: dict) -> str:
+    return f"{s['sampler']}, {s['num_steps']} steps, cfg scale {s['cfg_scale']}"
+
+
+def _given(args, names) -> dict:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _round_steps(n: int, b: int) -> int:
+    """Sampling steps must be a multiple of B (each block gets the same number)."""
+    return b * max(1, math.ceil(n / b))
+
+
+def _abs(path):
+    return None if path is None else os.path.abspath(path)
+
+
+def _save_grid(images: np.ndarray, rows: int, cols: int, out, scale: int = 4) -> None:
+    """Write images (rows * cols, C, H, W) in [-1, 1] as one PNG, a row per class, upscaled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, c, h, w = images.shape
+    x = ((np.clip(images, -1, 1) + 1) / 2).reshape(rows, cols, c, h, w)
+    pad = np.ones((rows, cols, c, h + 2, w + 2))
+    pad[:, :, :, 1:-1, 1:-1] = x
+    grid = pad.transpose(0, 3, 1, 4, 2).reshape(rows * (h + 2), cols * (w + 2), c)
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if c == 1:
+        plt.imsave(out, grid[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        plt.imsave(out, grid[..., :3])
+
+
+# --- argument parsing ---------------------------------------------------------------------------------------
+def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
+    p.add_argument(
+        "--num-steps", "--steps", dest="num_steps", type=int, help="sampling steps, a multiple of B"
+    )
+    p.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument(
+        "--per-class", type=int, default=per_class, help=f"samples per class (default {per_class})"
+    )
+    p.add_argument("--sample-seed", dest="seed", type=int, default=0, help="seed of the sampling noise")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dblocks-fast", description="DiffusionBlocks: train transformers block by block."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train", help="train a preset (default: the DiT on built-in digits), then sample and score it"
+    )
+    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(sorted(PRESETS))}")
+    t.add_argument("--data", help="your own data instead of the built-in set (.npz with images and labels)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--no-eval", action="store_true", help="skip sampling and scoring after training")
+    _add_train_flags(t)
+    _add_sample_flags(t, per_class=50)
+
+    s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
+    s.add_argument("--run", required=True, help="run folder")
+    s.add_argument("--out", default="grid.png", help="PNG to write")
+    s.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s.add_argument("--preset", help="preset the run used (default: from the run folder)")
+    _add_sample_flags(s, per_class=8)
+
+    e = sub.add_parser(
+        "eval", help="score a run: sample accuracy and Frechet distance of classifier features"
+    )
+    e.add_argument("--run", required=True, help="run folder")
+    e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    e.add_argument("--preset", help="preset the run used (default: from the run folder)")
+    e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
+    _add_sample_flags(e, per_class=50)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

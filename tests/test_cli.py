@@ -1,0 +1,111 @@
+import dataclasses
+import json
+import shutil
+import subprocess
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from dblocks_fast.cli import build_parser, main
+from dblocks_fast.train import TrainConfig
+
+FAST = ["--steps-per-block", "3", "--batch-size", "16", "--warmup", "1", "--no-progress"]
+FAST_EVAL = ["--per-class", "2", "--num-steps", "3", "--sampler", "euler"]
+
+
+def test_every_train_config_field_has_a_flag():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+    args = train.parse_args(["--grad-clip", "none", "--layers", "2,2,2", "--blocks", "3", "--lr", "0.01"])
+    assert args.grad_clip is None and args.layers == [2, 2, 2] and args.num_blocks == 3 and args.lr == 0.01
+    assert not hasattr(train.parse_args([]), "lr")  # not given: the preset's value applies
+
+
+def test_train_sample_eval_and_the_baseline_table(tmp_path, capsys):
+    b3, b1 = tmp_path / "digits-dit-b3", tmp_path / "digits-dit-b1"
+    assert main(["train", *FAST, *FAST_EVAL, "--out", str(b3)]) == 0
+    out = capsys.readouterr().out
+    assert "no B=1 baseline found" in out and "--blocks 1" in out
+    for name in ("manifest.json", "config.json", "cli.json", "metrics.jsonl", "eval.json", "samples.png"):
+        assert (b3 / name).is_file(), name
+    assert json.loads((b3 / "config.json").read_text())["train"]["num_blocks"] == 3
+    assert plt.imread(b3 / "samples.png").shape[:2] == (
+        10 * 10 * 4,
+        2 * 10 * 4,
+    )  # 10 classes x 2, 4x upscaled
+
+    assert main(["train", *FAST, *FAST_EVAL, "--blocks", "1", "--out", str(b1)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(b3), *FAST_EVAL]) == 0
+    out = capsys.readouterr().out
+    assert "B=3 (this run)" in out and "B=1 baseline" in out and "sample accuracy" in out
+
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--run", str(b3), "--out", str(grid), "--per-class", "3", "--num-steps", "3"]) == 0
+    assert plt.imread(grid).shape[:2] == (10 * 10 * 4, 3 * 10 * 4)
+
+
+def test_user_data_from_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (60, 3, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "mine.npz", images=images, labels=np.arange(60) % 3)
+    run = tmp_path / "mine-b2"
+    argv = [
+        "train",
+        *FAST,
+        *FAST_EVAL,
+        "--data",
+        str(tmp_path / "mine.npz"),
+        "--blocks",
+        "2",
+        "--out",
+        str(run),
+    ]
+    assert main(argv) == 0
+    cfg = json.loads((run / "config.json").read_text())["task"]["config"]
+    assert (cfg["channels"], cfg["image_size"], cfg["num_classes"]) == (3, 4, 3)
+    assert plt.imread(run / "samples.png").shape[:2] == (3 * 6 * 4, 2 * 6 * 4)
+    assert (
+        main(["eval", "--run", str(run), "--per-class", "2", "--num-steps", "2"]) == 0
+    )  # finds its data again
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--layers", "1,2,2"], "sums to 5, but the model has 6 layers"),
+        (["train", "--blocks", "7"], "larger than the number of layers"),
+        (["train", "--blocks", "4"], "do not split evenly into 4 blocks; pass an explicit list"),
+        (["train", "--data", "missing.npz"], "no such file"),
+        (["train", "--resume"], "has no manifest.json"),
+        (["eval", "--run", "nowhere"], "does not exist"),
+    ],
+)
+def test_errors_are_clear_and_exit_2(tmp_path, capsys, argv, message):
+    if "--out" not in argv and argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "run")]
+        (tmp_path / "run").mkdir()
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_preset_and_existing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown preset 'cifar'; choose one of: digits-dit"):
+        main(["train", "--preset", "cifar"])
+    run = tmp_path / "r"
+    assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 0
+    before = (run / "manifest.json").read_bytes()
+    assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 2
+    assert "already holds a run; pass resume=True (--resume)" in capsys.readouterr().err
+    assert (run / "manifest.json").read_bytes() == before
+    assert main(["train", *FAST, "--no-eval", "--out", str(run), "--resume"]) == 0  # finished: nothing to do
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("dblocks-fast")
+    assert exe, "the dblocks-fast console script is not on PATH: install the package (pip install -e .)"
+    out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--steps-per-block" in out and "--resume" in out
