@@ -152,15 +152,24 @@ def _print_report(run: Path, num_blocks: int, result: dict) -> None:
     base = _find_baseline(run)
     if base is not None and num_blocks != 1:
         cols.append((f"B=1 baseline ({base[0]})", base[1]))
+        differ = [k for k in _EVAL_SETTINGS if base[1].get(k) != result[k]]
     print(f"\nsamples: {run / 'samples.png'}   figures: {run / 'eval.json'}")
     print(f"{'':42s}" + "".join(f"{c[0]:>36s}" for c in cols))
     for label, key, fmt in rows:
         print(f"{label:42s}" + "".join(f"{fmt.format(c[1][key]):>36s}" for c in cols))
+    if base is not None and num_blocks != 1 and differ:
+        print(
+            f"\nnote: the baseline was scored with other {', '.join(differ)}; for a fair comparison run "
+            f"dblocks-fast eval --run {base[0]} with this run's settings"
+        )
     if base is None and num_blocks != 1:
         print(
             f"\nno B=1 baseline found next to {run}; make one with: dblocks-fast train --blocks 1 "
             f"--out {run.parent / (run.name.rsplit('-b', 1)[0] + '-b1')}"
         )
+
+
+_EVAL_SETTINGS = ("sampler", "num_steps", "cfg_scale", "num_samples", "seed")
 
 
 def _find_baseline(run: Path):

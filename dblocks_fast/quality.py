@@ -130,11 +130,15 @@ def evaluate(
     sampler: str = "heun",
     cfg_scale: float = 1.0,
     seed: int = 0,
+    classifier: FeatureClassifier | None = None,
 ) -> dict:
-    """Generate `per_class` samples of every class and score them; also writes run_dir/eval.json if given."""
+    """Generate `per_class` samples of every class and score them; also writes run_dir/eval.json if given.
+
+    classifier: the judge to use; None = the one cached in run_dir (trained on train_data if absent).
+    """
     from .sample import sample  # late: sample imports the task registry, which is heavier than this module
 
-    clf = cached_classifier(run_dir, train_data)
+    clf = classifier if classifier is not None else cached_classifier(run_dir, train_data)
     _, test_pred = _score(clf, test_data.images)
     labels = torch.arange(train_data.num_classes).repeat_interleave(per_class)
     images = sample(model, labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)

@@ -258,7 +258,10 @@ class Trainer:
                     self._after_step(pos, b, bar)
         except KeyboardInterrupt:
             bar.close()
-            if self.run_dir is not None and not self._mid_step:
+            if self.run_dir is not None and self._mid_step:
+                msg = f"interrupted during a step: nothing saved; {self.run_dir} holds the last checkpoint"
+                warnings.warn(msg, stacklevel=2)
+            elif self.run_dir is not None:
                 self.save()
                 msg = (
                     f"interrupted: saved {self.run_dir} at block steps {self.steps_done}; resume to continue"
@@ -420,9 +423,16 @@ def _trim_metrics(path: Path, steps: list[int]) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines(keepends=True) if ln.strip()]
-    keep = [ln for ln, rec in zip(lines, map(json.loads, lines)) if rec["step"] <= steps[rec["block"]]]
-    if len(keep) != len(lines):
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:  # a line cut short by the crash we resume from
+            continue
+        if rec["step"] <= steps[rec["block"]]:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if keep != lines:
         checkpoint.atomic_write(path, "".join(keep).encode())
 
 

@@ -42,6 +42,9 @@ def test_train_sample_eval_and_the_baseline_table(tmp_path, capsys):
     assert main(["eval", "--run", str(b3), *FAST_EVAL]) == 0
     out = capsys.readouterr().out
     assert "B=3 (this run)" in out and "B=1 baseline" in out and "sample accuracy" in out
+    assert "note: the baseline was scored" not in out
+    assert main(["eval", "--run", str(b3), *FAST_EVAL[:2], "--num-steps", "6"]) == 0
+    assert "note: the baseline was scored with other sampler, num_steps" in capsys.readouterr().out
 
     grid = tmp_path / "grid.png"
     assert main(["sample", "--run", str(b3), "--out", str(grid), "--per-class", "3", "--num-steps", "3"]) == 0
@@ -76,9 +79,9 @@ def test_user_data_from_npz(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["train", "--layers", "1,2,2"], "sums to 5, but the model has 6 layers"),
-        (["train", "--blocks", "7"], "larger than the number of layers"),
-        (["train", "--blocks", "4"], "do not split evenly into 4 blocks; pass an explicit list"),
+        (["train", "--layers", "1,2,2"], "sums to 5, but the model has 12 layers"),
+        (["train", "--blocks", "13"], "larger than the number of layers"),
+        (["train", "--blocks", "5"], "do not split evenly into 5 blocks; pass an explicit list"),
         (["train", "--data", "missing.npz"], "no such file"),
         (["train", "--resume"], "has no manifest.json"),
         (["eval", "--run", "nowhere"], "does not exist"),

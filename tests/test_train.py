@@ -106,6 +106,8 @@ def test_crash_resumes_from_the_last_periodic_checkpoint(tiny_task, digits, tiny
         _fit(tiny_task, digits, cfg, callback=_stop_at(11, _Stop()))  # nothing saved at the crash itself
     assert sum(e["steps"] for e in checkpoint.read_manifest(tmp_path / "run")["blocks"]) == 8
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"block": 0, "st')  # a line cut short by the crash
     resumed = _fit(tiny_task, digits, cfg, resume=True)
     _assert_same(_state(ref), _state(resumed))
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

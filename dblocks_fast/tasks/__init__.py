@@ -45,11 +45,15 @@ def _digits_or_npz(path, split):
 
 
 PRESETS: dict[str, Preset] = {
+    # 12 layers (DiT-S depth) split evenly for B = 1, 2, 3, 4, 6; about 4 minutes of training on 2 CPU cores.
+    # Heun at 12 steps scored as well as at 30 on this model (sample accuracy and Frechet distance).
     "digits-dit": Preset(
         description="class-conditional DiT on scikit-learn's 8x8 digits (or --data images.npz)",
         load_data=_digits_or_npz,
-        make_task=lambda data: ImageGeneration.for_data(data, hidden=96, heads=4, num_layers=6, patch_size=2),
-        train_defaults=dict(num_blocks=3, steps_per_block=1500, batch_size=128, lr=1e-3, warmup=100),
-        sample_defaults=dict(num_steps=30, sampler="heun", cfg_scale=1.5),
+        make_task=lambda data: ImageGeneration.for_data(
+            data, hidden=64, heads=4, num_layers=12, patch_size=2
+        ),
+        train_defaults=dict(num_blocks=3, steps_per_block=1000, batch_size=128, lr=1e-3, warmup=100),
+        sample_defaults=dict(num_steps=12, sampler="heun", cfg_scale=1.5),
     ),
 }
