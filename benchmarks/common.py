@@ -1,0 +1,68 @@
+"""What every benchmark result records: device, versions, commit, date and the command that made it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def provenance(device: torch.device) -> dict:
+    import dblocks_fast
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=RESULTS.parent,
+            check=True,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=RESULTS.parent,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": {
+            "dblocks_fast": dblocks_fast.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "commit": commit + ("+dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def write(name: str, device: torch.device, record: dict, markdown: str, out: Path = RESULTS) -> Path:
+    """results/<name>-<device type>.json and .md; the JSON holds everything, the markdown the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{device.type}"
+    Path(f"{stem}.json").write_text(
+        json.dumps({"benchmark": name, **provenance(device), **record}, indent=1) + "\n"
+    )
+    Path(f"{stem}.md").write_text(markdown)
+    return Path(f"{stem}.json")
