@@ -18,8 +18,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + " CPU"
+    except OSError:
+        pass
+    return f"{platform.machine()} CPU"
 
 
 def provenance(device: torch.device) -> dict:
@@ -57,12 +67,13 @@ def provenance(device: torch.device) -> dict:
     }
 
 
-def write(name: str, device: torch.device, record: dict, markdown: str, out: Path = RESULTS) -> Path:
-    """results/<name>-<device type>.json and .md; the JSON holds everything, the markdown the table."""
+def write(name: str, prov: dict, record: dict, markdown: str, out: Path = RESULTS) -> Path:
+    """results/<name>-<device type>.json and .md; the JSON holds everything, the markdown the table.
+
+    prov: provenance() taken when the benchmark started, so the commit is the code that was measured.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{name}-{device.type}"
-    Path(f"{stem}.json").write_text(
-        json.dumps({"benchmark": name, **provenance(device), **record}, indent=1) + "\n"
-    )
+    stem = out / f"{name}-{prov['device_type']}"
+    Path(f"{stem}.json").write_text(json.dumps({"benchmark": name, **prov, **record}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown)
     return Path(f"{stem}.json")

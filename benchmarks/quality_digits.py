@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     task = preset.make_task(train_data)
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
+    prov = common.provenance(device)
     judge = train_classifier(train_data, steps=50 if args.quick else 1500)
     runs = []
     for label, b, partition in CONFIGS:
@@ -110,8 +111,8 @@ def main(argv=None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings.update(model=task.to_dict(), train=preset.train_defaults)
     record = {"quick": args.quick, "settings": settings, "summary": summary, "runs": runs}
-    md = _markdown(summary, settings, common.provenance(device))
-    path = common.write("quality_digits", device, record, md, args.out)
+    md = _markdown(summary, settings, prov)
+    path = common.write("quality_digits", prov, record, md, args.out)
     print(md)
     print(f"wrote {path}")
     return record

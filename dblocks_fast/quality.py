@@ -139,11 +139,10 @@ def evaluate(
     from .sample import sample  # late: sample imports the task registry, which is heavier than this module
 
     clf = classifier if classifier is not None else cached_classifier(run_dir, train_data)
-    _, test_pred = _score(clf, test_data.images)
+    test_feats, test_pred = _score(clf, test_data.images)
     labels = torch.arange(train_data.num_classes).repeat_interleave(per_class)
     images = sample(model, labels, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed)
     gen_feats, gen_pred = _score(clf, images)
-    test_feats, _ = _score(clf, test_data.images)
     g = np.random.default_rng(rng.derive_seed(seed, rng.EVAL))
     ref_idx = g.choice(len(train_data), size=min(len(labels), len(train_data)), replace=False)
     ref_feats, _ = _score(clf, train_data.images[torch.as_tensor(ref_idx)])
