@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -243,7 +244,12 @@ class Trainer:
         start = sum(self.steps_done)
         self._clock = (time.perf_counter(), start)
         bar = tqdm(
-            total=len(self.order), initial=start, disable=not self.config.progress, desc="train", unit="step"
+            total=len(self.order),
+            initial=start,
+            disable=not self.config.progress,
+            desc="train",
+            unit="step",
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file: a line every 30 s
         )
         self._mid_step = False
         try:
