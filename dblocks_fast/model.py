@@ -81,7 +81,10 @@ class BlockModel(nn.Module):
 
     @torch.no_grad()
     def denoise(self, z: torch.Tensor, sigma: torch.Tensor, cond, block: int | None = None) -> torch.Tensor:
-        """D(z, sigma, cond) by the block owning sigma (all of sigma in one block), or by `block`."""
+        """D(z, sigma, cond) by the block owning sigma (all of sigma in one block), or by `block`.
+
+        Give sigma as a float64 CPU tensor (the samplers do): the block is then chosen without a device sync.
+        """
         if block is None:
             # block_of is monotone in sigma, so the extremes tell whether one block owns them all
             ends = torch.stack([sigma.max(), sigma.min()]).detach().double().cpu()
@@ -89,7 +92,7 @@ class BlockModel(nn.Module):
             if first != last:
                 raise ValueError(f"sigmas span blocks {first}..{last}; denoise one block's sigmas at a time")
             block = first
-        return self.task.denoise(self.blocks[block], z, sigma, cond)
+        return self.task.denoise(self.blocks[block], z, sigma.to(z.device), cond)
 
     def extra_repr(self) -> str:
         return f"task={self.task.kind}, layers={self.layers}, schedule={self.schedule!r}"

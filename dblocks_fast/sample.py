@@ -2,8 +2,9 @@
 
 Samplers share one signature, `sample_<name>(denoiser, x, sigmas, extra_args=None, callback=None)`, with
 `denoiser(x, sigma, **extra_args) -> D` and `sigmas` a decreasing float64 sequence ending in 0, so they swap
-freely (as in k-diffusion). `sample()` wires a trained model, its schedule and classifier-free guidance.
-Sigmas stay float64 up to the block choice: a boundary sigma rounded to float32 could land in the wrong block.
+freely (as in k-diffusion). The denoiser gets sigma as a float64 CPU tensor of shape (N,), whatever x's
+device: the block is chosen on the host without a device sync, and in float64, since a boundary sigma rounded
+to float32 could land in the wrong block. `sample()` wires a trained model, its schedule and guidance.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["sample_euler", "sample_heun", "SAMPLERS", "guided", "load", "sample"
 
 
 def _call(denoiser, x, sigma: torch.Tensor, extra_args) -> torch.Tensor:
-    return denoiser(x, sigma.expand(x.shape[0]).to(x.device), **extra_args)
+    # sigma stays a float64 CPU tensor: the block is chosen on the host, with no device sync per step
+    return denoiser(x, sigma.expand(x.shape[0]), **extra_args)
 
 
 @torch.no_grad()
