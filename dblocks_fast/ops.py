@@ -14,6 +14,7 @@ Env flags DBLOCKS_DISABLE_TRITON=1 / DBLOCKS_DISABLE_CUDA=1 take a backend out o
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -35,6 +36,8 @@ __all__ = [
     "adaln_modulate_ref",
     "gated_residual_adaln_ref",
     "edm_l2_loss_ref",
+    "weighted_linear_cross_entropy",
+    "weighted_linear_cross_entropy_ref",
 ]
 
 KERNELS = ("auto", "cuda", "triton", "torch")
@@ -45,17 +48,24 @@ _PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, in order
 class _Impl:
     fn: Callable
     usable: Callable[[torch.device], bool]  # can this implementation run on tensors of that device?
+    auto: Callable[[torch.device], bool]  # may kernels="auto" pick it there? (not the Triton interpreter)
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _WARNED: set[tuple[str, str]] = set()
 
 
-def register(op: str, backend: str, fn: Callable, usable: Callable[[torch.device], bool]) -> None:
-    """Make `fn` the `backend` implementation of `op` (later issues register Triton and CUDA paths)."""
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    usable: Callable[[torch.device], bool],
+    auto: Callable[[torch.device], bool] | None = None,
+) -> None:
+    """Make `fn` the `backend` implementation of `op`; `auto`: where "auto" may pick it (default: usable)."""
     if backend not in _PREFERENCE:
         raise ValueError(f"unknown backend {backend!r}; expected one of {_PREFERENCE}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, usable)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, usable, auto or usable)
 
 
 def available(op: str) -> tuple[str, ...]:
@@ -86,7 +96,7 @@ def select(op: str, kernels: str, device: torch.device) -> Callable:
         impl = impls.get(backend)
         if impl is None or _disabled(backend):
             continue
-        if impl.usable(device):
+        if impl.auto(device):
             return impl.fn
         if backend != "torch" and (op, backend) not in _WARNED and device.type == "cuda":
             _WARNED.add((op, backend))
@@ -169,6 +179,58 @@ def edm_l2_loss(z, f, y, sigma, sigma_data: float = precond.SIGMA_DATA, kernels:
     return select("edm_l2_loss", kernels, f.device)(z, f, y, sigma, sigma_data)
 
 
-register("adaln_modulate", "torch", adaln_modulate_ref, _any_device)
-register("gated_residual_adaln", "torch", gated_residual_adaln_ref, _any_device)
-register("edm_l2_loss", "torch", edm_l2_loss_ref, _any_device)
+# --- weighted_linear_cross_entropy -----------------------------------------------------------------------
+def weighted_linear_cross_entropy_ref(h, weight, target, row_weight=None):
+    """mean_r row_weight[r] * CE(h[r] @ weight.T, target[r]), with the full logits in fp32."""
+    logits = (h.reshape(-1, h.shape[-1]) @ weight.t()).float()
+    ce = F.cross_entropy(logits, target.reshape(-1), reduction="none")
+    return (ce if row_weight is None else ce * row_weight.reshape(-1).float()).mean()
+
+
+def weighted_linear_cross_entropy(h, weight, target, row_weight=None, kernels: str = "auto") -> torch.Tensor:
+    """The output head of discrete targets: a linear map to logits, then weighted cross-entropy.
+
+    Args:
+        h: (..., D) hidden states. weight: (V, D) the head's matrix. target: (...) int64 in [0, V).
+        row_weight: (...) per-row weights (e.g. w(sigma) of DiffusionBlocks), or None for ones.
+    Returns:
+        The scalar mean over rows of row_weight * CE(h @ weight.T, target). The Triton implementation works
+        in chunks of rows, so the (rows x V) logits never exist at once.
+    """
+    return select("weighted_linear_cross_entropy", kernels, h.device)(h, weight, target, row_weight)
+
+
+# --- registration ---------------------------------------------------------------------------------------
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_usable(device: torch.device) -> bool:
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _HAS_TRITON and (device.type == "cuda" or interpreting)
+
+
+def _triton_auto(device: torch.device) -> bool:
+    return _HAS_TRITON and device.type == "cuda"  # the interpreter is for tests, never chosen by itself
+
+
+def _triton(name: str) -> Callable:
+    """The Triton op `name`, imported on first use so `import dblocks_fast` never imports triton."""
+
+    def call(*args):
+        from . import kernels
+
+        return getattr(kernels, name)(*args)
+
+    call.__name__ = f"triton_{name}"
+    return call
+
+
+for _op, _ref in [
+    ("adaln_modulate", adaln_modulate_ref),
+    ("gated_residual_adaln", gated_residual_adaln_ref),
+    ("edm_l2_loss", edm_l2_loss_ref),
+    ("weighted_linear_cross_entropy", weighted_linear_cross_entropy_ref),
+]:
+    register(_op, "torch", _ref, _any_device)
+for _op in ("adaln_modulate", "gated_residual_adaln"):
+    register(_op, "triton", _triton(_op), _triton_usable, _triton_auto)

@@ -1,6 +1,10 @@
-"""Triton kernels of dblocks_fast; importable alone (imports only torch and triton).
+"""Triton kernels of dblocks_fast, usable on their own: this package imports only torch and triton.
 
-The fused ops arrive with their own issue; dblocks_fast.ops selects between them and the torch references.
+Each op is a PyTorch custom op (namespace `dblocks::`) with autograd and a fake implementation, so it
+composes with torch.compile; dblocks_fast.ops chooses between these and the torch references.
+On a machine without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, small shapes only).
 """
 
-__all__ = []
+from .adaln import adaln_modulate, gated_residual_adaln
+
+__all__ = ["adaln_modulate", "gated_residual_adaln"]

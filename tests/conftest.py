@@ -52,3 +52,6 @@ def tiny_config(tmp_path):
         return TrainConfig(**{**base, **kw})
 
     return make
+
+
+from tests.kerneltest import poison_outputs  # noqa: E402, F401  (a fixture for every kernel test)

@@ -97,9 +97,16 @@ def test_selection_rules(monkeypatch):
     assert ops.select("adaln_modulate", "auto", x.device) is ops.adaln_modulate_ref
     with pytest.raises(ValueError, match="kernels must be one of"):
         ops.select("adaln_modulate", "fast", x.device)
-    if "triton" not in ops.available("adaln_modulate"):
-        with pytest.raises(RuntimeError, match="no triton implementation"):
-            ops.select("adaln_modulate", "triton", x.device)
+    # Triton: "auto" picks it on CUDA only; on the CPU it runs when asked for, under the interpreter
+    assert "triton" in ops.available("adaln_modulate")
+    assert ops.select("adaln_modulate", "triton", x.device).__name__ == "triton_adaln_modulate"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="cannot run on device cpu"):
+        ops.select("adaln_modulate", "triton", x.device)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(ops._REGISTRY, "edm_l2_loss", {"torch": ops._REGISTRY["edm_l2_loss"]["torch"]})
+    with pytest.raises(RuntimeError, match="no triton implementation of it"):
+        ops.select("edm_l2_loss", "triton", x.device)
     # a registered fast path wins "auto" where usable; a disabled or unusable one falls back to the reference
     monkeypatch.setitem(ops._REGISTRY, "adaln_modulate", dict(ops._REGISTRY["adaln_modulate"]))
 

@@ -1,0 +1,331 @@
+"""Fused AdaLN modulation (DiT), with and without the gated residual in front of it.
+
+    adaln_modulate(x, shift, scale):                 h = LN(x) * (1 + scale) + shift
+    gated_residual_adaln(x, y, gate, shift, scale):  x' = x + gate * y,  h = LN(x') * (1 + scale) + shift
+
+LN is LayerNorm over the last dimension without affine parameters; x, y are (N, T, D), gate, shift and scale
+(N, D), per sample. Forward: one pass over blocks of rows, saving each row's fp32 mean and 1/std. Backward:
+program (n, c) walks a chunk of sample n's rows, writes dx (and dy) and keeps partial sums of dshift, dscale
+(and dgate) in registers; the (N, chunks, D) partials are summed afterwards, so nothing needs atomics.
+Inputs are read through their strides (chunks of a modulation vector are views); math is fp32 throughout.
+Kernel signatures and launches keep related arguments on one line (`fmt: skip`): pointer, shape and stride
+groups read better than one argument a line.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+
+__all__ = ["adaln_modulate", "gated_residual_adaln"]
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, y_ptr, gate_ptr, shift_ptr, scale_ptr,  # inputs (y and gate only when GATED)
+    xnew_ptr, h_ptr, mean_ptr, rstd_ptr,  # outputs (xnew only when GATED); contiguous (N, T, D) and (N*T,)
+    R, T, D, eps,
+    sxn, sxt, sxd, syn, syt, syd, sgn, sgd, ssn, ssd, scn, scd,
+    GATED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < R
+    mask = rmask[:, None] & (cols[None, :] < D)
+    n = (rows // T).to(tl.int64)
+    t = (rows % T).to(tl.int64)
+    c = cols.to(tl.int64)
+    x = tl.load(x_ptr + (n * sxn + t * sxt)[:, None] + c[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    out = rows.to(tl.int64)[:, None] * D + c[None, :]
+    if GATED:
+        y = tl.load(y_ptr + (n * syn + t * syt)[:, None] + c[None, :] * syd, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        g = tl.load(gate_ptr + n[:, None] * sgn + c[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
+        x = x + g * y
+        tl.store(xnew_ptr + out, x.to(xnew_ptr.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    shift = tl.load(shift_ptr + n[:, None] * ssn + c[None, :] * ssd, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + n[:, None] * scn + c[None, :] * scd, mask=mask, other=0.0).to(tl.float32)
+    h = xc * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _bwd_kernel(
+    dh_ptr, dxnew_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # inputs
+    dx_ptr, dy_ptr, dshift_part, dscale_part, dgate_part,  # outputs: (N, T, D) and (N, CHUNKS, D) partials
+    T, D, rows_per_prog,
+    sdn, sdt, sdd, sen, set_, sed, sxn, sxt, sxd, syn, syt, syd, sgn, sgd, scn, scd,
+    GATED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK_D)
+    c = cols.to(tl.int64)
+    cmask = cols < D
+    scale = tl.load(scale_ptr + n * scn + c * scd, mask=cmask, other=0.0).to(tl.float32)
+    if GATED:
+        gate = tl.load(gate_ptr + n * sgn + c * sgd, mask=cmask, other=0.0).to(tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    t_begin = chunk * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for t0 in range(t_begin, t_end, BLOCK_R):
+        t = (t0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        rmask = t < t_end
+        mask = rmask[:, None] & cmask[None, :]
+        row = n * T + t
+        # x is x' (the saved gated sum) when GATED, the input x otherwise: a contiguous saved tensor or a view
+        x = tl.load(x_ptr + (n * sxn + t * sxt)[:, None] + c[None, :] * sxd, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        dh = tl.load(dh_ptr + (n * sdn + t * sdt)[:, None] + c[None, :] * sdd, mask=mask, other=0.0).to(
+            tl.float32
+        )
+        mean = tl.load(mean_ptr + row, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        acc_shift += tl.sum(dh, axis=0)
+        acc_scale += tl.sum(dh * xhat, axis=0)
+        g = dh * (1.0 + scale[None, :])
+        dx = rstd[:, None] * (
+            g - (tl.sum(g, axis=1) / D)[:, None] - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None]
+        )
+        out = row[:, None] * D + c[None, :]
+        if GATED:
+            dxn = tl.load(dxnew_ptr + (n * sen + t * set_)[:, None] + c[None, :] * sed, mask=mask, other=0.0)
+            dx = dx + dxn.to(tl.float32)
+            y = tl.load(y_ptr + (n * syn + t * syt)[:, None] + c[None, :] * syd, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            acc_gate += tl.sum(tl.where(mask, dx * y, 0.0), axis=0)
+            tl.store(dy_ptr + out, (dx * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = (n * chunks + chunk) * D + c
+    tl.store(dshift_part + part, acc_shift, mask=cmask)
+    tl.store(dscale_part + part, acc_scale, mask=cmask)
+    if GATED:
+        tl.store(dgate_part + part, acc_gate, mask=cmask)
+
+
+# --- launchers ----------------------------------------------------------------------------------------------
+def _block_sizes(d: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps): about 4K elements a program, whole rows in registers."""
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, min(16, 4096 // block_d))
+    return block_d, block_r, min(8, max(1, block_d * block_r // 1024))
+
+
+def _check(op: str, x: torch.Tensor, vectors: dict, tensors: dict, eps: float) -> torch.device:
+    _utils.check_float(op, x=x, **vectors, **tensors)
+    device = _utils.check_device(op, x=x, **vectors, **tensors)
+    _utils.check(x.ndim == 3, f"{op}: x must be (N, T, D), got shape {tuple(x.shape)}")
+    n, t, d = x.shape
+    _utils.check(n > 0 and t > 0 and d > 0, f"{op}: x must not be empty, got shape {tuple(x.shape)}")
+    for name, v in vectors.items():
+        _utils.check(v.shape == (n, d), f"{op}: {name} must be (N, D) = {(n, d)}, got {tuple(v.shape)}")
+    for name, v in tensors.items():
+        _utils.check(
+            v.shape == x.shape, f"{op}: {name} must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}"
+        )
+    _utils.check(eps > 0, f"{op}: eps must be positive, got {eps}")
+    return device
+
+
+def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0)
+
+
+def _strides2(t: torch.Tensor | None) -> tuple[int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0)
+
+
+def _forward(x, y, gate, shift, scale, eps):
+    n, t, d = x.shape
+    out_dtype = (
+        x.dtype if y is None else torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+    )
+    h = _utils.empty((n, t, d), out_dtype, x.device)
+    xnew = _utils.empty((n, t, d), out_dtype, x.device) if y is not None else h  # h: an unused placeholder
+    mean = _utils.empty((n * t,), torch.float32, x.device)
+    rstd = _utils.empty((n * t,), torch.float32, x.device)
+    block_d, block_r, warps = _block_sizes(d)
+    grid = (triton.cdiv(n * t, block_r),)
+    _fwd_kernel[grid](
+        x, y if y is not None else x, gate if gate is not None else shift, shift, scale,
+        xnew, h, mean, rstd,
+        n * t, t, d, eps,
+        *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(shift), *_strides2(scale),
+        GATED=y is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return xnew, h, mean, rstd
+
+
+def _backward(dh, dxnew, x, y, gate, scale, mean, rstd, shift_dtype):
+    n, t, d = x.shape
+    gated = y is not None
+    block_d, block_r, warps = _block_sizes(d)
+    # a few programs per SM in all, each owning whole rows of one sample
+    chunks = max(1, min(triton.cdiv(t, block_r), triton.cdiv(4 * _utils.num_sms(x.device), n)))
+    rows_per_prog = triton.cdiv(triton.cdiv(t, chunks), block_r) * block_r
+    chunks = triton.cdiv(t, rows_per_prog)
+    dx = _utils.empty((n, t, d), x.dtype if not gated else dxnew.dtype, x.device)
+    dy = _utils.empty((n, t, d), y.dtype, x.device) if gated else dx
+    parts = [_utils.empty((n, chunks, d), torch.float32, x.device) for _ in range(3 if gated else 2)]
+    _bwd_kernel[(n, chunks)](
+        dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd,
+        dx, dy, parts[0], parts[1], parts[2] if gated else parts[1],
+        t, d, rows_per_prog,
+        *_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(scale),
+        GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    dshift, dscale = (p.sum(1).to(shift_dtype) for p in parts[:2])
+    dgate = parts[2].sum(1).to(gate.dtype) if gated else None
+    return dx, dy, dgate, dshift, dscale
+
+
+# --- custom ops and autograd --------------------------------------------------------------------------------
+@torch.library.custom_op("dblocks::adaln_modulate", mutates_args=())
+def _adaln_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, h, mean, rstd = _forward(x, None, None, shift, scale, eps)
+    return h, mean, rstd
+
+
+@_adaln_op.register_fake
+def _(x, shift, scale, eps):
+    n, t, d = x.shape
+    stats = [x.new_empty((n * t,), dtype=torch.float32) for _ in range(2)]
+    return (x.new_empty((n, t, d)), *stats)
+
+
+@torch.library.custom_op("dblocks::adaln_modulate_backward", mutates_args=())
+def _adaln_bwd_op(
+    dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dx, _, _, dshift, dscale = _backward(dh, None, x, None, None, scale, mean, rstd, shift_dtype)
+    return dx, dshift, dscale
+
+
+@_adaln_bwd_op.register_fake
+def _(dh, x, scale, mean, rstd, shift_dtype):
+    n, _, d = x.shape
+    return x.new_empty(x.shape), scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d))
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _adaln_grad(ctx, dh, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = _adaln_bwd_op(dh, x, scale, mean, rstd, ctx.shift_dtype)
+    return dx, dshift, dscale, None
+
+
+_adaln_op.register_autograd(_adaln_grad, setup_context=_adaln_setup)
+
+
+@torch.library.custom_op("dblocks::gated_residual_adaln", mutates_args=())
+def _gated_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, y, gate, shift, scale, eps)
+
+
+@_gated_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    n, t, d = x.shape
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+    stats = [x.new_empty((n * t,), dtype=torch.float32) for _ in range(2)]
+    return (x.new_empty((n, t, d), dtype=dtype), x.new_empty((n, t, d), dtype=dtype), *stats)
+
+
+@torch.library.custom_op("dblocks::gated_residual_adaln_backward", mutates_args=())
+def _gated_bwd_op(
+    dxnew: torch.Tensor, dh: torch.Tensor, xnew: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+    scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    dx, dy, dgate, dshift, dscale = _backward(dh, dxnew, xnew, y, gate, scale, mean, rstd, shift_dtype)
+    return dx, dy, dgate, dshift, dscale
+
+
+@_gated_bwd_op.register_fake
+def _(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype):
+    n, _, d = xnew.shape
+    return (
+        dxnew.new_empty(xnew.shape), y.new_empty(xnew.shape), gate.new_empty((n, d)),
+        scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d)),
+    )  # fmt: skip
+
+
+def _gated_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, _ = inputs
+    xnew, _, mean, rstd = output
+    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
+    ctx.dtypes = (x.dtype, shift.dtype)
+
+
+def _gated_grad(ctx, dxnew, dh, _dmean, _drstd):
+    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
+    # an output nobody used has no gradient: treat it as zero
+    dxnew = torch.zeros_like(xnew) if dxnew is None else dxnew
+    dh = torch.zeros_like(xnew) if dh is None else dh
+    x_dtype, shift_dtype = ctx.dtypes
+    dx, dy, dgate, dshift, dscale = _gated_bwd_op(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype)
+    return dx.to(x_dtype), dy, dgate, dshift, dscale, None
+
+
+_gated_op.register_autograd(_gated_grad, setup_context=_gated_setup)
+
+
+# --- public functions ---------------------------------------------------------------------------------------
+def adaln_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """AdaLN modulation: h = LayerNorm(x) * (1 + scale[:, None]) + shift[:, None] (no affine LayerNorm).
+
+    Args:
+        x: (N, T, D) float32/bfloat16/float16, any strides. shift, scale: (N, D), any float dtype and strides.
+        eps: added to the variance.
+    Returns:
+        h: (N, T, D) contiguous, x's dtype. Differentiable in x, shift and scale.
+    """
+    _check("adaln_modulate", x, {"shift": shift, "scale": scale}, {}, eps)
+    return _adaln_op(x, shift, scale, float(eps))[0]
+
+
+def gated_residual_adaln(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Between AdaLN-Zero sub-layers: x' = x + gate[:, None] * y, h = adaln_modulate(x', shift, scale).
+
+    Args:
+        x: (N, T, D) residual stream. y: (N, T, D) branch output. gate, shift, scale: (N, D). Any float dtypes
+        and strides.
+    Returns:
+        (x', h): (N, T, D), contiguous, in the promoted dtype of x, y and gate. Differentiable in all inputs.
+    """
+    _check("gated_residual_adaln", x, {"gate": gate, "shift": shift, "scale": scale}, {"y": y}, eps)
+    xnew, h, _, _ = _gated_op(x, y, gate, shift, scale, float(eps))
+    return xnew, h

@@ -1,0 +1,141 @@
+"""Triton adaln_modulate and gated_residual_adaln against float64, calibrated against eager torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dblocks_fast.kernels import adaln_modulate, gated_residual_adaln
+from tests.kerneltest import DTYPES, assert_calibrated, device
+
+SHAPES = [(1, 1, 37), (3, 5, 113), (2, 17, 64), (4, 33, 8)]  # N, T, D: T = 1, D odd and not a power of two
+
+
+def _adaln(x, shift, scale, eps=1e-6):
+    """The expression in its inputs' dtype: float64 for the reference, the input dtype for eager torch."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _inputs(shape, dtype, seed, names):
+    g = torch.Generator().manual_seed(seed)
+    n, _, d = shape
+    out = {}
+    for name in names:
+        full = shape if name in ("x", "y") else (n, d)
+        out[name] = torch.randn(full, generator=g).to(device(), dtype).requires_grad_()
+    return out
+
+
+def _check_op(name, fn, ref_fn, inputs, upstream):
+    """Forward outputs and every input gradient: kernel vs float64 reference vs eager in the input dtype."""
+    outs = fn(**inputs)
+    leaves64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    ref = ref_fn(**leaves64)
+    eager_leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    eager = ref_fn(**eager_leaves)
+    for i, (o, r, e) in enumerate(zip(outs, ref, eager)):
+        assert_calibrated(f"{name} output {i}", o.detach(), r.detach(), e.detach())
+    grads = torch.autograd.grad(outs, list(inputs.values()), [u.to(o.dtype) for u, o in zip(upstream, outs)])
+    grads64 = torch.autograd.grad(ref, list(leaves64.values()), [u.double() for u in upstream])
+    grads_eager = torch.autograd.grad(
+        eager, list(eager_leaves.values()), [u.to(e.dtype) for u, e in zip(upstream, eager)]
+    )
+    for k, g, r, e in zip(inputs, grads, grads64, grads_eager):
+        assert g.dtype == inputs[k].dtype, f"d{k} dtype"
+        assert_calibrated(f"{name} d{k}", g, r, e)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adaln_modulate(shape, dtype, poison_outputs):
+    inputs = _inputs(shape, dtype, hash((shape, str(dtype))) % 2**31, ["x", "shift", "scale"])
+    upstream = [torch.randn(shape, device=device())]
+    _check_op(
+        "adaln_modulate", lambda **a: (adaln_modulate(**a),), lambda **a: (_adaln(**a),), inputs, upstream
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_residual_adaln(shape, dtype, poison_outputs):
+    inputs = _inputs(shape, dtype, hash((shape, str(dtype), 1)) % 2**31, ["x", "y", "gate", "shift", "scale"])
+
+    def ref(x, y, gate, shift, scale):
+        x_new = x + gate[:, None] * y
+        return x_new, _adaln(x_new, shift, scale)
+
+    upstream = [torch.randn(shape, device=device()), torch.randn(shape, device=device())]
+    _check_op("gated_residual_adaln", gated_residual_adaln, ref, inputs, upstream)
+
+
+def test_strided_and_mixed_dtype_inputs_as_the_dit_layer_passes_them(poison_outputs):
+    """x a transposed view; shift/scale/gate chunks of one (N, 6D) modulation; y bf16 (autocast), x fp32."""
+    torch.manual_seed(0)
+    n, t, d = 3, 7, 24
+    x = torch.randn(t, n, d, device=device()).transpose(0, 1).requires_grad_()
+    mod = torch.randn(n, 6 * d, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    shift, scale, gate = mod[:, :d], mod[:, d : 2 * d], mod[:, 2 * d : 3 * d]
+    y = torch.randn(n, t, d, device=device(), dtype=torch.bfloat16, requires_grad=True)
+    assert not x.is_contiguous() and not shift.is_contiguous()
+    x_new, h = gated_residual_adaln(x, y, gate, shift, scale)
+    assert x_new.dtype == h.dtype == torch.float32  # x + gate * y promotes to fp32, as eager torch does
+    x64, y64, mod64 = (v.detach().double().requires_grad_() for v in (x, y, mod))
+    xr = x64 + mod64[:, 2 * d : 3 * d, None].transpose(1, 2) * y64
+    hr = _adaln(xr, mod64[:, :d], mod64[:, d : 2 * d])
+    torch.testing.assert_close(x_new.double(), xr, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(h.double(), hr, atol=1e-5, rtol=1e-5)
+    w = torch.randn(n, t, d, device=device())
+    got = torch.autograd.grad((h * w).sum() + x_new.sum(), (x, y, mod))
+    want = torch.autograd.grad((hr * w.double()).sum() + xr.sum(), (x64, y64, mod64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=2e-2, rtol=2e-2)  # dy, dmod are bf16
+
+
+def test_plain_backward_of_a_sum_and_unused_outputs(poison_outputs):
+    """loss.sum().backward() hands the op expanded (stride 0) gradients; an unused output gets none."""
+    torch.manual_seed(1)
+    x, y = (torch.randn(2, 5, 16, device=device(), requires_grad=True) for _ in range(2))
+    gate, shift, scale = (torch.randn(2, 16, device=device(), requires_grad=True) for _ in range(3))
+    adaln_modulate(x, shift, scale).sum().backward()
+    x_ref = x.detach().requires_grad_()
+    _adaln(x_ref, shift.detach(), scale.detach()).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    x.grad = None
+    _, h = gated_residual_adaln(x, y, gate, shift, scale)
+    h.sum().backward()  # x_new unused
+    assert all(torch.isfinite(t.grad).all() for t in (x, y, gate, shift, scale))
+
+
+def test_compiles_in_one_graph():
+    torch.manual_seed(2)
+    x, y = (torch.randn(2, 3, 12, device=device(), requires_grad=True) for _ in range(2))
+    gate, shift, scale = (torch.randn(2, 12, device=device(), requires_grad=True) for _ in range(3))
+
+    def f(x, y, gate, shift, scale):
+        x_new, h = gated_residual_adaln(x, y, gate, shift, scale)
+        return (adaln_modulate(x_new, shift, scale) * h).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, y, gate, shift, scale)
+    grads = torch.autograd.grad(out, (x, y, gate, shift, scale))
+    want = torch.autograd.grad(f(x, y, gate, shift, scale), (x, y, gate, shift, scale))
+    torch.testing.assert_close(out, f(x, y, gate, shift, scale))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_are_refused(monkeypatch):
+    x, v = torch.randn(2, 3, 8, device=device()), torch.randn(2, 8, device=device())
+    with pytest.raises(ValueError, match=r"adaln_modulate: x must be \(N, T, D\)"):
+        adaln_modulate(x[0], v, v)
+    with pytest.raises(ValueError, match=r"scale must be \(N, D\) = \(2, 8\)"):
+        adaln_modulate(x, v, v[:, :4])
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
+        adaln_modulate(x.long(), v, v)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        adaln_modulate(x, v, v, eps=0.0)
+    with pytest.raises(ValueError, match="y must have x's shape"):
+        gated_residual_adaln(x, x[:, :2], v, v, v)
+    if x.device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
+            adaln_modulate(x, v, v)
