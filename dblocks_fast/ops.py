@@ -232,5 +232,5 @@ for _op, _ref in [
     ("weighted_linear_cross_entropy", weighted_linear_cross_entropy_ref),
 ]:
     register(_op, "torch", _ref, _any_device)
-for _op in ("adaln_modulate", "gated_residual_adaln"):
+for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss"):
     register(_op, "triton", _triton(_op), _triton_usable, _triton_auto)

@@ -6,5 +6,6 @@ On a machine without a GPU they run under Triton's interpreter (TRITON_INTERPRET
 """
 
 from .adaln import adaln_modulate, gated_residual_adaln
+from .edm_loss import edm_l2_loss
 
-__all__ = ["adaln_modulate", "gated_residual_adaln"]
+__all__ = ["adaln_modulate", "gated_residual_adaln", "edm_l2_loss"]
