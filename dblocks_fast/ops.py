@@ -181,10 +181,10 @@ def edm_l2_loss(z, f, y, sigma, sigma_data: float = precond.SIGMA_DATA, kernels:
 
 # --- weighted_linear_cross_entropy -----------------------------------------------------------------------
 def weighted_linear_cross_entropy_ref(h, weight, target, row_weight=None):
-    """mean_r row_weight[r] * CE(h[r] @ weight.T, target[r]), with the full logits in fp32."""
-    logits = (h.reshape(-1, h.shape[-1]) @ weight.t()).float()
-    ce = F.cross_entropy(logits, target.reshape(-1), reduction="none")
-    return (ce if row_weight is None else ce * row_weight.reshape(-1).float()).mean()
+    """mean_r row_weight[r] * CE(h[r] @ weight.T, target[r]), with the full logits (half upcast to fp32)."""
+    logits = _upcast(h.reshape(-1, h.shape[-1]) @ weight.t())
+    ce = F.cross_entropy(logits, target.reshape(-1).long(), reduction="none")
+    return (ce if row_weight is None else ce * row_weight.reshape(-1).to(ce.dtype)).mean()
 
 
 def weighted_linear_cross_entropy(h, weight, target, row_weight=None, kernels: str = "auto") -> torch.Tensor:
@@ -232,5 +232,5 @@ for _op, _ref in [
     ("weighted_linear_cross_entropy", weighted_linear_cross_entropy_ref),
 ]:
     register(_op, "torch", _ref, _any_device)
-for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss"):
+for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"):
     register(_op, "triton", _triton(_op), _triton_usable, _triton_auto)

@@ -7,5 +7,6 @@ On a machine without a GPU they run under Triton's interpreter (TRITON_INTERPRET
 
 from .adaln import adaln_modulate, gated_residual_adaln
 from .edm_loss import edm_l2_loss
+from .linear_cross_entropy import weighted_linear_cross_entropy
 
-__all__ = ["adaln_modulate", "gated_residual_adaln", "edm_l2_loss"]
+__all__ = ["adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"]

@@ -16,3 +16,23 @@ def test_quality_benchmark_quick_run_writes_its_record(tmp_path):
         assert 0.0 <= r["sample_accuracy"] <= 1.0 and r["frechet_distance"] > 0 and r["train_s"] > 0
     md = (tmp_path / "quality_digits-cpu.md").read_text()
     assert "| B=3, uniform partition |" in md and record["device"] in md
+
+
+def test_kernel_benchmark_runs_and_never_invents_a_gpu_figure(tmp_path):
+    import torch
+
+    from benchmarks import bench_kernels
+
+    record = bench_kernels.main(["--out", str(tmp_path)])
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+    on_disk = json.loads((tmp_path / f"bench_kernels-{name}.json").read_text())
+    assert {r["op"] for r in on_disk["rows"]} == {
+        "adaln_modulate",
+        "gated_residual_adaln",
+        "edm_l2_loss",
+        "weighted_linear_cross_entropy",
+    }
+    if not torch.cuda.is_available():
+        assert on_disk["copy_GBps"] is None
+        assert all("pending" in r["status"] and not any(k.endswith("_ms") for k in r) for r in record["rows"])
+        assert "GPU figures are pending" in (tmp_path / "bench_kernels-cpu.md").read_text()

@@ -239,7 +239,7 @@ def test_block_order_and_learning_rate_schedule(tiny_config):
         (dict(batch_size=5000), "larger than the training set"),
         (dict(schedule="zigzag"), "schedule must be"),
         (dict(precision="fp8"), "precision must be"),
-        (dict(kernels="triton"), "no triton implementation"),
+        (dict(kernels="fast"), "kernels must be one of"),
     ],
 )
 def test_bad_configs_are_refused(tiny_task, digits, tiny_config, kw, match):

@@ -1,0 +1,228 @@
+"""How fast are the Triton kernels? Each op at the sizes of a DiT-XL/2 layer, a DiT-S/2 layer and an LM head,
+forward and forward+backward in bf16: ours vs torch eager vs torch.compile of the same expression.
+
+    python benchmarks/bench_kernels.py            # on a GPU: the full table
+    python benchmarks/bench_kernels.py --quick    # smaller sizes; on a CPU only this runs, as a smoke test
+
+Times are medians of triton.testing.do_bench. GB/s counts the bytes each op must move at least (written next
+to each row) and is compared with a device-to-device copy measured in the same run. For the cross-entropy,
+the peak memory of forward+backward is reported against the unfused head (full logits). Without CUDA the
+kernels run once under Triton's interpreter at tiny sizes to check they work, and every figure is recorded as
+pending: nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported: the CPU runs kernels through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+from dblocks_fast import kernels, ops  # noqa: E402
+
+GPU_SIZES = {
+    "DiT-XL/2 layer": dict(n=32, t=256, d=1152),
+    "DiT-S/2 layer": dict(n=128, t=256, d=384),
+    "LM head": dict(rows=65536, d=768, v=32000),
+}
+QUICK_SIZES = {"DiT layer (quick)": dict(n=8, t=64, d=384), "LM head (quick)": dict(rows=4096, d=256, v=8192)}
+SMOKE_SIZES = {"DiT layer (smoke)": dict(n=2, t=4, d=24), "LM head (smoke)": dict(rows=16, d=8, v=40)}
+
+
+@dataclass
+class Case:
+    op: str
+    size: str
+    make: Callable  # () -> the op's inputs
+    ours: Callable
+    eager: Callable  # the torch reference: the same expression, eager (and the input of torch.compile)
+    bytes_fwd: int  # bytes the forward must move at least
+    bytes_fb: int  # bytes forward + backward must move at least
+
+
+def _cases(sizes: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    el = torch.finfo(dtype).bits // 8
+
+    def randn(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
+
+    out = []
+    for name, s in sizes.items():
+        if "rows" in s:
+            r, d, v = s["rows"], s["d"], s["v"]
+
+            def ce_inputs(r=r, d=d, v=v):
+                w = (torch.randn(v, d, device=device, dtype=dtype) * d**-0.5).requires_grad_()
+                return [randn(r, d, grad=True), w, torch.randint(0, v, (r,), device=device),
+                        torch.rand(r, device=device)]  # fmt: skip
+
+            hw = (r * d + v * d) * el  # h and the weight; the logits never reach memory
+            # forward reads h and W twice (logits, then dh and dW) and writes dh, dW; backward scales them
+            op = "weighted_linear_cross_entropy"
+            ours, ref = kernels.weighted_linear_cross_entropy, ops.weighted_linear_cross_entropy_ref
+            out.append(Case(op, name, ce_inputs, ours, ref, 3 * hw, 4 * hw))
+            continue
+        n, t, d = s["n"], s["t"], s["d"]
+        act = n * t * d * el
+
+        def dit(k, n=n, t=t, d=d):
+            return [randn(n, t, d, grad=True) for _ in range(k)] + [randn(n, d, grad=True) for _ in range(3)]
+
+        def edm_inputs(n=n, t=t, d=d):
+            return [randn(n, t, d), randn(n, t, d, grad=True), randn(n, t, d),
+                    torch.exp(torch.randn(n, device=device) * 1.2 - 1.2)]  # fmt: skip
+
+        fp32 = n * t * d * 4
+        # adaln: read x, write h; backward reads x and dh, writes dx
+        out.append(Case("adaln_modulate", name, lambda dit=dit: dit(1)[:3], kernels.adaln_modulate,
+                        ops.adaln_modulate_ref, 2 * act, 5 * act))  # fmt: skip
+        # gated: read x, y, write x', h; backward reads x', y, dx', dh, writes dx, dy
+        out.append(Case("gated_residual_adaln", name, lambda dit=dit: dit(2), kernels.gated_residual_adaln,
+                        ops.gated_residual_adaln_ref, 4 * act, 10 * act))  # fmt: skip
+        # edm: read z, f, y, write the fp32 gradient; backward reads it and writes df
+        out.append(Case("edm_l2_loss", name, edm_inputs, kernels.edm_l2_loss, ops.edm_l2_loss_ref,
+                        3 * act + fp32, 4 * act + 2 * fp32))  # fmt: skip
+    return out
+
+
+def _loss(out):
+    """A scalar to backpropagate from whatever the op returns."""
+    first = out[0] if isinstance(out, tuple) else out
+    second = out[1] if isinstance(out, tuple) and out[1].ndim > 0 else None
+    return first.float().sum() + (second.float().sum() if second is not None else 0)
+
+
+def _runner(fn, inputs, backward: bool):
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        out = fn(*inputs)
+        if backward:
+            _loss(out).backward()
+
+    return run
+
+
+def _time_gpu(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _copy_bandwidth(device) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (read + write counted)."""
+    src = torch.empty(2**28, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = _time_gpu(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def _peak_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (always, without CUDA)")
+    ap.add_argument("--out", type=Path, default=common.RESULTS)
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    prov = common.provenance(device)
+    sizes = (QUICK_SIZES if args.quick else GPU_SIZES) if cuda else SMOKE_SIZES
+    dtype = torch.bfloat16
+    copy_gbs = _copy_bandwidth(device) if cuda else None
+    rows = []
+    for case in _cases(sizes, device, dtype):
+        op, make, ours, eager = case.op, case.make, case.ours, case.eager
+        row = {
+            "op": op,
+            "size": case.size,
+            "bytes_forward": case.bytes_fwd,
+            "bytes_forward_backward": case.bytes_fb,
+        }
+        if not cuda:
+            for mode in (False, True):  # does it run? (the tests check the numbers; the figures are pending)
+                _runner(ours, make(), mode)()
+            row["status"] = "ran under the Triton interpreter; GPU figures pending (no CUDA device)"
+            rows.append(row)
+            continue
+        compiled = torch.compile(eager)
+        for mode, key in ((False, "forward"), (True, "forward_backward")):
+            inputs = make()
+            for impl, fn in (("ours", ours), ("eager", eager), ("compile", compiled)):
+                row[f"{key}_{impl}_ms"] = _time_gpu(_runner(fn, inputs, mode))
+            moved = case.bytes_fb if mode else case.bytes_fwd
+            row[f"{key}_ours_GBps"] = moved / row[f"{key}_ours_ms"] / 1e6
+            row[f"{key}_fraction_of_copy"] = row[f"{key}_ours_GBps"] / copy_gbs
+            row[f"{key}_speedup_vs_eager"] = row[f"{key}_eager_ms"] / row[f"{key}_ours_ms"]
+            row[f"{key}_speedup_vs_compile"] = row[f"{key}_compile_ms"] / row[f"{key}_ours_ms"]
+        if op == "weighted_linear_cross_entropy":
+            inputs = make()
+            row["peak_bytes_ours"] = _peak_bytes(_runner(ours, inputs, True))
+            row["peak_bytes_eager"] = _peak_bytes(_runner(eager, inputs, True))
+        rows.append(row)
+    record = {"dtype": "bfloat16", "copy_GBps": copy_gbs, "quick": args.quick or not cuda, "rows": rows}
+    md = _markdown(rows, prov, copy_gbs)
+    path = common.write("bench_kernels", prov, record, md, args.out)
+    print(md)
+    print(f"wrote {path}")
+    return record
+
+
+def _markdown(rows, prov, copy_gbs) -> str:
+    head = [
+        "# Triton kernels: ours vs torch eager vs torch.compile (bf16)",
+        "",
+        f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}.",
+        f"Command: `{prov['command']}`.",
+        "",
+    ]
+    if copy_gbs is None:
+        lines = ["No CUDA device: every kernel ran once under the Triton interpreter (smoke sizes). "
+                 "**GPU figures are pending**; run this script on a GPU to measure them.", "",
+                 "| op | size | status |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['op']} | {r['size']} | {r['status']} |" for r in rows]
+        return "\n".join(head + lines) + "\n"
+    lines = [
+        f"Device-to-device copy: {copy_gbs:.0f} GB/s. Times are do_bench medians in ms.",
+        "",
+        "| op | size | pass | ours ms | eager ms | compile ms | vs eager | vs compile | GB/s (of copy) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for key, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
+            ms = " | ".join(f"{r[f'{key}_{impl}_ms']:.3f}" for impl in ("ours", "eager", "compile"))
+            lines.append(
+                f"| {r['op']} | {r['size']} | {label} | {ms} | {r[f'{key}_speedup_vs_eager']:.2f}x | "
+                f"{r[f'{key}_speedup_vs_compile']:.2f}x | {r[f'{key}_ours_GBps']:.0f} "
+                f"({100 * r[f'{key}_fraction_of_copy']:.0f}%) |"
+            )
+    ce = [r for r in rows if "peak_bytes_ours" in r]
+    if ce:
+        lines += ["", "| cross-entropy size | peak bytes ours | peak bytes unfused | ratio |"]
+        lines += ["|---|---|---|---|"]
+        lines += [f"| {r['size']} | {r['peak_bytes_ours']:,} | {r['peak_bytes_eager']:,} | "
+                  f"{r['peak_bytes_ours'] / r['peak_bytes_eager']:.3f} |" for r in ce]  # fmt: skip
+    return "\n".join(head + lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
