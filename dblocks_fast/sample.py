@@ -49,8 +49,10 @@ def sample_heun(denoiser, x, sigmas, extra_args=None, callback=None):
     Step: predict z^ = r z + (1 - r) D with r = sigma'/sigma (the Euler step, exact for constant D), evaluate
     D' = D(z^, sigma') with the block that owns sigma', then z' = r z + (1 - r) (D + D')/2. Two network
     calls a step like EDM's Heun (Karras et al. 2022, Alg. 1), but second order and stable on the long first
-    steps of the CDF-uniform schedule (80 -> 2.7 at 30 steps), where Heun on dz/dsigma overshoots (10x error
-    at 6 steps on Gaussian data, tests/test_sample.py). The step to sigma = 0 returns D, as Euler's does.
+    steps of the CDF-uniform schedule (80 -> 2.7 at 30 steps), where Heun on dz/dsigma overshoots: on Gaussian
+    data (std 0.7) its relative error was 11 at 6 steps and 0.8 at 30, against 0.08 and 0.004 for this form
+    (measured while choosing it; tests/test_sample.py checks this form's order). The step to sigma = 0
+    returns D, as Euler's does.
     """
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
