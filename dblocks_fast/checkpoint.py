@@ -25,6 +25,8 @@ __all__ = [
     "block_state",
     "load_block_state",
     "save_blocks",
+    "write_block",
+    "commit",
     "read_manifest",
     "read_block",
 ]
@@ -107,27 +109,46 @@ def load_block_state(
                 }
 
 
+def write_block(run_dir: Path, b: int, steps: int, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write block b's tensors to a new file named by its step count; returns its manifest entry."""
+    run_dir = Path(run_dir)
+    (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
+    rel = f"blocks/block{b:03d}-step{steps:09d}.safetensors"
+    data = st_save(tensors, metadata={"block": str(b), "steps": str(steps)})
+    atomic_write(run_dir / rel, data)
+    return {"steps": steps, "file": rel, "bytes": len(data), "crc32": zlib.crc32(data)}
+
+
+def commit(run_dir: Path, manifest: dict) -> dict:
+    """Write the manifest (the commit point), then delete the block files it no longer names."""
+    run_dir = Path(run_dir)
+    manifest = {**manifest, "format": FORMAT}
+    named = {e["file"] for e in manifest["blocks"] if e.get("file")}
+    missing = sorted(f for f in named if not (run_dir / f).is_file())
+    if missing:
+        raise CheckpointError(
+            f"{run_dir}: block files {missing[:3]} are not there, so the manifest was not written (the "
+            f"previous checkpoint stays). With several processes or machines the run folder must be on a "
+            f"filesystem they all share; otherwise train with --only-blocks per machine and merge the runs."
+        )
+    atomic_write(run_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    if (run_dir / "blocks").is_dir():
+        for f in (run_dir / "blocks").glob("block*.safetensors"):
+            if f"blocks/{f.name}" not in named:
+                f.unlink()
+    return manifest
+
+
 def save_blocks(run_dir: Path, manifest: dict, changed: dict[int, dict[str, torch.Tensor]]) -> dict:
     """Write the changed blocks, then the manifest (the commit), then drop block files no longer named.
 
     manifest["blocks"][b] must hold "steps"; this fills in "file", "bytes" and "crc32" for changed blocks and
     keeps the previous entries of the others. Returns the manifest as written.
     """
-    run_dir = Path(run_dir)
-    (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
     for b, tensors in sorted(changed.items()):
         entry = manifest["blocks"][b]
-        rel = f"blocks/block{b:03d}-step{entry['steps']:09d}.safetensors"
-        data = st_save(tensors, metadata={"block": str(b), "steps": str(entry["steps"])})
-        atomic_write(run_dir / rel, data)
-        entry.update(file=rel, bytes=len(data), crc32=zlib.crc32(data))
-    manifest = {**manifest, "format": FORMAT}
-    atomic_write(run_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    named = {e["file"] for e in manifest["blocks"] if e.get("file")}
-    for f in (run_dir / "blocks").glob("block*.safetensors"):
-        if f"blocks/{f.name}" not in named:
-            f.unlink()
-    return manifest
+        entry.update(write_block(run_dir, b, entry["steps"], tensors))
+    return commit(run_dir, manifest)
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict:
@@ -154,7 +175,9 @@ def read_block(run_dir: str | os.PathLike, manifest: dict, b: int) -> dict[str, 
     entry = manifest["blocks"][b]
     if not entry.get("file"):
         raise CheckpointError(
-            f"block {b} has no checkpoint in {run_dir} yet (it had taken no steps when saved)"
+            f"block {b} has no checkpoint in {run_dir}: it was not trained there (a run with --only-blocks, "
+            f"or one stopped before the first save). Train it, or merge the run that trained it: "
+            f"dblocks-fast merge RUN_A RUN_B ... --out RUN"
         )
     path = Path(run_dir) / entry["file"]
     if not path.is_file():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError, atomic_write
+from .distributed import DistributedError
 from .tasks import PRESETS
 from .train import TrainConfig, TrainingDiverged
 
@@ -59,6 +60,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument("--blocks", "--num-blocks", dest="num_blocks", type=int, help=h, **kw)
         elif f.name == "layers":
             p.add_argument(flag, type=_int_list, help=h + " (e.g. 2,4,2)", **kw)
+        elif f.name == "only_blocks":
+            p.add_argument(flag, type=_int_list, help=h + " (e.g. 0,2)", **kw)
+        elif f.name == "distributed":
+            p.add_argument(flag, choices=("auto", "on", "off"), help=h, **kw)
         elif f.name == "grad_clip":
             p.add_argument(flag, type=_opt_float, help=h + " ('none' to disable)", **kw)
         elif hint in (int, float, str):
@@ -92,13 +97,42 @@ def cmd_train(args) -> int:
     if config.out_dir is None:
         config.out_dir = str(Path("runs") / f"{args.preset}-b{config.num_blocks}")
     run = Path(config.out_dir)
+    rank = 0 if config.distributed == "off" else int(os.environ.get("RANK", "0"))
     data_desc = f"{train_data.name}, {len(train_data)} examples"
-    print(f"training {args.preset} ({data_desc}) with B={config.num_blocks} into {run}")
+    which = "" if config.only_blocks is None else f", blocks {','.join(map(str, config.blocks_to_train()))}"
+    world = int(os.environ.get("WORLD_SIZE", "1")) if config.distributed != "off" else 1
+    on = f" on {world} processes" if world > 1 else ""
+    if rank == 0:
+        print(f"training {args.preset} ({data_desc}) with B={config.num_blocks}{which}{on} into {run}")
     model = train(task, train_data, config, resume=args.resume)
+    if rank != 0:
+        return 0  # rank 0 reports for everyone
     atomic_write(run / CLI_FILE, json.dumps({"preset": args.preset, "data": _abs(args.data)}).encode())
     if args.no_eval:
         return 0
+    if world > 1 or config.only_blocks is not None:
+        from .checkpoint import read_manifest
+        from .sample import load
+
+        if not read_manifest(run)["complete"]:
+            print(
+                f"{run} holds only some trained blocks; train the others (--only-blocks) and combine the "
+                f"runs with dblocks-fast merge, then dblocks-fast eval --run RUN"
+            )
+            return 0
+        device = None if config.device == "auto" else config.device
+        model = load(run, device)  # this process held only its own blocks
     return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
+
+
+def cmd_merge(args) -> int:
+    from .distributed import merge_runs
+
+    manifest = merge_runs(args.runs, args.out)
+    steps = [e["steps"] for e in manifest["blocks"]]
+    state = "complete" if manifest["complete"] else "not finished: resume it with --resume"
+    print(f"merged {len(args.runs)} runs into {args.out}: block steps {steps} ({state})")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -281,16 +315,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", help="preset the run used (default: from the run folder)")
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
     _add_sample_flags(e, per_class=50)
+
+    m = sub.add_parser(
+        "merge", help="assemble one run folder from runs that trained disjoint blocks (--only-blocks)"
+    )
+    m.add_argument("runs", nargs="+", help="run folders, each holding some trained blocks")
+    m.add_argument("--out", required=True, help="the new run folder (must not exist or be empty)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "merge": cmd_merge}
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        CheckpointError,
+        TrainingDiverged,
+        DistributedError,
+    ) as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        who = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"error{who}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from . import rng
 from .nn import set_kernels
 from .schedule import NoiseSchedule
 
-__all__ = ["BlockModel", "split_layers", "build_block"]
+__all__ = ["AbsentBlock", "BlockModel", "split_layers", "build_block"]
 
 
 def split_layers(
@@ -53,6 +53,20 @@ def build_block(task, index: int, num_layers: int, seed: int) -> nn.Module:
         return task.build_block(index, num_layers)
 
 
+class AbsentBlock(nn.Module):
+    """The place of a block this process does not hold (another rank or run trains it): no tensors at all."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            f"block {self.index} is not held by this process (it is trained elsewhere); load the "
+            f"finished run folder to use the whole model"
+        )
+
+
 class BlockModel(nn.Module):
     """The B blocks with their schedule; `denoise` routes each sigma to the block that owns it."""
 
@@ -68,8 +82,14 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     @classmethod
-    def create(cls, task, schedule: NoiseSchedule, layers: list[int], seed: int) -> BlockModel:
-        return cls(task, schedule, layers, [build_block(task, b, n, seed) for b, n in enumerate(layers)])
+    def create(cls, task, schedule: NoiseSchedule, layers: list[int], seed: int, only=None) -> BlockModel:
+        """The B blocks, each from its own seed; with `only`, the other blocks are AbsentBlock placeholders
+        (never built, so they cost no memory and no time)."""
+        blocks = [
+            build_block(task, b, n, seed) if only is None or b in only else AbsentBlock(b)
+            for b, n in enumerate(layers)
+        ]
+        return cls(task, schedule, layers, blocks)
 
     @property
     def num_blocks(self) -> int:

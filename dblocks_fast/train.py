@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, rng
+from . import __version__, checkpoint, distributed, rng
 from .model import BlockModel, split_layers
 from .ops import KERNELS
 from .schedule import NoiseSchedule
@@ -65,6 +65,8 @@ class TrainConfig:
     ckpt_every: int = 500  # total steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     kernels: str = "auto"  # op implementations: "auto", "cuda", "triton" or "torch"
     progress: bool = True  # show a tqdm progress bar
+    only_blocks: list[int] | None = None  # train just these blocks here; None = all (see dblocks-fast merge)
+    distributed: str = "auto"  # "auto": block-parallel under torchrun (WORLD_SIZE > 1); "on"; "off"
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -96,10 +98,24 @@ class TrainConfig:
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.ckpt_every >= 0, f"ckpt_every must be >= 0, got {self.ckpt_every}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(
+            self.distributed in ("auto", "on", "off"),
+            f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}",
+        )
+        if self.only_blocks is not None:
+            blocks = list(self.only_blocks)
+            need(len(blocks) > 0, "only_blocks is empty; give at least one block, or None for all")
+            need(len(set(blocks)) == len(blocks), f"only_blocks {blocks} names a block twice")
+            bad = [b for b in blocks if not 0 <= b < self.num_blocks]
+            need(not bad, f"only_blocks {blocks}: {bad} not in 0..{self.num_blocks - 1}")
+
+    def blocks_to_train(self) -> list[int]:
+        return sorted(self.only_blocks) if self.only_blocks is not None else list(range(self.num_blocks))
 
 
-# Fields that may differ when a run is resumed: they change where and how a run reports, not its numbers.
-_RESUME_FREE = {"out_dir", "log_every", "ckpt_every", "progress", "device", "kernels"}
+# Fields that may differ when a run is resumed: they change where and how a run reports, or which process
+# trains which block, never a block's numbers.
+_RESUME_FREE = distributed.RESUME_FREE
 
 
 class TrainingDiverged(FloatingPointError):
@@ -122,15 +138,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
-    return device
-
-
 class _Window:
     """Metrics of one block since its last log line, kept on the device to avoid a sync per step."""
 
@@ -145,14 +152,29 @@ class _Window:
 
 
 class Trainer:
-    """Holds the blocks, their optimizers and their step counts; `fit()` runs the schedule."""
+    """Holds the blocks, their optimizers and their step counts; `fit()` runs the schedule.
+
+    Under torchrun (or with config.distributed="on") each process holds and trains only the blocks placed on
+    it (distributed.place); `only_blocks` restricts training to some blocks. Blocks not trained here are
+    AbsentBlock placeholders with no tensors, and `optimizers[b]` is None for them.
+    """
 
     def __init__(
         self, task, data, config: TrainConfig, *, resume: bool = False, callback: Callable | None = None
     ):
         config.validate()
         self.task, self.data, self.config, self.callback = task, data, config, callback
-        self.device = _resolve_device(config.device)
+        self.comm, self.device = distributed.connect(
+            config.distributed, config.blocks_to_train(), config.device
+        )
+        self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
+        group = len(self.comm.placement.group)
+        if config.batch_size % group:
+            self.comm.close()
+            raise ValueError(
+                f"batch_size {config.batch_size} does not split evenly over the {group} ranks that share a "
+                f"block; use a multiple of {group}"
+            )
         self.schedule = NoiseSchedule(
             config.num_blocks,
             config.partition,
@@ -169,8 +191,8 @@ class Trainer:
                 f"batch_size {config.batch_size} is larger than the training set ({len(data)} examples); "
                 f"lower --batch-size"
             )
-        self.model = BlockModel.create(task, self.schedule, self.layers, config.seed).to(self.device)
-        self.model.set_kernels(config.kernels)
+        self.model = BlockModel.create(task, self.schedule, self.layers, config.seed, only=set(self.owned))
+        self.model.to(self.device).set_kernels(config.kernels)
         self.optimizers = [
             torch.optim.AdamW(
                 blk.parameters(),
@@ -178,7 +200,9 @@ class Trainer:
                 betas=(config.beta1, config.beta2),
                 weight_decay=config.weight_decay,
             )
-            for blk in self.model.blocks
+            if b in self.owned
+            else None
+            for b, blk in enumerate(self.model.blocks)
         ]
         self.steps_done = [0] * config.num_blocks
         self.saved_steps = [0] * config.num_blocks
@@ -209,22 +233,28 @@ class Trainer:
         return self._perm[b][1][j * bs : (j + 1) * bs]
 
     def step(self, b: int) -> torch.Tensor:
-        """One optimizer step of block b (touches block b's tensors only); returns the loss tensor."""
+        """One optimizer step of block b (touches block b's tensors only); returns the loss tensor.
+
+        With data parallelism this rank computes its rows of the batch and the group averages the gradients.
+        """
+        if b not in self.owned:
+            raise ValueError(f"block {b} is not trained by this process (it trains blocks {self.owned})")
         cfg, s = self.config, self.steps_done[b]
         block, opt = self.model.blocks[b], self.optimizers[b]
-        batch = {
-            k: v.to(self.device, non_blocking=True)
-            for k, v in self.data.batch(self._batch_indices(b, s)).items()
-        }
+        lo, hi = self.comm.placement.rows(cfg.batch_size)
+        indices = self._batch_indices(b, s)[lo:hi]
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(indices).items()}
         g = rng.generator(self.device, cfg.seed, rng.TRAIN, b, s)
-        sigma = self.schedule.sample_sigma(b, cfg.batch_size, g, self.device)
+        sigma = self.schedule.sample_sigma(b, cfg.batch_size, g, self.device)[lo:hi]
         for group in opt.param_groups:
             group["lr"] = lr_at(s, cfg)
         block.train()
+        rows = {} if hi - lo == cfg.batch_size else {"rows": (lo, cfg.batch_size)}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss, _ = self.task.loss(block, batch, sigma, g)
+            loss, _ = self.task.loss(block, batch, sigma, g, **rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.comm.average_grads(list(block.parameters()))
         # with no clipping, max_norm=inf still yields the norm (for logging and the NaN check) and scales by 1
         grad_norm = torch.nn.utils.clip_grad_norm_(block.parameters(), cfg.grad_clip or math.inf)
         opt.step()
@@ -233,21 +263,47 @@ class Trainer:
         return loss
 
     # --- the loop -------------------------------------------------------------------------------------------
+    def _positions(self) -> tuple[int, np.ndarray]:
+        """(first position of the block order still to run, each position's step index within its block).
+
+        Every process computes the same start from the same block steps, so periodic checkpoints fall on the
+        same positions on every rank.
+        """
+        order = self.order
+        step_of = np.zeros(len(order), dtype=np.int64)
+        for b in range(self.config.num_blocks):
+            at = np.flatnonzero(order == b)
+            step_of[at] = np.arange(len(at))
+        todo = np.isin(order, self.config.blocks_to_train()) & (step_of >= np.asarray(self.steps_done)[order])
+        return (int(np.argmax(todo)) if todo.any() else len(order)), step_of
+
     def fit(self) -> BlockModel:
         """Run the block schedule to the end, logging and checkpointing; returns the trained model.
 
         Ctrl-C finishes the current step, saves (with out_dir) and re-raises KeyboardInterrupt; resume=True
-        then continues exactly. Any other error saves nothing, so the last checkpoint stays as it was.
+        then continues exactly. Any other error saves nothing, so the last checkpoint stays as it was. Under
+        torchrun a Ctrl-C stops every rank without saving (they stop at different steps); the last periodic
+        checkpoint stays valid.
         """
+        try:
+            return self._fit()
+        finally:
+            self.comm.close()
+
+    def _fit(self) -> BlockModel:
+        cfg = self.config
         if self.run_dir is not None:
-            self._write_config()
-        start = sum(self.steps_done)
-        self._clock = (time.perf_counter(), start)
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank may write metrics before rank 0
+            if self.comm.rank == 0:
+                self._write_config()
+        start, step_of = self._positions()
+        owned = set(self.owned)
+        self._clock = (time.perf_counter(), sum(self.steps_done[b] for b in owned))
         bar = tqdm(
-            total=len(self.order),
-            initial=start,
-            disable=not self.config.progress,
-            desc="train",
+            total=cfg.steps_per_block * len(owned),
+            initial=self._clock[1],
+            disable=not cfg.progress or self.comm.rank != 0,
+            desc="train" if not self.comm.distributed else f"train (rank 0 of {self.comm.world})",
             unit="step",
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file: a line every 30 s
         )
@@ -255,17 +311,21 @@ class Trainer:
         try:
             with _ctrl_c_between_steps() as interrupted:
                 for pos in range(start, len(self.order)):
-                    self._mid_step = True
                     b = int(self.order[pos])
-                    self.step(b)
-                    self._mid_step = False
-                    if interrupted():
-                        raise KeyboardInterrupt
-                    self._after_step(pos, b, bar)
+                    if b in owned and step_of[pos] == self.steps_done[b]:
+                        self._mid_step = True
+                        self.step(b)
+                        self._mid_step = False
+                        if interrupted():
+                            raise KeyboardInterrupt
+                        self._after_step(b, bar)
+                    if cfg.ckpt_every and (pos + 1) % cfg.ckpt_every == 0 and pos + 1 < len(self.order):
+                        self.save()
         except KeyboardInterrupt:
             bar.close()
-            if self.run_dir is not None and self._mid_step:
-                msg = f"interrupted during a step: nothing saved; {self.run_dir} holds the last checkpoint"
+            if self.run_dir is not None and (self._mid_step or self.comm.distributed):
+                why = "during a step" if self._mid_step else "in block-parallel training"
+                msg = f"interrupted {why}: nothing saved; {self.run_dir} holds the last checkpoint"
                 warnings.warn(msg, stacklevel=2)
             elif self.run_dir is not None:
                 self.save()
@@ -275,29 +335,28 @@ class Trainer:
                 warnings.warn(msg, stacklevel=2)
             raise
         bar.close()
-        self.save(complete=True)
+        self.save()
         return self.model
 
-    def _after_step(self, pos: int, b: int, bar) -> None:
+    def _after_step(self, b: int, bar) -> None:
         cfg = self.config
         if self.steps_done[b] % cfg.log_every == 0 or self.steps_done[b] == cfg.steps_per_block:
             bar.set_postfix(self._log(b), refresh=False)
         bar.update(1)
         if self.callback is not None:
             self.callback(self, b)
-        if cfg.ckpt_every and (pos + 1) % cfg.ckpt_every == 0 and pos + 1 < len(self.order):
-            self.save()
 
     def _log(self, b: int) -> dict:
         """Write block b's metric line (one sync) and raise if its loss or gradient went non-finite."""
         w = self._windows[b]
         if w.steps == 0:
             return {}
-        loss, grad_norm = (w.loss / w.steps).item(), w.grad_norm.item()  # the sync: all queued work is done
+        # the sync: all queued work is done. The loss is the mean over the block's data-parallel group.
+        loss, grad_norm = self.comm.average_scalars(torch.stack([w.loss / w.steps, w.grad_norm])).tolist()
         self._check_finite(b, loss, grad_norm, w.steps)
-        now, pos = time.perf_counter(), sum(self.steps_done)
-        step_ms = 1000 * (now - self._clock[0]) / max(1, pos - self._clock[1])
-        self._clock = (now, pos)
+        now, done = time.perf_counter(), sum(self.steps_done[i] for i in self.owned)
+        step_ms = 1000 * (now - self._clock[0]) / max(1, done - self._clock[1])
+        self._clock = (now, done)
         lo, hi = self.schedule.interval(b)
         rec = {
             "block": b,
@@ -307,13 +366,15 @@ class Trainer:
             "lr": lr_at(self.steps_done[b] - 1, self.config),
             "sigma_lo": lo,
             "sigma_hi": hi,
-            "step_ms": step_ms,  # mean wall time of a step (of any block) since the previous metric line
+            "step_ms": step_ms,  # mean wall time of a step of this process since its previous metric line
         }
+        if self.comm.distributed:
+            rec["rank"] = self.comm.rank
         if self.device.type == "cuda":
             rec["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self.run_dir is not None:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
+        if self.run_dir is not None and self.comm.placement.leader:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:  # one short append per line: no interleaving
                 f.write(json.dumps(rec) + "\n")
         self._windows[b] = _Window()
         return {"block": b, "loss": f"{loss:.4f}"}
@@ -346,33 +407,66 @@ class Trainer:
         }
         checkpoint.atomic_write(self.run_dir / "config.json", json.dumps(info, indent=1).encode())
 
-    def save(self, complete: bool = False) -> None:
-        """Checkpoint every block whose step count changed since the last save (no-op without out_dir)."""
+    def _has_file(self, b: int) -> bool:
+        return self._manifest is not None and bool(self._manifest["blocks"][b].get("file"))
+
+    def save(self) -> None:
+        """Checkpoint every block whose step count changed since the last save (no-op without out_dir).
+
+        Collective under torchrun: every rank calls it at the same position of the block order. The group
+        leaders write their blocks' files, the ranks exchange the file names, and rank 0 writes the manifest.
+        """
         if self.run_dir is None:
             return
-        for b in range(self.config.num_blocks):  # never write weights that came from a diverged step
+        cfg = self.config
+        problems = []
+        for b in self.owned:  # never write weights that came from a diverged step
             w = self._windows[b]
             if w.steps:
-                self._check_finite(b, w.loss.item(), w.grad_norm.item(), w.steps)
-        changed = {
-            b: checkpoint.block_state(self.model.blocks[b], self.optimizers[b])
-            for b in range(self.config.num_blocks)
-            if self.steps_done[b] != self.saved_steps[b] or self._manifest is None
-        }
-        prev = self._manifest["blocks"] if self._manifest else [{} for _ in self.steps_done]
+                try:
+                    self._check_finite(b, w.loss.item(), w.grad_norm.item(), w.steps)
+                except TrainingDiverged as e:
+                    problems.append(str(e))
+        changed = [
+            b for b in self.owned if self.steps_done[b] != self.saved_steps[b] or not self._has_file(b)
+        ]
+        status = self.comm.all_gather((problems, changed), "the checkpoint")
+        problems = [p for ps, _ in status for p in ps]
+        if problems:
+            more = f" ({len(problems) - 1} more blocks diverged)" if len(problems) > 1 else ""
+            raise TrainingDiverged(problems[0] + more)
+        if not any(c for _, c in status):
+            return
+        written = {}
+        if self.comm.placement.leader:
+            for b in changed:
+                state = checkpoint.block_state(self.model.blocks[b], self.optimizers[b])
+                written[b] = checkpoint.write_block(self.run_dir, b, self.steps_done[b], state)
+        blocks = [
+            dict(e) for e in (self._manifest["blocks"] if self._manifest else [{"steps": 0}] * cfg.num_blocks)
+        ]
+        for part in self.comm.all_gather(written, "the checkpoint"):
+            for b, entry in part.items():
+                blocks[b] = entry
         manifest = {
-            "train": asdict(self.config),
+            "train": asdict(cfg),
             "task": self.task.to_dict(),
             "layers": self.layers,
             "schedule": self.schedule.to_dict(),
-            "blocks": [{**prev[b], "steps": self.steps_done[b]} for b in range(self.config.num_blocks)],
-            "complete": complete,
+            "blocks": blocks,
+            "complete": all(e["steps"] == cfg.steps_per_block for e in blocks),
             # every random draw is a function of (seed, stream, block, step): the steps are the whole state
-            "rng": {"kind": "counter", "seed": self.config.seed, "key": "(seed, stream, block, step)"},
+            "rng": {"kind": "counter", "seed": cfg.seed, "key": "(seed, stream, block, step)"},
             "versions": _versions(),
         }
-        self._manifest = checkpoint.save_blocks(self.run_dir, manifest, changed)
-        self.saved_steps = list(self.steps_done)
+        if self.comm.rank == 0:
+            manifest = checkpoint.commit(self.run_dir, manifest)
+        else:
+            manifest = {**manifest, "format": checkpoint.FORMAT}
+        self.comm.barrier("the checkpoint")  # nobody writes the next files before this manifest is in place
+        self._manifest = manifest
+        for b in self.owned:
+            self.saved_steps[b] = self.steps_done[b]
 
     def _resume(self) -> None:
         if self.run_dir is None:
@@ -388,17 +482,20 @@ class Trainer:
                 f"cannot resume {self.run_dir}: the configuration differs ({lines}). Use the saved values."
             )
         steps = [e["steps"] for e in manifest["blocks"]]
-        pos = sum(steps)
-        if np.bincount(self.order[:pos], minlength=self.config.num_blocks).tolist() != steps:
+        spb = self.config.steps_per_block
+        if len(steps) != self.config.num_blocks or not all(0 <= n <= spb for n in steps):
             raise checkpoint.CheckpointError(
-                f"{self.run_dir}: block steps {steps} do not match the block schedule"
+                f"{self.run_dir}: block steps {steps} do not fit {self.config.num_blocks} blocks of "
+                f"{self.config.steps_per_block} steps"
             )
-        for b, n in enumerate(steps):
-            if n:
+        for b in self.owned:
+            if steps[b]:
                 tensors = checkpoint.read_block(self.run_dir, manifest, b)
-                checkpoint.load_block_state(self.model.blocks[b], tensors, self.optimizers[b], n)
+                checkpoint.load_block_state(self.model.blocks[b], tensors, self.optimizers[b], steps[b])
         self.steps_done, self.saved_steps, self._manifest = list(steps), list(steps), manifest
-        _trim_metrics(self.run_dir / "metrics.jsonl", steps)
+        if self.comm.rank == 0:
+            _trim_metrics(self.run_dir / "metrics.jsonl", steps)
+        self.comm.barrier("resuming")
 
 
 @contextlib.contextmanager

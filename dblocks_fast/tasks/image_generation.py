@@ -166,13 +166,28 @@ class ImageGeneration:
         c_in = precond.c_in(sigma, sd).to(z.dtype).view(-1, 1, 1, 1)
         return block(c_in * z, precond.c_noise(sigma).float(), labels)
 
-    def loss(self, block: DiTBlock, batch: dict, sigma: torch.Tensor, generator: torch.Generator):
-        """(loss, per_sample) for one batch at per-example noise levels sigma (N,) drawn by the caller."""
+    def loss(
+        self,
+        block: DiTBlock,
+        batch: dict,
+        sigma: torch.Tensor,
+        generator: torch.Generator,
+        rows: tuple[int, int] | None = None,
+    ):
+        """(loss, per_sample) for one batch at per-example noise levels sigma (N,) drawn by the caller.
+
+        rows=(start, total): `batch` and `sigma` are rows [start, start + N) of a batch of `total` examples
+        (one rank's share in data-parallel training). The random draws are made for all `total` rows and
+        this share is cut from them, so the ranks together compute exactly the whole batch's step.
+        """
         y, labels = batch["y"], batch["label"]
         n = y.shape[0]
-        drop = torch.rand(n, generator=generator, device=y.device) < self.config.label_dropout
+        start, total = rows if rows is not None else (0, n)
+        drop = torch.rand(total, generator=generator, device=y.device)[start : start + n]
+        drop = drop < self.config.label_dropout
         labels = torch.where(drop, self.null_cond(labels), labels)
-        eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        eps = torch.randn((total, *y.shape[1:]), generator=generator, device=y.device, dtype=y.dtype)
+        eps = eps[start : start + n]
         s = sigma.to(torch.float32)
         z = y + s.view(-1, 1, 1, 1) * eps
         f = self._forward(block, z, s, labels)
