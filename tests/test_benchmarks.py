@@ -36,3 +36,18 @@ def test_kernel_benchmark_runs_and_never_invents_a_gpu_figure(tmp_path):
         assert on_disk["copy_GBps"] is None
         assert all("pending" in r["status"] and not any(k.endswith("_ms") for k in r) for r in record["rows"])
         assert "GPU figures are pending" in (tmp_path / "bench_kernels-cpu.md").read_text()
+
+
+def test_distributed_benchmark_runs_torchrun_and_counts_no_bytes_between_blocks(tmp_path):
+    from benchmarks import bench_distributed
+
+    bench_distributed.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "bench_distributed-cpu.json").read_text())
+    for key in ("device", "versions", "commit", "date", "command", "settings", "rows", "cpu_cores"):
+        assert key in record, key
+    assert [r["world_size"] for r in record["rows"]] == [1, 2]
+    assert [len(b) for b in record["rows"][1]["blocks_per_rank"]] == [2, 2]
+    for r in record["rows"]:
+        assert r["steps_per_s"] > 0 and r["bytes_sent"]["between_groups"] == 0
+    assert record["rows"][1]["bytes_sent"]["control"] > 0  # the checkpoint's file names did travel
+    assert (tmp_path / "bench_distributed-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
