@@ -38,7 +38,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=4, help="B, the number of blocks")
     ap.add_argument("--worlds", type=int, nargs="+", default=None, help="world sizes (default 1 2 4)")
-    ap.add_argument("--steps-per-block", type=int, default=100)
+    ap.add_argument("--steps-per-block", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per world size, interleaved; median kept")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
@@ -84,8 +85,8 @@ def worker(spec: dict) -> None:
     Path(spec["report"], f"rank{rank}.json").write_text(json.dumps(out))
 
 
-def run_world(world: int, args, tmp: Path) -> dict:
-    report = tmp / f"w{world}"
+def run_world(world: int, args, tmp: Path, repeat: int) -> dict:
+    report = tmp / f"w{world}-{repeat}"
     report.mkdir()
     spec = {
         "blocks": args.blocks,
@@ -93,7 +94,7 @@ def run_world(world: int, args, tmp: Path) -> dict:
         "batch_size": args.batch_size,
         "device": args.device,
         "quick": args.quick,
-        "out_dir": str(tmp / f"run{world}"),
+        "out_dir": str(tmp / f"run{world}-{repeat}"),
         "report": str(report),
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
         worker(json.loads(args.worker))
         return {}
     if args.quick:
-        args.steps_per_block, args.batch_size = 3, 8
+        args.steps_per_block, args.batch_size, args.repeats = 3, 8, 1
         args.worlds = args.worlds or [1, 2]
     args.worlds = args.worlds or [1, 2, 4]
     device = torch.device(args.device)
@@ -132,14 +133,20 @@ def main(argv=None) -> dict:
         have = torch.cuda.device_count()
         print(f"only {have} GPUs: world sizes above {have} are left out (recorded as pending)")
     prov = common.provenance(device)
-    rows, pending = [], []
+    pending = [w for w in args.worlds if device.type == "cuda" and w > torch.cuda.device_count()]
+    worlds = [w for w in args.worlds if w not in pending]
+    runs = {w: [] for w in worlds}
     with tempfile.TemporaryDirectory() as tmp:
-        for w in args.worlds:
-            if device.type == "cuda" and w > torch.cuda.device_count():
-                pending.append(w)
-                continue
-            print(f"world size {w} ...", flush=True)
-            rows.append(run_world(w, args, Path(tmp)))
+        for i in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every size
+            for w in worlds:
+                print(f"world size {w}, run {i + 1} of {args.repeats} ...", flush=True)
+                runs[w].append(run_world(w, args, Path(tmp), i))
+    rows = []
+    for w in worlds:
+        by_speed = sorted(runs[w], key=lambda r: r["steps_per_s"])
+        row = dict(by_speed[len(by_speed) // 2])  # the median run
+        row["steps_per_s_all"] = [r["steps_per_s"] for r in runs[w]]
+        rows.append(row)
     base = next((r for r in rows if r["world_size"] == 1), None)
     for r in rows:
         r["speedup"] = r["steps_per_s"] / base["steps_per_s"] if base else None
@@ -153,6 +160,7 @@ def main(argv=None) -> dict:
             "batch_size": args.batch_size,
             "model": "digits-dit preset" + (" (tiny in --quick)" if args.quick else ""),
             "threads_per_process": 1,
+            "repeats": args.repeats,
         },
         "rows": rows,
         "pending_world_sizes": pending,
@@ -172,19 +180,20 @@ def _markdown(prov: dict, record: dict) -> str:
         f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}",
         f"`{prov['command']}`" + ("  (--quick: a pipeline check, not a measurement)" * record["quick"]),
         "",
-        "| world size | blocks per rank | steps/s (whole model) | speed-up | speed-up / W | bytes between "
-        "groups | gradient bytes in groups | checkpoint metadata bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| world size | blocks per rank | steps/s (whole model, median) | all runs | speed-up | speed-up / W "
+        "| bytes between groups | gradient bytes in groups | checkpoint metadata bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         per = "/".join(str(len(b)) for b in r["blocks_per_rank"])
         b = r["bytes_sent"]
         lines.append(
-            f"| {r['world_size']} | {per} | {r['steps_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"| {r['world_size']} | {per} | {r['steps_per_s']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in r['steps_per_s_all'])} | {r['speedup']:.2f}x | "
             f"{r['efficiency']:.2f} | {b['between_groups']} | {b['group']} | {b['control']} |"
         )
     for w in record["pending_world_sizes"]:
-        lines.append(f"| {w} | pending: needs {w} GPUs | | | | | | |")
+        lines.append(f"| {w} | pending: needs {w} GPUs | | | | | | | |")
     lines += [
         "",
         "One thread or GPU per process. Speed-up = steps/s over the world size 1 run; the whole model is "
