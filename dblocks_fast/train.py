@@ -167,10 +167,16 @@ class Trainer:
         self.comm, self.device = distributed.connect(
             config.distributed, config.blocks_to_train(), config.device
         )
+        try:
+            self._setup(task, data, config, resume)
+        except BaseException:
+            self.comm.close()  # leave no process group behind
+            raise
+
+    def _setup(self, task, data, config: TrainConfig, resume: bool) -> None:
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:
-            self.comm.close()
             raise ValueError(
                 f"batch_size {config.batch_size} does not split evenly over the {group} ranks that share a "
                 f"block; use a multiple of {group}"
