@@ -112,7 +112,21 @@ class BlockModel(nn.Module):
             if first != last:
                 raise ValueError(f"sigmas span blocks {first}..{last}; denoise one block's sigmas at a time")
             block = first
-        return self.task.denoise(self.blocks[block], z, sigma.to(z.device), cond)
+        out = self.task.denoise(self._block_module(block), z, sigma.to(z.device), cond)
+        self._after_use(block)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks compute (the device of the first parameter)."""
+        return next(self.parameters()).device
+
+    # hooks for models that keep blocks elsewhere (paging.StreamedBlockModel)
+    def _block_module(self, b: int) -> nn.Module:
+        return self.blocks[b]
+
+    def _after_use(self, b: int) -> None:
+        pass
 
     def extra_repr(self) -> str:
         return f"task={self.task.kind}, layers={self.layers}, schedule={self.schedule!r}"

@@ -142,7 +142,7 @@ def sample(
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     b = model.num_blocks
     num_steps = num_steps if num_steps is not None else b * math.ceil(30 / b)
-    dev = next(model.parameters()).device
+    dev = model.device
     labels = torch.as_tensor(labels, dtype=torch.long).to(dev)
     if labels.ndim != 1 or labels.numel() == 0:
         raise ValueError(

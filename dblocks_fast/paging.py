@@ -1,0 +1,147 @@
+"""Blocks kept in host memory and brought to the device when needed.
+
+This module holds the inference side: `StreamedBlockModel` samples with every block in (pinned) host memory
+and at most two on the device, the one in use and the next, which is copied on a side stream while the
+current block computes. A sampling run visits the blocks in order (block 0 owns the highest noise), so the
+next block is always known. The training side (flat AdamW state, host and disk tiers) builds on the same
+flat layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import BlockModel
+from .nn import set_kernels
+
+__all__ = ["StreamedBlockModel", "flatten_module"]
+
+
+def flatten_module(module: nn.Module, device, pin: bool = False) -> torch.Tensor:
+    """Move every parameter and buffer of `module` into one flat buffer on `device`; they become views of it.
+
+    Returns the buffer. All tensors must share one dtype. Two modules of the same architecture get the same
+    layout, so one copy of the whole buffer moves all of a block's weights.
+    """
+    tensors = list(module.parameters()) + list(module.buffers())
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        raise TypeError(f"flatten_module needs one dtype for all tensors, found {sorted(map(str, dtypes))}")
+    total = sum(t.numel() for t in tensors)
+    flat = torch.empty(total, dtype=dtypes.pop(), device=device, pin_memory=pin)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            view = flat[offset : offset + n].view_as(t)
+            view.copy_(t)
+            t.data = view
+            offset += n
+    return flat
+
+
+def _signature(module: nn.Module) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in module.state_dict().items())
+
+
+class _Slot:
+    """A device copy of one block architecture whose weights are one flat buffer, refilled per block."""
+
+    def __init__(self, template: nn.Module, device: torch.device):
+        import copy
+
+        self.module = copy.deepcopy(template).to(device)
+        self.flat = flatten_module(self.module, device)
+        self.signature = _signature(template)
+        self.block: int | None = None  # the block whose weights it holds (or is receiving)
+        self.ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
+        self.released: torch.cuda.Event | None = None  # recorded on the compute stream after the last use
+
+
+class StreamedBlockModel(BlockModel):
+    """A BlockModel for sampling whose blocks live in host memory, with at most two on the device.
+
+    `denoise` makes the block it needs resident (copying it if it is not) and starts copying the next block
+    on a side stream, so on a GPU the copy overlaps the current block's steps. Events order the copies
+    against the compute: a slot is refilled only after the kernels that read it have finished. The
+    results are the same as the resident model's, bit for bit.
+
+    It takes over `model`'s blocks: their weights move into one flat host buffer per block (pinned when the
+    device is CUDA). Do not move it with .to(); pass the device here.
+    """
+
+    def __init__(self, model: BlockModel, device=None):
+        super().__init__(model.task, model.schedule, model.layers, [b.cpu() for b in model.blocks])
+        self._device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        cuda = self._device.type == "cuda"
+        self._host = [flatten_module(b, "cpu", pin=cuda) for b in self.blocks]
+        self._slots: list[_Slot] = []
+        for blk in self.blocks:  # two slots per distinct block architecture (blocks may differ in depth)
+            sig = _signature(blk)
+            while sum(s.signature == sig for s in self._slots) < 2:
+                self._slots.append(_Slot(blk, self._device))
+        self._copy_stream = torch.cuda.Stream(self._device) if cuda else None
+        self.copies = 0  # blocks copied to the device so far (for tests and benchmarks)
+        if getattr(model.blocks[0], "kernels", None) is not None:
+            self.set_kernels(model.blocks[0].kernels)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def set_kernels(self, kernels: str) -> StreamedBlockModel:
+        super().set_kernels(kernels)
+        for s in self._slots:
+            set_kernels(s.module, kernels)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for s in self._slots:
+            s.module.train(mode)
+        return self
+
+    def resident(self) -> list[int]:
+        """The blocks whose weights are on the device now."""
+        return sorted(s.block for s in self._slots if s.block is not None)
+
+    def _load(self, b: int, avoid: _Slot | None) -> _Slot:
+        sig = _signature(self.blocks[b])
+        for s in self._slots:
+            if s.block == b:
+                return s
+        # refill an empty slot first, then one holding an earlier block (never the next one, prefetched)
+        free = [s for s in self._slots if s.signature == sig and s is not avoid]
+        slot = min(free, key=lambda s: (s.block is not None, s.block == b + 1))
+        slot.block = b
+        self.copies += 1
+        if self._copy_stream is None:
+            slot.flat.copy_(self._host[b])
+            return slot
+        with torch.cuda.stream(self._copy_stream):
+            if slot.released is not None:
+                self._copy_stream.wait_event(slot.released)  # its last reader has finished
+            slot.flat.copy_(self._host[b], non_blocking=True)
+            slot.ready = torch.cuda.Event()
+            slot.ready.record(self._copy_stream)
+        return slot
+
+    def _block_module(self, b: int) -> nn.Module:
+        slot = self._load(b, avoid=None)
+        if slot.ready is not None:
+            torch.cuda.current_stream(self._device).wait_event(slot.ready)
+            slot.ready = None
+        if b + 1 < self.num_blocks:
+            self._load(b + 1, avoid=slot)  # prefetch the next block into the other slot
+        return slot.module
+
+    def _after_use(self, b: int) -> None:
+        if self._copy_stream is None:
+            return
+        for s in self._slots:
+            if s.block == b:
+                s.released = torch.cuda.Event()
+                s.released.record(torch.cuda.current_stream(self._device))
