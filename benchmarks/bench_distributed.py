@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
         "pending_world_sizes": pending,
     }
     common.write("bench_distributed", prov, record, _markdown(prov, record), args.out)
-    _plot(record, args.out / f"bench_distributed-{prov['device_type']}.png")
+    _plot(record, prov, args.out)
     print(_markdown(prov, record))
     return record
 
@@ -202,15 +202,10 @@ def _markdown(prov: dict, record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(record: dict, prov: dict, out: Path) -> None:
     rows = record["rows"]
     w = [r["world_size"] for r in rows]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    fig, ax = common.figure()
     ax.plot(w, [r["speedup"] for r in rows], "o-", label="measured")
     ax.plot(w, w, "--", color="grey", label="ideal (W x)")
     ax.axvline(record["cpu_cores"], color="red", lw=0.8, ls=":", label=f"{record['cpu_cores']} cores")
@@ -218,9 +213,7 @@ def _plot(record: dict, path: Path) -> None:
     ax.set_ylabel("speed-up over 1 process")
     ax.set_title(f"B={record['settings']['blocks']} blocks, one per rank at W=B", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    common.save_figure(fig, "bench_distributed", prov, out)
 
 
 if __name__ == "__main__":

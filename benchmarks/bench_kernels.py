@@ -50,7 +50,7 @@ class Case:
     bytes_fb: int  # bytes forward + backward must move at least
 
 
-def _cases(sizes: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+def cases(sizes: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
     el = torch.finfo(dtype).bits // 8
 
     def randn(*shape, grad=False):
@@ -102,7 +102,7 @@ def _loss(out):
     return first.float().sum() + (second.float().sum() if second is not None else 0)
 
 
-def _runner(fn, inputs, backward: bool):
+def runner(fn, inputs, backward: bool):
     leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
 
     def run():
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16
     copy_gbs = _copy_bandwidth(device) if cuda else None
     rows = []
-    for case in _cases(sizes, device, dtype):
+    for case in cases(sizes, device, dtype):
         op, make, ours, eager = case.op, case.make, case.ours, case.eager
         row = {
             "op": op,
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         }
         if not cuda:
             for mode in (False, True):  # does it run? (the tests check the numbers; the figures are pending)
-                _runner(ours, make(), mode)()
+                runner(ours, make(), mode)()
             row["status"] = "ran under the Triton interpreter; GPU figures pending (no CUDA device)"
             rows.append(row)
             continue
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
         for mode, key in ((False, "forward"), (True, "forward_backward")):
             inputs = make()
             for impl, fn in (("ours", ours), ("eager", eager), ("compile", compiled)):
-                row[f"{key}_{impl}_ms"] = _time_gpu(_runner(fn, inputs, mode))
+                row[f"{key}_{impl}_ms"] = _time_gpu(runner(fn, inputs, mode))
             moved = case.bytes_fb if mode else case.bytes_fwd
             row[f"{key}_ours_GBps"] = moved / row[f"{key}_ours_ms"] / 1e6
             row[f"{key}_fraction_of_copy"] = row[f"{key}_ours_GBps"] / copy_gbs
@@ -176,15 +176,35 @@ def main(argv=None) -> dict:
             row[f"{key}_speedup_vs_compile"] = row[f"{key}_compile_ms"] / row[f"{key}_ours_ms"]
         if op == "weighted_linear_cross_entropy":
             inputs = make()
-            row["peak_bytes_ours"] = _peak_bytes(_runner(ours, inputs, True))
-            row["peak_bytes_eager"] = _peak_bytes(_runner(eager, inputs, True))
+            row["peak_bytes_ours"] = _peak_bytes(runner(ours, inputs, True))
+            row["peak_bytes_eager"] = _peak_bytes(runner(eager, inputs, True))
         rows.append(row)
     record = {"dtype": "bfloat16", "copy_GBps": copy_gbs, "quick": args.quick or not cuda, "rows": rows}
     md = _markdown(rows, prov, copy_gbs)
     path = common.write("bench_kernels", prov, record, md, args.out)
+    _plot(rows, prov, args.out)
     print(md)
     print(f"wrote {path}")
     return record
+
+
+def _plot(rows, prov, out) -> None:
+    fig, ax = common.figure(6, 3.2)
+    if not any("forward_ours_ms" in r for r in rows):
+        ax.text(0.5, 0.5, "GPU figures pending:\nno CUDA device where this ran", ha="center", va="center")
+        ax.set_axis_off()
+        common.save_figure(fig, "bench_kernels", prov, out)
+        return
+    names = [f"{r['op']}\n{r['size']}" for r in rows]
+    x = range(len(rows))
+    for i, key in enumerate(("forward", "forward_backward")):
+        vals = [r[f"{key}_speedup_vs_compile"] for r in rows]
+        ax.bar([v + 0.4 * i for v in x], vals, width=0.4, label=key.replace("_", "+"))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([v + 0.2 for v in x], names, fontsize=6, rotation=30, ha="right")
+    ax.set_ylabel("speed-up over torch.compile")
+    ax.legend(fontsize=8)
+    common.save_figure(fig, "bench_kernels", prov, out)
 
 
 def _markdown(rows, prov, copy_gbs) -> str:

@@ -77,3 +77,24 @@ def write(name: str, prov: dict, record: dict, markdown: str, out: Path = RESULT
     Path(f"{stem}.json").write_text(json.dumps({"benchmark": name, **prov, **record}, indent=1) + "\n")
     Path(f"{stem}.md").write_text(markdown)
     return Path(f"{stem}.json")
+
+
+def figure(width: float = 4.5, height: float = 3.2, ncols: int = 1):
+    """A matplotlib (figure, axes) drawn off-screen, for a benchmark's PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=120)
+
+
+def save_figure(fig, name: str, prov: dict, out: Path = RESULTS) -> Path:
+    """results/<name>-<device type>.png, beside the JSON and markdown of the same run."""
+    import matplotlib.pyplot as plt
+
+    path = Path(out) / f"{name}-{prov['device_type']}.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     record = {"quick": args.quick, "settings": settings, "summary": summary, "runs": runs}
     md = _markdown(summary, settings, prov)
     path = common.write("quality_digits", prov, record, md, args.out)
+    _plot(summary, prov, args.out)
     print(md)
     print(f"wrote {path}")
     return record
@@ -129,6 +130,25 @@ def _summarise(runs: list[dict]) -> list[dict]:
             row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(row)
     return out
+
+
+def _plot(summary: list[dict], prov: dict, out: Path) -> None:
+    fig, (acc, fd) = common.figure(8, 3.2, ncols=2)
+    labels = [r["config"].replace(" (end to end)", "\n(end to end)") for r in summary]
+    y = range(len(summary))
+    acc.barh(y, [r["sample_accuracy"] for r in summary], xerr=[r["sample_accuracy_std"] for r in summary])
+    acc.set_yticks(list(y), labels, fontsize=8)
+    acc.invert_yaxis()
+    acc.set_xlim(min(r["sample_accuracy"] for r in summary) - 0.05, 1.0)
+    acc.set_xlabel("sample accuracy (higher is better)")
+    fd.barh(y, [r["frechet_distance"] for r in summary], xerr=[r["frechet_distance_std"] for r in summary])
+    fd.axvline(summary[0]["real_frechet"], color="grey", ls="--", label="real-data floor")
+    fd.set_yticks(list(y), [""] * len(summary))
+    fd.invert_yaxis()
+    fd.set_xlabel("Frechet distance (lower is better)")
+    fd.legend(fontsize=8)
+    fig.suptitle("DiT on digits: block-wise vs end to end, equal layer evaluations", fontsize=9)
+    common.save_figure(fig, "quality_digits", prov, out)
 
 
 def _markdown(summary: list[dict], settings: dict, prov: dict) -> str:

@@ -125,6 +125,22 @@ def cmd_train(args) -> int:
     return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
 
 
+def cmd_bench(args) -> int:
+    """Run benchmarks/ from a source checkout (the scripts are not installed with the package)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise FileNotFoundError(
+            f"dblocks-fast bench runs the benchmark scripts of a source checkout, and {root} has none; clone "
+            f"the repository and install it with pip install -e ."
+        )
+    cmd = [sys.executable, "-m", "benchmarks", *(["--quick"] if args.quick else [])]
+    cmd += [*(["--out", str(Path(args.out).resolve())] if args.out else [])]
+    cmd += [*(["--only", *args.only] if args.only else [])]
+    return subprocess.run(cmd, cwd=root).returncode
+
+
 def cmd_merge(args) -> int:
     from .distributed import merge_runs
 
@@ -316,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
     _add_sample_flags(e, per_class=50)
 
+    b = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks) and rewrite the results page")
+    b.add_argument("--quick", action="store_true", help="small sizes: every benchmark in a few minutes")
+    b.add_argument("--out", help="results folder (default benchmarks/results)")
+    b.add_argument("--only", nargs="+", help="just these benchmark scripts")
+
     m = sub.add_parser(
         "merge", help="assemble one run folder from runs that trained disjoint blocks (--only-blocks)"
     )
@@ -326,7 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "merge": cmd_merge}
+    commands = {
+        "train": cmd_train,
+        "sample": cmd_sample,
+        "eval": cmd_eval,
+        "merge": cmd_merge,
+        "bench": cmd_bench,
+    }
     try:
         return commands[args.command](args)
     except (

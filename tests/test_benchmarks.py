@@ -1,53 +1,83 @@
-"""The benchmark scripts run end to end (on tiny sizes) and record where and how they were measured."""
+"""The benchmark suite runs end to end on tiny sizes (python -m benchmarks --quick, through dblocks-fast
+bench) and every record says where, when and how it was measured, and never invents a GPU figure."""
 
 import json
 
-from benchmarks import quality_digits
+import pytest
+import torch
+
+from dblocks_fast.cli import main as cli
+
+PROVENANCE = ("benchmark", "device", "device_type", "versions", "commit", "date", "command")
+PNG = b"\x89PNG\r\n\x1a\n"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def test_quality_benchmark_quick_run_writes_its_record(tmp_path):
-    quality_digits.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
-    record = json.loads((tmp_path / "quality_digits-cpu.json").read_text())
-    for key in ("device", "versions", "commit", "date", "command", "settings", "summary", "runs"):
-        assert key in record, key
-    assert record["quick"] is True
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert cli(["bench", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["quality_digits", "bench_inference", "bench_distributed", "bench_kernels"])
+def test_every_benchmark_writes_a_record_a_table_and_a_plot(quick, name):
+    record = json.loads((quick / f"{name}-{DEV}.json").read_text())
+    for key in PROVENANCE:
+        assert record[key], key
+    assert record["benchmark"] == name and record["quick"] is True
+    assert record["device"] in (quick / f"{name}-{DEV}.md").read_text()
+    assert (quick / f"{name}-{DEV}.png").read_bytes()[:8] == PNG
+
+
+def test_quality_record(quick):
+    record = json.loads((quick / f"quality_digits-{DEV}.json").read_text())
     assert [r["num_blocks"] for r in record["summary"]] == [1, 2, 3, 4, 3]
     for r in record["runs"]:
         assert 0.0 <= r["sample_accuracy"] <= 1.0 and r["frechet_distance"] > 0 and r["train_s"] > 0
-    md = (tmp_path / "quality_digits-cpu.md").read_text()
-    assert "| B=3, uniform partition |" in md and record["device"] in md
 
 
-def test_kernel_benchmark_runs_and_never_invents_a_gpu_figure(tmp_path):
-    import torch
-
-    from benchmarks import bench_kernels
-
-    record = bench_kernels.main(["--out", str(tmp_path)])
-    name = "cuda" if torch.cuda.is_available() else "cpu"
-    on_disk = json.loads((tmp_path / f"bench_kernels-{name}.json").read_text())
-    assert {r["op"] for r in on_disk["rows"]} == {
-        "adaln_modulate",
-        "gated_residual_adaln",
-        "edm_l2_loss",
-        "weighted_linear_cross_entropy",
-    }
-    if not torch.cuda.is_available():
-        assert on_disk["copy_GBps"] is None
-        assert all("pending" in r["status"] and not any(k.endswith("_ms") for k in r) for r in record["rows"])
-        assert "GPU figures are pending" in (tmp_path / "bench_kernels-cpu.md").read_text()
+def test_inference_record(quick):
+    record = json.loads((quick / f"bench_inference-{DEV}.json").read_text())
+    configs = {(r["batch"], r["num_blocks"]) for r in record["rows"]}
+    assert configs == {(n, b) for n in (1, 8) for b in (2, 3, 6)}
+    for r in record["rows"]:
+        assert r["speedup"] == pytest.approx(r["blocks_images_per_s"] / r["end_to_end_images_per_s"])
+        assert r["blocks_images_per_s"] > 0 and len(r["blocks_s_all"]) == 1
+    if DEV == "cpu":
+        assert "not applicable" in record["streamed"] and "streamed_over_resident" not in record["rows"][0]
 
 
-def test_distributed_benchmark_runs_torchrun_and_counts_no_bytes_between_blocks(tmp_path):
-    from benchmarks import bench_distributed
-
-    bench_distributed.main(["--quick", "--out", str(tmp_path)])
-    record = json.loads((tmp_path / "bench_distributed-cpu.json").read_text())
-    for key in ("device", "versions", "commit", "date", "command", "settings", "rows", "cpu_cores"):
-        assert key in record, key
+def test_distributed_record(quick):
+    record = json.loads((quick / f"bench_distributed-{DEV}.json").read_text())
     assert [r["world_size"] for r in record["rows"]] == [1, 2]
     assert [len(b) for b in record["rows"][1]["blocks_per_rank"]] == [2, 2]
     for r in record["rows"]:
         assert r["steps_per_s"] > 0 and r["bytes_sent"]["between_groups"] == 0
     assert record["rows"][1]["bytes_sent"]["control"] > 0  # the checkpoint's file names did travel
-    assert (tmp_path / "bench_distributed-cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kernel_record_never_invents_a_gpu_figure(quick):
+    record = json.loads((quick / f"bench_kernels-{DEV}.json").read_text())
+    assert {r["op"] for r in record["rows"]} == {
+        "adaln_modulate",
+        "gated_residual_adaln",
+        "edm_l2_loss",
+        "weighted_linear_cross_entropy",
+    }
+    if DEV == "cpu":
+        assert record["copy_GBps"] is None
+        assert all("pending" in r["status"] and not any(k.endswith("_ms") for k in r) for r in record["rows"])
+        assert "GPU figures are pending" in (quick / "bench_kernels-cpu.md").read_text()
+
+
+def test_results_page_answers_every_question_and_marks_what_is_pending(quick):
+    page = (quick / "README.md").read_text()
+    questions = ("How good", "How fast is sampling", "How does training scale", "fused kernels", "memory")
+    for question in questions:
+        assert question in page, question
+    assert "--quick: a pipeline check" in page
+    for name in ("quality_digits", "bench_inference", "bench_distributed", "bench_kernels"):
+        assert f"]({name}-{DEV}.png)" in page
+    if DEV == "cpu":
+        assert page.count("**GPU: pending**") == 4 and "speed figures pending" in page

@@ -1,0 +1,204 @@
+"""Run every benchmark and rewrite the results page: `python -m benchmarks [--quick] [--out DIR]`.
+
+Each script runs in its own process (one failing does not stop the others, and none inherits another's
+torch settings) and writes <name>-<device>.json, .md and .png into the output folder. The runner then
+rewrites README.md there from every JSON it finds: one section per question, ratios first, and a line
+saying "pending" for every figure that still needs a device nobody has run it on. Nothing is estimated.
+
+    python -m benchmarks --quick            # CPU: every script on small sizes, a few minutes
+    python -m benchmarks                    # full sizes (on a GPU machine: the GPU figures)
+    python -m benchmarks --only bench_inference --out /tmp/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks import common  # noqa: E402
+
+# (script, the question it answers); the order of the results page
+SCRIPTS = [
+    ("quality_digits", "How good: does block-wise training match end-to-end training?"),
+    ("bench_inference", "How fast is sampling with B blocks?"),
+    ("bench_distributed", "How does training scale over processes and GPUs?"),
+    ("bench_kernels", "How fast are the fused kernels?"),
+]
+# questions whose benchmark does not exist yet, so the page says so instead of staying silent
+NOT_YET = [
+    ("bench_memory", "How much device memory does block-wise training save?", "block paging (issue 7)"),
+    ("bench_paging", "How fast is paging blocks between host and GPU?", "block paging (issue 7)"),
+]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes: every script, a few minutes on a CPU")
+    ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for the results and README.md")
+    ap.add_argument("--only", nargs="+", choices=[s for s, _ in SCRIPTS], help="run just these scripts")
+    ap.add_argument("--report-only", action="store_true", help="rewrite README.md from the JSON files only")
+    return ap.parse_args(argv)
+
+
+def run_script(name: str, quick: bool, out: Path) -> dict:
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out)] + (["--quick"] if quick else [])
+    print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if res.returncode != 0:
+        print(res.stdout[-2000:], res.stderr[-4000:], sep="\n", file=sys.stderr)
+        print(f"== {name}: FAILED (exit {res.returncode}) after {seconds:.0f} s", flush=True)
+    else:
+        print(f"== {name}: done in {seconds:.0f} s", flush=True)
+    return {"script": name, "exit": res.returncode, "seconds": seconds, "stderr_tail": res.stderr[-2000:]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    if not args.report_only:
+        for name, _ in SCRIPTS:
+            if args.only is None or name in args.only:
+                runs.append(run_script(name, args.quick, args.out))
+    (args.out / "README.md").write_text(report(args.out, runs))
+    print(f"wrote {args.out / 'README.md'}")
+    return 1 if any(r["exit"] for r in runs) else 0
+
+
+# --- the results page ---------------------------------------------------------------------------------------
+def _records(out: Path, name: str) -> dict[str, dict]:
+    found = {}
+    for dev in ("cpu", "cuda"):
+        path = out / f"{name}-{dev}.json"
+        if path.is_file():
+            found[dev] = json.loads(path.read_text())
+    return found
+
+
+def _where(r: dict) -> str:
+    quick = " **(--quick: a pipeline check, not a measurement)**" if r.get("quick") else ""
+    return f"{r['device']}; torch {r['versions']['torch']}; commit {r['commit']}; {r['date']}{quick}"
+
+
+def _quality(r: dict) -> list[str]:
+    base = next(s for s in r["summary"] if s["num_blocks"] == 1)
+    lines = [
+        "| configuration | Frechet distance / end to end | sample accuracy | Frechet distance | floor |",
+        "|---|---|---|---|---|",
+    ]
+    for s in r["summary"]:
+        lines.append(
+            f"| {s['config']} | {s['frechet_distance'] / base['frechet_distance']:.2f} | "
+            f"{s['sample_accuracy']:.3f} | {s['frechet_distance']:.2f} | {s['real_frechet']:.2f} |"
+        )
+    return lines
+
+
+def _inference(r: dict) -> list[str]:
+    gpu = r["device_type"] == "cuda"
+    lines = [
+        "| batch | B | speed-up / B | speed-up | images/s (B blocks) | images/s (end to end) |"
+        + (" streamed / resident |" if gpu else ""),
+        "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['batch']} | {x['num_blocks']} | {x['speedup_over_B']:.2f} | {x['speedup']:.2f}x | "
+            f"{x['blocks_images_per_s']:.1f} | {x['end_to_end_images_per_s']:.1f} |"
+            + (f" {x['streamed_over_resident']:.2f} |" if gpu else "")
+        )
+    if not gpu:
+        lines += ["", f"Streamed sampling: {r['streamed']}."]
+    return lines
+
+
+def _distributed(r: dict) -> list[str]:
+    lines = [
+        "| world size | speed-up / W | speed-up | steps/s | bytes between blocks' groups |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['world_size']} | {x['efficiency']:.2f} | {x['speedup']:.2f}x | {x['steps_per_s']:.1f} | "
+            f"{x['bytes_sent']['between_groups']} |"
+        )
+    lines += [f"| {w} | pending: needs {w} GPUs | | | |" for w in r.get("pending_world_sizes", [])]
+    lines += ["", f"{r['cpu_cores']} CPU cores; one thread or GPU per process."]
+    return lines
+
+
+def _kernels(r: dict) -> list[str]:
+    if r.get("copy_GBps") is None:
+        return [f"Ran under the Triton interpreter (no CUDA device): {len(r['rows'])} op/size cases ran; "
+                "**speed figures pending** until this runs on a GPU."]  # fmt: skip
+    lines = [
+        "| op | size | fwd vs compile | fwd+bwd vs compile | fwd vs eager | fwd+bwd vs eager "
+        "| fwd GB/s (of copy) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        lines.append(
+            f"| {x['op']} | {x['size']} | {x['forward_speedup_vs_compile']:.2f}x | "
+            f"{x['forward_backward_speedup_vs_compile']:.2f}x | {x['forward_speedup_vs_eager']:.2f}x | "
+            f"{x['forward_backward_speedup_vs_eager']:.2f}x | {x['forward_ours_GBps']:.0f} "
+            f"({100 * x['forward_fraction_of_copy']:.0f}%) |"
+        )
+    return lines
+
+
+TABLES = {
+    "quality_digits": _quality,
+    "bench_inference": _inference,
+    "bench_distributed": _distributed,
+    "bench_kernels": _kernels,
+}
+
+
+def report(out: Path, runs: list[dict]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m benchmarks` from the JSON records in this folder (each holds the device, "
+        "versions, commit, date, command and every figure). Ratios come first; a figure that needs a device "
+        "no one has run it on yet says **pending**.",
+        "",
+    ]
+    failed = [r["script"] for r in runs if r["exit"]]
+    if failed:
+        lines += [f"**These scripts failed in the last run: {', '.join(failed)}** (their older records, if "
+                  "any, are shown).", ""]  # fmt: skip
+    for name, question in SCRIPTS:
+        lines += [f"## {question}", "", f"`python benchmarks/{name}.py`", ""]
+        recs = _records(out, name)
+        for dev in ("cpu", "cuda"):
+            label = "CPU" if dev == "cpu" else "GPU"
+            if dev not in recs:
+                lines += [f"**{label}: pending** (no record yet: run `python -m benchmarks` on a "
+                          f"{'GPU' if dev == 'cuda' else 'CPU-only'} machine).", ""]  # fmt: skip
+                continue
+            r = recs[dev]
+            lines += [f"**{label}**: {_where(r)}", ""]
+            try:
+                lines += TABLES[name](r)
+            except (KeyError, StopIteration, TypeError) as e:
+                lines += [f"(this record does not have the fields this page reads: {e!r}; rerun the script)"]
+            png = out / f"{name}-{dev}.png"
+            if png.is_file():
+                lines += ["", f"![{name} {dev}]({png.name})"]
+            lines += ["", f"Details: [{name}-{dev}.md]({name}-{dev}.md)", ""]
+    for name, question, needs in NOT_YET:
+        lines += [f"## {question}", "", f"**Pending**: `{name}.py` comes with {needs}.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
