@@ -116,8 +116,11 @@ def _inference(r: dict) -> list[str]:
             f"{x['blocks_images_per_s']:.1f} | {x['end_to_end_images_per_s']:.1f} |"
             + (f" {x['streamed_over_resident']:.2f} |" if gpu else "")
         )
+    t = r["targets"]
+    lines += ["", f"Target: speed-up / B >= {t['speedup_over_B']} at batch >= 64"
+              + (f"; streamed / resident >= {t['streamed_over_resident']}." if gpu else ".")]  # fmt: skip
     if not gpu:
-        lines += ["", f"Streamed sampling: {r['streamed']}."]
+        lines += [f"Streamed sampling: {r['streamed']}."]
     return lines
 
 
