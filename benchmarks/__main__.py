@@ -189,9 +189,8 @@ def report(out: Path, runs: list[dict]) -> str:
                           f"{'GPU' if dev == 'cuda' else 'CPU-only'} machine).", ""]  # fmt: skip
                 continue
             r = recs[dev]
-            lines += [f"**{label}**: {_where(r)}", ""]
             try:
-                lines += TABLES[name](r)
+                lines += [f"**{label}**: {_where(r)}", "", *TABLES[name](r)]
             except (KeyError, StopIteration, TypeError) as e:
                 lines += [f"(this record does not have the fields this page reads: {e!r}; rerun the script)"]
             png = out / f"{name}-{dev}.png"

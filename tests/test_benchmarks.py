@@ -81,3 +81,13 @@ def test_results_page_answers_every_question_and_marks_what_is_pending(quick):
         assert f"]({name}-{DEV}.png)" in page
     if DEV == "cpu":
         assert page.count("**GPU: pending**") == 4 and "speed figures pending" in page
+
+
+def test_results_page_reports_a_failed_script_and_pending_figures(tmp_path):
+    from benchmarks.__main__ import report
+
+    page = report(tmp_path, [{"script": "bench_kernels", "exit": 1, "seconds": 1.0, "stderr_tail": ""}])
+    assert "failed in the last run: bench_kernels" in page
+    assert page.count("**CPU: pending**") == 4 and page.count("**GPU: pending**") == 4
+    (tmp_path / "bench_inference-cpu.json").write_text(json.dumps({"device": "x", "quick": False}))
+    assert "does not have the fields this page reads" in report(tmp_path, [])
