@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import bench_distributed, bench_inference, common  # noqa: E402
 
 # (script, the question it answers); the order of the results page
 SCRIPTS = [
@@ -103,42 +103,6 @@ def _quality(r: dict) -> list[str]:
     return lines
 
 
-def _inference(r: dict) -> list[str]:
-    gpu = r["device_type"] == "cuda"
-    lines = [
-        "| batch | B | speed-up / B | speed-up | images/s (B blocks) | images/s (end to end) |"
-        + (" streamed / resident |" if gpu else ""),
-        "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
-    ]
-    for x in r["rows"]:
-        lines.append(
-            f"| {x['batch']} | {x['num_blocks']} | {x['speedup_over_B']:.2f} | {x['speedup']:.2f}x | "
-            f"{x['blocks_images_per_s']:.1f} | {x['end_to_end_images_per_s']:.1f} |"
-            + (f" {x['streamed_over_resident']:.2f} |" if gpu else "")
-        )
-    t = r["targets"]
-    lines += ["", f"Target: speed-up / B >= {t['speedup_over_B']} at batch >= 64"
-              + (f"; streamed / resident >= {t['streamed_over_resident']}." if gpu else ".")]  # fmt: skip
-    if not gpu:
-        lines += [f"Streamed sampling: {r['streamed']}."]
-    return lines
-
-
-def _distributed(r: dict) -> list[str]:
-    lines = [
-        "| world size | speed-up / W | speed-up | steps/s | bytes between blocks' groups |",
-        "|---|---|---|---|---|",
-    ]
-    for x in r["rows"]:
-        lines.append(
-            f"| {x['world_size']} | {x['efficiency']:.2f} | {x['speedup']:.2f}x | {x['steps_per_s']:.1f} | "
-            f"{x['bytes_sent']['between_groups']} |"
-        )
-    lines += [f"| {w} | pending: needs {w} GPUs | | | |" for w in r.get("pending_world_sizes", [])]
-    lines += ["", f"{r['cpu_cores']} CPU cores; one thread or GPU per process."]
-    return lines
-
-
 def _kernels(r: dict) -> list[str]:
     if r.get("copy_GBps") is None:
         return [f"Ran under the Triton interpreter (no CUDA device): {len(r['rows'])} op/size cases ran; "
@@ -160,8 +124,8 @@ def _kernels(r: dict) -> list[str]:
 
 TABLES = {
     "quality_digits": _quality,
-    "bench_inference": _inference,
-    "bench_distributed": _distributed,
+    "bench_inference": bench_inference.table,
+    "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
 }
 

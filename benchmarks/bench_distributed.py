@@ -171,16 +171,10 @@ def main(argv=None) -> dict:
     return record
 
 
-def _markdown(prov: dict, record: dict) -> str:
-    s = record["settings"]
+def table(record: dict) -> list[str]:
+    """The results as a markdown table, ratios first (also used by the results page)."""
     lines = [
-        f"# Block-parallel training: B={s['blocks']}, {s['steps_per_block']} steps per block, batch "
-        f"{s['batch_size']}",
-        "",
-        f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}",
-        f"`{prov['command']}`" + ("  (--quick: a pipeline check, not a measurement)" * record["quick"]),
-        "",
-        "| world size | blocks per rank | steps/s (whole model, median) | all runs | speed-up | speed-up / W "
+        "| world size | speed-up / W | speed-up | steps/s (whole model, median) | all runs | blocks per rank "
         "| bytes between groups | gradient bytes in groups | checkpoint metadata bytes |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -188,32 +182,31 @@ def _markdown(prov: dict, record: dict) -> str:
         per = "/".join(str(len(b)) for b in r["blocks_per_rank"])
         b = r["bytes_sent"]
         lines.append(
-            f"| {r['world_size']} | {per} | {r['steps_per_s']:.1f} | "
-            f"{', '.join(f'{v:.1f}' for v in r['steps_per_s_all'])} | {r['speedup']:.2f}x | "
-            f"{r['efficiency']:.2f} | {b['between_groups']} | {b['group']} | {b['control']} |"
+            f"| {r['world_size']} | {r['efficiency']:.2f} | {r['speedup']:.2f}x | {r['steps_per_s']:.1f} | "
+            f"{', '.join(f'{v:.1f}' for v in r['steps_per_s_all'])} | {per} | {b['between_groups']} | "
+            f"{b['group']} | {b['control']} |"
         )
-    for w in record["pending_world_sizes"]:
-        lines.append(f"| {w} | pending: needs {w} GPUs | | | | | | | |")
-    lines += [
+    lines += [f"| {w} | pending: needs {w} GPUs | | | | | | | |" for w in record["pending_world_sizes"]]
+    return lines + [
         "",
-        "One thread or GPU per process. Speed-up = steps/s over the world size 1 run; the whole model is "
-        "done when its slowest rank is. Bytes are counted at the package's calls into torch.distributed.",
+        f"{record['cpu_cores']} CPU cores; one thread or GPU per process. Speed-up = steps/s over the world "
+        "size 1 run; the whole model is done when its slowest rank is. Bytes are counted at the package's "
+        "calls into torch.distributed.",
     ]
-    return "\n".join(lines) + "\n"
+
+
+def _markdown(prov: dict, record: dict) -> str:
+    s = record["settings"]
+    title = f"Block-parallel training: B={s['blocks']}, {s['steps_per_block']} steps per block, batch "
+    title += str(s["batch_size"])
+    return "\n".join(common.header(title, prov, record["quick"]) + table(record)) + "\n"
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:
-    rows = record["rows"]
-    w = [r["world_size"] for r in rows]
-    fig, ax = common.figure()
-    ax.plot(w, [r["speedup"] for r in rows], "o-", label="measured")
-    ax.plot(w, w, "--", color="grey", label="ideal (W x)")
-    ax.axvline(record["cpu_cores"], color="red", lw=0.8, ls=":", label=f"{record['cpu_cores']} cores")
-    ax.set_xlabel("world size (processes)")
-    ax.set_ylabel("speed-up over 1 process")
-    ax.set_title(f"B={record['settings']['blocks']} blocks, one per rank at W=B", fontsize=9)
-    ax.legend(fontsize=8)
-    common.save_figure(fig, "bench_distributed", prov, out)
+    series = {"measured": [(r["world_size"], r["speedup"]) for r in record["rows"]]}
+    common.speedup_plot(series, "world size (processes)", "speed-up over 1 process",
+                        f"B={record['settings']['blocks']} blocks, one per rank at W=B", "bench_distributed",
+                        prov, out, cores=record["cpu_cores"])  # fmt: skip
 
 
 if __name__ == "__main__":

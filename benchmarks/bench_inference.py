@@ -151,48 +151,42 @@ def main(argv=None) -> dict:
     return record
 
 
-def _markdown(prov: dict, record: dict) -> str:
-    s = record["settings"]
-    gpu = prov["device_type"] == "cuda"
+def table(record: dict) -> list[str]:
+    """The results as a markdown table, ratios first (also used by the results page)."""
+    gpu = "streamed_over_resident" in (record["rows"] or [{}])[0]
     lines = [
-        f"# Sampling throughput: B blocks against end to end ({s['model']}, {s['sampler']} {s['num_steps']} "
-        f"steps, {s['precision']})",
-        "",
-        f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}",
-        f"`{prov['command']}`" + ("  (--quick: a pipeline check, not a measurement)" * record["quick"]),
-        "",
-        "| batch | B | speed-up | speed-up / B | images/s, B blocks | images/s, end to end |"
+        "| batch | B | speed-up / B | speed-up | images/s (B blocks) | images/s (end to end) |"
         + (" streamed / resident |" if gpu else ""),
         "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
-    for r in record["rows"]:
+    for x in record["rows"]:
         lines.append(
-            f"| {r['batch']} | {r['num_blocks']} | {r['speedup']:.2f}x | {r['speedup_over_B']:.2f} | "
-            f"{r['blocks_images_per_s']:.1f} | {r['end_to_end_images_per_s']:.1f} |"
-            + (f" {r['streamed_over_resident']:.2f} |" if gpu else "")
+            f"| {x['batch']} | {x['num_blocks']} | {x['speedup_over_B']:.2f} | {x['speedup']:.2f}x | "
+            f"{x['blocks_images_per_s']:.1f} | {x['end_to_end_images_per_s']:.1f} |"
+            + (f" {x['streamed_over_resident']:.2f} |" if gpu else "")
         )
-    lines += [
-        "",
-        f"Median of {s['repeats']} interleaved runs. "
-        f"Target: speed-up / B >= {record['targets']['speedup_over_B']}"
-        + (" at batch >= 64; streamed within 10% of resident." if gpu else " on a CPU."),
-        f"Streamed sampling (blocks in host memory): {record['streamed']}.",
-    ]
+    t = record["targets"]
+    target = f"Target: speed-up / B >= {t['speedup_over_B']} at batch >= 64"
+    target += f"; streamed / resident >= {t['streamed_over_resident']}." if gpu else "."
+    return [*lines, "", target, f"Streamed sampling (blocks in host memory): {record['streamed']}."]
+
+
+def _markdown(prov: dict, record: dict) -> str:
+    s = record["settings"]
+    title = f"Sampling: B blocks against end to end ({s['model']}, {s['sampler']} {s['num_steps']} steps, "
+    title += f"{s['precision']})"
+    lines = common.header(title, prov, record["quick"]) + table(record)
+    lines += ["", f"Median of {s['repeats']} interleaved runs of each configuration."]
     return "\n".join(lines) + "\n"
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:
-    fig, ax = common.figure()
-    blocks = sorted({r["num_blocks"] for r in record["rows"]})
-    for n in sorted({r["batch"] for r in record["rows"]}):
-        rs = sorted((r for r in record["rows"] if r["batch"] == n), key=lambda r: r["num_blocks"])
-        ax.plot([r["num_blocks"] for r in rs], [r["speedup"] for r in rs], "o-", label=f"batch {n}")
-    ax.plot(blocks, blocks, "--", color="grey", label="ideal (B x)")
-    ax.set_xlabel("blocks B")
-    ax.set_ylabel("sampling speed-up over end to end")
-    ax.set_title(f"{record['settings']['model']}, {record['settings']['precision']}", fontsize=9)
-    ax.legend(fontsize=8)
-    common.save_figure(fig, "bench_inference", prov, out)
+    series = {}
+    for r in record["rows"]:
+        series.setdefault(f"batch {r['batch']}", []).append((r["num_blocks"], r["speedup"]))
+    s = record["settings"]
+    common.speedup_plot(series, "blocks B", "sampling speed-up over end to end",
+                        f"{s['model']}, {s['precision']}", "bench_inference", prov, out)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -98,3 +98,32 @@ def save_figure(fig, name: str, prov: dict, out: Path = RESULTS) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def header(title: str, prov: dict, quick: bool) -> list[str]:
+    """The first lines of a benchmark's markdown: what, where, when, and the command."""
+    return [
+        f"# {title}",
+        "",
+        f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}",
+        f"`{prov['command']}`" + ("  (--quick: a pipeline check, not a measurement)" * quick),
+        "",
+    ]
+
+
+def speedup_plot(series: dict, xlabel: str, ylabel: str, title: str, name: str, prov: dict, out: Path,
+                 cores: int | None = None) -> Path:  # fmt: skip
+    """Speed-up against a count (blocks, processes), one line per series, with the ideal y = x."""
+    fig, ax = figure()
+    xs = sorted({x for pts in series.values() for x, _ in pts})
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=label)
+    ax.plot(xs, xs, "--", color="grey", label="ideal")
+    if cores is not None:
+        ax.axvline(cores, color="red", lw=0.8, ls=":", label=f"{cores} cores")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, name, prov, out)
