@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
     atomic_write(run / CLI_FILE, json.dumps({"preset": args.preset, "data": _abs(args.data)}).encode())
     if args.no_eval:
         return 0
-    if world > 1 or config.only_blocks is not None:
+    if world > 1 or config.only_blocks is not None or config.offload != "none":
         from .checkpoint import read_manifest
         from .sample import load
 
@@ -121,7 +121,12 @@ def cmd_train(args) -> int:
             )
             return 0
         device = None if config.device == "auto" else config.device
-        model = load(run, device)  # this process held only its own blocks
+        if config.offload == "none":
+            model = load(run, device)  # this process held only its own blocks
+        else:  # the model did not fit on the device: sample with blocks streamed from host memory
+            from .paging import StreamedBlockModel
+
+            model = StreamedBlockModel(load(run, "cpu"), device)
     return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
 
 

@@ -60,6 +60,8 @@ RESUME_FREE = frozenset(
         "only_blocks",
         "distributed",
         "schedule",
+        "chunk_steps",
+        "offload",
     }
 )
 TIMEOUT_ENV = "DBLOCKS_DIST_TIMEOUT_S"  # how long a rank waits for the others at a checkpoint

@@ -9,7 +9,7 @@ from . import rng
 from .nn import set_kernels
 from .schedule import NoiseSchedule
 
-__all__ = ["AbsentBlock", "BlockModel", "split_layers", "build_block"]
+__all__ = ["AbsentBlock", "BlockModel", "PagedOutBlock", "split_layers", "build_block"]
 
 
 def split_layers(
@@ -64,6 +64,21 @@ class AbsentBlock(nn.Module):
         raise RuntimeError(
             f"block {self.index} is not held by this process (it is trained elsewhere); load the "
             f"finished run folder to use the whole model"
+        )
+
+
+class PagedOutBlock(AbsentBlock):
+    """The place of a block that training with offload="disk" left on disk: load the run folder to use it."""
+
+    def __init__(self, index: int, run_dir=None):
+        super().__init__(index)
+        self.run_dir = run_dir
+
+    def forward(self, *args, **kwargs):
+        where = f"dblocks_fast.load({str(self.run_dir)!r})" if self.run_dir else "a run with out_dir set"
+        raise RuntimeError(
+            f"block {self.index} was trained with offload='disk' and stays on disk; use {where} (it needs "
+            f"the whole model in memory) or paging.StreamedBlockModel to sample"
         )
 
 

@@ -9,6 +9,8 @@ flat layout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -145,3 +147,347 @@ class StreamedBlockModel(BlockModel):
             if s.block == b:
                 s.released = torch.cuda.Event()
                 s.released.record(torch.cuda.current_stream(self._device))
+
+
+# --- training: blocks and their AdamW moments paged between device slots and host memory or disk ---------
+TIERS = ("none", "host", "disk")
+_PARTS = ("param", "exp_avg", "exp_avg_sq")  # the three flat parts of a block's buffer, in this order
+
+
+class _Paged:
+    """One block under paging: its parameters, optimizer, and where its flat [param|exp_avg|exp_avg_sq] is."""
+
+    def __init__(self, index: int, block: nn.Module, optimizer):
+        self.index = index
+        self.params = list(block.parameters())
+        self.names = [n for n, _ in block.named_parameters()]
+        self.optimizer = optimizer
+        self.numel = sum(p.numel() for p in self.params)
+        self.host: torch.Tensor | None = None  # host tier: the block's buffer while paged out
+        self.slot: _TrainSlot | None = None  # the device slot holding it, if any
+        self.dirty = False  # trained since it was paged in: must be written back
+
+    def point_at(self, buf: torch.Tensor | None) -> None:
+        """Make the parameters and AdamW moments views of `buf` (3 * numel), or placeholders when None."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            state = self.optimizer.state.setdefault(p, {"step": torch.tensor(0.0)})
+            if buf is None:
+                p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)  # paged out to disk: no memory held
+                state["exp_avg"] = state["exp_avg_sq"] = p.data
+            else:
+                lo = [k * self.numel + offset for k in range(3)]
+                p.data = buf[lo[0] : lo[0] + n].view(p.shape)
+                state["exp_avg"] = buf[lo[1] : lo[1] + n].view(p.shape)
+                state["exp_avg_sq"] = buf[lo[2] : lo[2] + n].view(p.shape)
+            offset += n
+
+    def fill(self, buf: torch.Tensor) -> None:
+        """Write the block's current values (parameters and moments, zeros where none yet) into `buf`."""
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                state = self.optimizer.state.get(p, {})
+                for k, src in enumerate((p.data, state.get("exp_avg"), state.get("exp_avg_sq"))):
+                    dst = buf[k * self.numel + offset : k * self.numel + offset + n]
+                    dst.copy_(src.reshape(-1)) if src is not None else dst.zero_()
+                offset += n
+
+
+class _TrainSlot:
+    def __init__(self, numel: int, device: torch.device):
+        self.buf = torch.empty(3 * numel, dtype=torch.float32, device=device)
+        self.block: _Paged | None = None
+        self.ready: torch.cuda.Event | None = None  # its page-in copy is done
+        self.free: torch.cuda.Event | None = None  # its page-out copy (and every reader) is done
+
+
+class BlockStore:
+    """Keeps inactive blocks, with their AdamW moments, in host memory or on disk (offload="host"/"disk").
+
+    Each paged block's parameters and moments live in one flat fp32 buffer [param | exp_avg | exp_avg_sq];
+    its module's parameters and its optimizer's state are views into whichever copy is current. Two device
+    slots hold the active block and the next one, which `prefetch` loads on a copy stream (CUDA) while the
+    active one trains; write-back goes on a second stream, and events make sure no buffer is reused before
+    its copy is done. On a CPU the same code runs with plain synchronous copies, so the tests can hold that
+    every tier gives the same bits.
+
+    offload="host": paged-out blocks in host memory (pinned on CUDA, exact size). "disk": in safetensors files
+    under `folder`, so host memory holds at most the blocks in the two slots.
+    """
+
+    def __init__(self, tier: str, device: torch.device, folder: Path | None = None):
+        if tier not in ("host", "disk"):
+            raise ValueError(f"BlockStore tier must be 'host' or 'disk', got {tier!r}")
+        self.tier, self.device = tier, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.folder = Path(folder) if folder is not None else None
+        if tier == "disk":
+            if self.folder is None:
+                raise ValueError("offload='disk' needs a folder for the paged blocks (set out_dir)")
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.blocks: dict[int, _Paged] = {}
+        self.slots: list[_TrainSlot] = []
+        self._h2d = torch.cuda.Stream(self.device) if self.cuda else None
+        self._d2h = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pinned = True
+        self.bytes_in = self.bytes_out = 0  # bytes copied to and from the device slots
+        self.closed = False
+
+    # --- registration -------------------------------------------------------------------------------------
+    def add(self, b: int, block: nn.Module, optimizer) -> None:
+        """Take block b (its module on the CPU) and page it out at once: host buffer or disk file."""
+        dtypes = {p.dtype for p in block.parameters()}
+        if dtypes != {torch.float32} or list(block.buffers()):
+            raise TypeError(f"block {b}: paging needs fp32 parameters and no buffers, found {dtypes}")
+        blk = _Paged(b, block, optimizer)
+        self.blocks[b] = blk
+        buf = self._host_buffer(blk.numel)
+        blk.fill(buf)
+        self._store(blk, buf)
+
+    def _host_buffer(self, numel: int) -> torch.Tensor:
+        buf = torch.empty(3 * numel, dtype=torch.float32)
+        if self.cuda and self.pinned:
+            try:  # pin the exact allocation (the caching host allocator would round it up to a power of two)
+                torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * 4, 0)
+            except RuntimeError as e:
+                import warnings
+
+                self.pinned = False
+                warnings.warn(f"pinning host memory failed ({e}); paging from pageable memory (slower)",
+                              stacklevel=3)  # fmt: skip
+        return buf
+
+    def _path(self, b: int) -> Path:
+        return self.folder / f"paged-block{b:03d}.safetensors"
+
+    def _store(self, blk: _Paged, buf: torch.Tensor) -> None:
+        """Keep `buf` (the block's current values, on the host) in the tier and point the block at it."""
+        if self.tier == "host":
+            blk.host = buf
+            blk.point_at(buf)
+            return
+        from safetensors.torch import save
+
+        from .checkpoint import atomic_write
+
+        atomic_write(self._path(blk.index), save({"flat": buf}))
+        blk.point_at(None)
+
+    def _fetch(self, blk: _Paged) -> torch.Tensor:
+        if self.tier == "host":
+            return blk.host
+        from safetensors.torch import load
+
+        return load(self._path(blk.index).read_bytes())["flat"]
+
+    # --- paging --------------------------------------------------------------------------------------------
+    def _slot_for(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:
+        for s in self.slots:
+            if s.block is None and s.buf.numel() >= 3 * blk.numel:
+                return s
+        if len(self.slots) < 2:
+            self.slots.append(_TrainSlot(max(b.numel for b in self.blocks.values()), self.device))
+            return self.slots[-1]
+        victim = next(s for s in self.slots if s.block is not keep)
+        self._page_out(victim)
+        return victim
+
+    def _page_out(self, slot: _TrainSlot) -> None:
+        """Move the slot's block back to its tier (writing it back if it trained) and free the slot.
+
+        If the write fails, the slot keeps the block and the last good copy in the tier is untouched.
+        """
+        blk = slot.block
+        n = 3 * blk.numel
+        if not blk.dirty:
+            self._point_host(blk)
+        elif self.tier == "host" and not self.cuda:
+            blk.host.copy_(slot.buf[:n])
+            blk.point_at(blk.host)
+        elif self.tier == "host":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))  # after every kernel that used the slot
+            with torch.cuda.stream(self._d2h):
+                self._d2h.wait_event(ev)
+                blk.host.copy_(slot.buf[:n], non_blocking=self.pinned)
+                slot.free = torch.cuda.Event()
+                slot.free.record(self._d2h)
+            blk.point_at(blk.host)
+        else:
+            host = slot.buf[:n].cpu() if self.cuda else slot.buf[:n].clone()  # .cpu() waits for the compute
+            self._store(blk, host)
+        if blk.dirty:
+            self.bytes_out += n * 4
+        blk.dirty = False
+        slot.block, blk.slot = None, None
+
+    def _point_host(self, blk: _Paged) -> None:
+        if self.tier == "host":
+            blk.point_at(blk.host)
+        else:
+            blk.point_at(None)
+
+    def _page_in(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:
+        slot = self._slot_for(blk, keep)
+        n = 3 * blk.numel
+        src = self._fetch(blk)
+        if not self.cuda:
+            slot.buf[:n].copy_(src)
+        else:
+            with torch.cuda.stream(self._h2d):
+                if slot.free is not None:
+                    self._h2d.wait_event(slot.free)  # the slot's previous block has left it
+                for s in self.slots:  # and this block's own write-back, if one is in flight, has landed
+                    if s.free is not None:
+                        self._h2d.wait_event(s.free)
+                slot.buf[:n].copy_(src, non_blocking=self.tier == "host" and self.pinned)
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self._h2d)
+        slot.block, blk.slot = blk, slot
+        blk.point_at(slot.buf)
+        self.bytes_in += n * 4
+        return slot
+
+    def activate(self, b: int) -> None:
+        """Make block b trainable on the device (its parameters and moments in a slot)."""
+        blk = self.blocks[b]
+        slot = blk.slot or self._page_in(blk, keep=None)
+        if slot.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            slot.ready = None
+        blk.dirty = True
+
+    def prefetch(self, b: int, active: int) -> None:
+        """Start loading block b into the slot the active block does not use."""
+        blk = self.blocks[b]
+        if blk.slot is None:
+            self._page_in(blk, keep=self.blocks[active])
+
+    def flush(self) -> None:
+        """Write every block in a slot back to its tier and wait: all blocks then live in host memory/disk."""
+        for slot in self.slots:
+            if slot.block is not None:
+                self._page_out(slot)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Delete the disk tier's files (after training; the run's checkpoint holds every block)."""
+        if self.tier == "disk":
+            for b in self.blocks:
+                self._path(b).unlink(missing_ok=True)
+        self.closed = True
+
+    def tensors(self, b: int) -> dict[str, torch.Tensor]:
+        """Block b's parameters and moments as named CPU tensors (the checkpoint format), wherever it is."""
+        blk = self.blocks[b]
+        if blk.slot is not None:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            flat = blk.slot.buf[: 3 * blk.numel].cpu()
+        else:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)  # a write-back may be in flight
+            flat = self._fetch(blk)
+        out, offset = {}, 0
+        for name, p in zip(blk.names, blk.params):
+            n = p.numel()
+            for k, part in enumerate(_PARTS):
+                t = flat[k * blk.numel + offset : k * blk.numel + offset + n]
+                out[f"{part}/{name}"] = t.view(p.shape).clone()
+            offset += n
+        return out
+
+    def load(self, b: int, tensors: dict[str, torch.Tensor], steps: int) -> None:
+        """Put checkpointed weights and moments (the `tensors` format) into block b, wherever it lives."""
+        blk = self.blocks[b]
+        flat = torch.empty(3 * blk.numel, dtype=torch.float32)
+        offset = 0
+        for name, p in zip(blk.names, blk.params):
+            n = p.numel()
+            for k, part in enumerate(_PARTS):
+                src = tensors.get(f"{part}/{name}")
+                dst = flat[k * blk.numel + offset : k * blk.numel + offset + n]
+                dst.copy_(src.reshape(-1)) if src is not None else dst.zero_()
+            self.optimizer_step(blk, p, steps)
+            offset += n
+        if blk.slot is not None:
+            blk.slot.buf[: 3 * blk.numel].copy_(flat)
+        elif self.tier == "host":
+            blk.host.copy_(flat)
+        else:
+            self._store(blk, flat)
+
+    @staticmethod
+    def optimizer_step(blk: _Paged, p, steps: int) -> None:
+        blk.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(steps))
+
+
+# --- preflight --------------------------------------------------------------------------------------------
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1  # unknown: not checked
+
+
+def needs(tier: str, numels: list[int]) -> dict[str, int]:
+    """Bytes each tier needs for blocks of `numels` fp32 parameters (weights, 2 AdamW moments, gradients).
+
+    Activations are not counted (they depend on the batch); the device figure is what the blocks' state
+    needs before any forward pass.
+    """
+    state = [12 * n for n in numels]  # param + exp_avg + exp_avg_sq
+    grads = 4 * max(numels)  # only the block that trains has gradients
+    if tier == "none":
+        return {"device": sum(state) + grads, "host": 0, "disk": 0}
+    slots = 2 * 12 * max(numels)
+    if tier == "host":
+        return {"device": slots + grads, "host": sum(state), "disk": 0}
+    return {"device": slots + grads, "host": 2 * 12 * max(numels), "disk": sum(state)}
+
+
+def preflight(tier: str, numels: list[int], device: torch.device, folder: Path | None) -> dict[str, int]:
+    """Refuse, before anything is allocated, a tier whose blocks do not fit; returns what it needs.
+
+    On a CPU device the "device" bytes are host memory too.
+    """
+    import shutil
+
+    need = needs(tier, numels)
+    if device.type == "cpu":
+        need = {"device": 0, "host": need["host"] + need["device"], "disk": need["disk"]}
+    have = {"host": _host_available(), "disk": -1, "device": -1}
+    if device.type == "cuda":
+        have["device"] = torch.cuda.mem_get_info(device)[0]
+    if need["disk"] and folder is not None:
+        probe = Path(folder)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        have["disk"] = shutil.disk_usage(probe).free
+    short = [k for k in ("device", "host", "disk") if have[k] >= 0 and need[k] > have[k]]
+    if short:
+        where = "; ".join(f"{k}: needs {_gb(need[k])}, {_gb(have[k])} free" for k in short)
+        alt = []
+        for t in (t for t in TIERS if t != tier):
+            sizes = ", ".join(f"{k} {_gb(v)}" for k, v in needs(t, numels).items() if v)
+            alt.append(f"offload={t!r} needs {sizes}")
+        alt = "; ".join(alt)
+        raise MemoryError(
+            f"offload={tier!r} does not fit {len(numels)} blocks ({sum(numels) / 1e6:.1f}M parameters, "
+            f"{_gb(12 * sum(numels))} of weights and AdamW state): {where}. Activations come on top. "
+            f"Other tiers: {alt}. More blocks (--blocks) make each slot smaller."
+        )
+    return need

@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -48,7 +49,8 @@ class TrainConfig:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
     grad_clip: float | None = 1.0  # max gradient norm of a block; None = no clipping
-    schedule: str = "random"  # block order: "random" (a seeded interleaving) or "sequential" (block 0 first)
+    schedule: str = "random"  # block order: "random" (seeded interleaving), "sequential", "chunked"
+    chunk_steps: int = 50  # schedule="chunked": a block takes this many steps before another block's turn
     partition: str = (
         "equiprob"  # noise partition: "equiprob" (equal probability mass) or "uniform" (in ln sigma)
     )
@@ -65,6 +67,7 @@ class TrainConfig:
     ckpt_every: int = 500  # total steps between checkpoints; 0 = only at the end (and on Ctrl-C)
     kernels: str = "auto"  # op implementations: "auto", "cuda", "triton" or "torch"
     progress: bool = True  # show a tqdm progress bar
+    offload: str = "none"  # where blocks wait while others train: "none" (device), "host" or "disk"
     only_blocks: list[int] | None = None  # train just these blocks here; None = all (see dblocks-fast merge)
     distributed: str = "auto"  # "auto": block-parallel under torchrun (WORLD_SIZE > 1); "on"; "off"
 
@@ -88,9 +91,10 @@ class TrainConfig:
             f"grad_clip must be > 0 or None, got {self.grad_clip}",
         )
         need(
-            self.schedule in ("random", "sequential"),
-            f"schedule must be 'random' or 'sequential', not {self.schedule!r}",
+            self.schedule in ("random", "sequential", "chunked"),
+            f"schedule must be 'random', 'sequential' or 'chunked', not {self.schedule!r}",
         )
+        need(self.chunk_steps >= 1, f"chunk_steps must be >= 1, got {self.chunk_steps}")
         need(
             self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"
         )
@@ -98,6 +102,10 @@ class TrainConfig:
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.ckpt_every >= 0, f"ckpt_every must be >= 0, got {self.ckpt_every}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(
+            self.offload in ("none", "host", "disk"),
+            f"offload must be 'none', 'host' or 'disk', got {self.offload!r}",
+        )
         need(
             self.distributed in ("auto", "on", "off"),
             f"distributed must be 'auto', 'on' or 'off', got {self.distributed!r}",
@@ -122,11 +130,23 @@ class TrainingDiverged(FloatingPointError):
     """The loss or gradient of a block became NaN or infinite."""
 
 
-def block_order(schedule: str, num_blocks: int, steps_per_block: int, seed: int) -> np.ndarray:
-    """The block trained at each global step: sequential (0,0,...,1,1,...) or a seeded random interleaving."""
+def block_order(
+    schedule: str, num_blocks: int, steps_per_block: int, seed: int, chunk_steps: int = 50
+) -> np.ndarray:
+    """The block trained at each global step: sequential (0,0,...,1,1,...), a seeded random interleaving of
+    single steps, or "chunked": runs of chunk_steps steps of one block, the runs in a seeded random order
+    (fewer block switches, so less paging, than "random")."""
     order = np.repeat(np.arange(num_blocks, dtype=np.int32), steps_per_block)
+    gen = np.random.default_rng(rng.derive_seed(seed, rng.ORDER))
     if schedule == "random":
-        order = np.random.default_rng(rng.derive_seed(seed, rng.ORDER)).permutation(order)
+        order = gen.permutation(order)
+    elif schedule == "chunked":
+        runs = [
+            np.full(min(chunk_steps, steps_per_block - start), b, dtype=np.int32)
+            for b in range(num_blocks)
+            for start in range(0, steps_per_block, chunk_steps)
+        ]
+        order = np.concatenate([runs[i] for i in gen.permutation(len(runs))])
     return order
 
 
@@ -197,35 +217,69 @@ class Trainer:
                 f"batch_size {config.batch_size} is larger than the training set ({len(data)} examples); "
                 f"lower --batch-size"
             )
-        self.model = BlockModel.create(task, self.schedule, self.layers, config.seed, only=set(self.owned))
-        self.model.to(self.device).set_kernels(config.kernels)
-        self.optimizers = [
-            torch.optim.AdamW(
-                blk.parameters(),
-                lr=config.lr,
-                betas=(config.beta1, config.beta2),
-                weight_decay=config.weight_decay,
-            )
-            if b in self.owned
-            else None
-            for b, blk in enumerate(self.model.blocks)
-        ]
-        self.steps_done = [0] * config.num_blocks
-        self.saved_steps = [0] * config.num_blocks
-        self.order = block_order(config.schedule, config.num_blocks, config.steps_per_block, config.seed)
-        self._perm: dict[int, tuple[int, torch.Tensor]] = {}
-        self._windows = [_Window() for _ in range(config.num_blocks)]
-        self._clock = (time.perf_counter(), 0)  # (time, total steps) at the last metric line
-        self._mid_step = False
         self.run_dir = Path(config.out_dir) if config.out_dir else None
-        self._manifest: dict | None = None
-        if resume:
-            self._resume()
-        elif self.run_dir is not None and (self.run_dir / checkpoint.MANIFEST).exists():
+        if not resume and self.run_dir is not None and (self.run_dir / checkpoint.MANIFEST).exists():
             raise FileExistsError(
                 f"{self.run_dir} already holds a run; pass resume=True (--resume) to continue it, or choose "
                 f"another out_dir. Nothing was changed."
             )
+        self.store = None
+        if config.offload == "none":
+            only = set(self.owned)
+            self.model = BlockModel.create(task, self.schedule, self.layers, config.seed, only=only)
+            self.model.to(self.device).set_kernels(config.kernels)
+            self.optimizers = [
+                self._optimizer(blk) if b in self.owned else None for b, blk in enumerate(self.model.blocks)
+            ]
+        else:
+            self._build_paged(task, config)
+        self.steps_done = [0] * config.num_blocks
+        self.saved_steps = [0] * config.num_blocks
+        self.order = block_order(
+            config.schedule, config.num_blocks, config.steps_per_block, config.seed, config.chunk_steps
+        )
+        self._perm: dict[int, tuple[int, torch.Tensor]] = {}
+        self._windows = [_Window() for _ in range(config.num_blocks)]
+        self._clock = (time.perf_counter(), 0)  # (time, total steps) at the last metric line
+        self._mid_step = False
+        self._manifest: dict | None = None
+        if resume:
+            self._resume()
+
+    def _optimizer(self, block: torch.nn.Module) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.AdamW(
+            block.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        )
+
+    def _build_paged(self, task, config: TrainConfig) -> None:
+        """offload="host"/"disk": build one block at a time straight into the store, after a preflight."""
+        from . import paging
+        from .model import AbsentBlock, build_block
+
+        with torch.device("meta"):  # sizes without memory
+            skeletons = [task.build_block(b, self.layers[b]) for b in self.owned]
+            numels = [sum(p.numel() for p in blk.parameters()) for blk in skeletons]
+        if config.offload == "disk":
+            if self.run_dir is None:
+                self._paged_tmp = tempfile.TemporaryDirectory(prefix="dblocks-paged-")
+                folder = Path(self._paged_tmp.name)
+            else:
+                folder = self.run_dir / "paged"
+        else:
+            folder = None
+        self.memory_plan = paging.preflight(config.offload, numels, self.device, folder or self.run_dir)
+        self.store = paging.BlockStore(config.offload, self.device, folder)
+        blocks, self.optimizers = [], [None] * config.num_blocks
+        for b, n in enumerate(self.layers):
+            if b not in self.owned:
+                blocks.append(AbsentBlock(b))
+                continue
+            block = build_block(task, b, n, config.seed)  # on the CPU; the store takes its tensors
+            self.optimizers[b] = self._optimizer(block)
+            self.store.add(b, block, self.optimizers[b])
+            blocks.append(block)
+        self.model = BlockModel(task, self.schedule, self.layers, blocks).set_kernels(config.kernels)
 
     # --- one step -------------------------------------------------------------------------------------------
     def _batch_indices(self, b: int, step: int) -> torch.Tensor:
@@ -247,6 +301,8 @@ class Trainer:
             raise ValueError(f"block {b} is not trained by this process (it trains blocks {self.owned})")
         cfg, s = self.config, self.steps_done[b]
         block, opt = self.model.blocks[b], self.optimizers[b]
+        if self.store is not None:
+            self.store.activate(b)
         lo, hi = self.comm.placement.rows(cfg.batch_size)
         indices = self._batch_indices(b, s)[lo:hi]
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(indices).items()}
@@ -304,6 +360,7 @@ class Trainer:
                 self._write_config()
         start, step_of = self._positions()
         owned = set(self.owned)
+        upcoming = self._upcoming(step_of) if self.store is not None else None
         self._clock = (time.perf_counter(), sum(self.steps_done[b] for b in owned))
         bar = tqdm(
             total=cfg.steps_per_block * len(owned),
@@ -322,6 +379,8 @@ class Trainer:
                         self._mid_step = True
                         self.step(b)
                         self._mid_step = False
+                        if upcoming is not None and upcoming[pos] >= 0:
+                            self.store.prefetch(int(upcoming[pos]), active=b)  # loads while b computes
                         if interrupted():
                             raise KeyboardInterrupt
                         self._after_step(b, bar)
@@ -342,7 +401,46 @@ class Trainer:
             raise
         bar.close()
         self.save()
+        self._release_paged()
         return self.model
+
+    def _upcoming(self, step_of: np.ndarray) -> np.ndarray:
+        """For each position, the next block this process trains that differs from the one at it (-1: none).
+
+        The block schedule is fixed in advance, so paging always knows what to prefetch.
+        """
+        order = self.order
+        todo = np.isin(order, self.owned) & (step_of >= np.asarray(self.steps_done)[order])
+        out = np.full(len(order), -1, dtype=np.int64)
+        first = second = -1  # the nearest trained block after pos, and the nearest one after it that differs
+        for pos in range(len(order) - 1, -1, -1):
+            b = int(order[pos])
+            out[pos] = first if first != b else second
+            if todo[pos] and b != first:
+                first, second = b, first
+        return out
+
+    def _release_paged(self) -> None:
+        """After training: host-tier blocks stay usable on the CPU; disk-tier blocks say where they are."""
+        if self.store is None:
+            return
+        self.store.flush()
+        if self.config.offload != "disk":
+            return
+        from .model import PagedOutBlock
+
+        for b in self.owned:
+            self.model.blocks[b] = PagedOutBlock(b, self.run_dir)
+        if self.run_dir is not None:  # the checkpoint just saved holds every block: the paging files can go
+            self.store.close()
+
+    def block_tensors(self, b: int) -> dict[str, torch.Tensor]:
+        """Block b's weights and AdamW moments as named CPU tensors (the checkpoint format), wherever."""
+        if self.store is not None and self.store.closed:  # disk tier after training: the checkpoint has it
+            return checkpoint.read_block(self.run_dir, self._manifest, b)
+        if self.store is not None:
+            return self.store.tensors(b)
+        return checkpoint.block_state(self.model.blocks[b], self.optimizers[b])
 
     def _after_step(self, b: int, bar) -> None:
         cfg = self.config
@@ -446,7 +544,7 @@ class Trainer:
         written = {}
         if self.comm.placement.leader:
             for b in changed:
-                state = checkpoint.block_state(self.model.blocks[b], self.optimizers[b])
+                state = self.block_tensors(b)
                 written[b] = checkpoint.write_block(self.run_dir, b, self.steps_done[b], state)
         blocks = [
             dict(e) for e in (self._manifest["blocks"] if self._manifest else [{"steps": 0}] * cfg.num_blocks)
@@ -497,7 +595,10 @@ class Trainer:
         for b in self.owned:
             if steps[b]:
                 tensors = checkpoint.read_block(self.run_dir, manifest, b)
-                checkpoint.load_block_state(self.model.blocks[b], tensors, self.optimizers[b], steps[b])
+                if self.store is not None:
+                    self.store.load(b, tensors, steps[b])
+                else:
+                    checkpoint.load_block_state(self.model.blocks[b], tensors, self.optimizers[b], steps[b])
         self.steps_done, self.saved_steps, self._manifest = list(steps), list(steps), manifest
         if self.comm.rank == 0:
             _trim_metrics(self.run_dir / "metrics.jsonl", steps)

@@ -65,3 +65,158 @@ def test_streamed_sampling_on_cuda_equals_resident(tiny_task):
     b = dbf.sample(streamed, labels, num_steps=6, sampler="heun", cfg_scale=1.5)
     assert torch.equal(a, b) and streamed.copies == 3
     assert all(t.is_pinned() for t in streamed._host)
+
+
+# --- training with blocks paged to host memory or disk ----------------------------------------------------
+def _tensors(trainer):
+    out = {}
+    for b in trainer.owned:
+        for k, v in trainer.block_tensors(b).items():
+            out[f"{b}/{k}"] = v.clone()
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.mark.parametrize("schedule", ["random", "sequential", "chunked"])
+def test_host_and_disk_tiers_train_the_same_bits_as_resident(
+    tiny_task, digits, tiny_config, tmp_path, schedule
+):
+    runs = {}
+    for tier in ("none", "host", "disk"):
+        cfg = tiny_config(offload=tier, schedule=schedule, chunk_steps=2, out_dir=str(tmp_path / tier))
+        t = dbf.Trainer(tiny_task, digits, cfg)
+        t.fit()
+        runs[tier] = t
+    ref = _tensors(runs["none"])
+    for tier in ("host", "disk"):
+        _assert_same(_tensors(runs[tier]), ref)
+        # and the checkpoints written from each tier are the same files' contents
+        _assert_same(
+            {f"{b}/{k}": v for b in range(3) for k, v in _read(tmp_path / tier, b).items()},
+            {f"{b}/{k}": v for b in range(3) for k, v in _read(tmp_path / "none", b).items()},
+        )
+    host = runs["host"].store
+    size = 3 * sum(p.numel() for p in runs["none"].model.blocks[0].parameters()) * 4
+    if schedule == "sequential":
+        assert host.bytes_in == 3 * size  # each block paged in once, prefetched before its turn
+    assert host.bytes_in >= 3 * size and host.bytes_out >= 3 * size
+
+
+def _read(run, b):
+    from dblocks_fast import checkpoint
+
+    return checkpoint.read_block(run, checkpoint.read_manifest(run), b)
+
+
+def test_disk_tier_holds_no_block_in_memory_and_says_where_they_are(tiny_task, digits, tiny_config, tmp_path):
+    t = dbf.Trainer(tiny_task, digits, tiny_config(offload="disk", out_dir=str(tmp_path / "run")))
+    assert all(blk.host is None for blk in t.store.blocks.values())
+    assert sorted(p.name for p in (tmp_path / "run" / "paged").iterdir()) == [
+        f"paged-block{b:03d}.safetensors" for b in range(3)
+    ]
+    for p in t.model.blocks[2].parameters():  # paged out: a zero-stride placeholder, not a copy
+        assert p.stride() == (0,) * p.ndim
+    model = t.fit()
+    with pytest.raises(RuntimeError, match="offload='disk' and stays on disk; use dblocks_fast.load"):
+        model.blocks[0](None)
+    loaded = dbf.load(tmp_path / "run")  # the run folder holds every block, as with any tier
+    dbf.sample(loaded, [1, 2], num_steps=3, device="cpu")
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_resume_in_the_middle_of_a_block_is_exact_in_every_tier(
+    tiny_task, digits, tiny_config, tmp_path, tier
+):
+    full = dbf.Trainer(tiny_task, digits, tiny_config(schedule="sequential"))
+    full.fit()
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, b):
+        if sum(trainer.steps_done) == 9:  # saved at 8 steps: block 1 at its step 2 of 6
+            raise Stop
+
+    run = tmp_path / "run"
+    cfg = tiny_config(schedule="sequential", offload=tier, out_dir=str(run), ckpt_every=2)
+    with pytest.raises(Stop):
+        dbf.Trainer(tiny_task, digits, cfg, callback=stop).fit()
+    # resume in another tier: where blocks wait is not part of their numbers
+    other = "disk" if tier == "host" else "host"
+    cfg = tiny_config(schedule="sequential", offload=other, out_dir=str(run), ckpt_every=2)
+    resumed = dbf.Trainer(tiny_task, digits, cfg, resume=True)
+    assert resumed.steps_done == [6, 2, 0]
+    resumed.fit()
+    _assert_same(_tensors(resumed), _tensors(full))
+
+
+def test_paged_storage_round_trips_and_a_failed_write_keeps_the_last_copy(tiny_task, tmp_path, monkeypatch):
+    from dblocks_fast import checkpoint
+    from dblocks_fast.paging import BlockStore
+
+    block = _model(tiny_task, [3]).blocks[0]
+    opt = torch.optim.AdamW(block.parameters())
+    before = {f"param/{n}": p.detach().clone() for n, p in block.named_parameters()}
+    store = BlockStore("disk", torch.device("cpu"), tmp_path)
+    store.add(0, block, opt)
+    got = store.tensors(0)
+    for k, v in before.items():
+        assert torch.equal(got[k], v), k
+    assert all((got[k] == 0).all() for k in got if k.startswith("exp_avg"))
+    path = tmp_path / "paged-block000.safetensors"
+    good = path.read_bytes()
+    store.activate(0)
+    with torch.no_grad():
+        block.pos_embed.add_(1.0)
+
+    def fail(p, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "atomic_write", fail)
+    with pytest.raises(OSError, match="disk full"):
+        store._page_out(store.blocks[0].slot)
+    assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
+
+
+def test_preflight_refuses_what_does_not_fit_with_the_numbers(monkeypatch):
+    from dblocks_fast import paging
+
+    numels = [250_000_000] * 4  # 1B parameters in 4 blocks: 12 GB of weights and moments
+    assert paging.needs("none", numels)["device"] == 12 * 10**9 + 4 * 250_000_000
+    assert paging.needs("host", numels) == {"device": 7 * 10**9, "host": 12 * 10**9, "disk": 0}
+    assert paging.needs("disk", numels)["host"] == 6 * 10**9
+    monkeypatch.setattr(paging, "_host_available", lambda: 8 * 10**9)
+    with pytest.raises(MemoryError, match=r"offload='host' does not fit 4 blocks \(1000.0M parameters") as e:
+        paging.preflight("host", numels, torch.device("cpu"), None)
+    assert "host: needs 19.00 GB, 8.00 GB free" in str(e.value) and "offload='disk' needs" in str(e.value)
+    assert paging.preflight("host", [1000] * 4, torch.device("cpu"), None)["host"] > 0
+
+
+def test_preflight_stops_training_before_anything_is_built(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch
+):
+    from dblocks_fast import paging
+
+    monkeypatch.setattr(paging, "_host_available", lambda: 1000)
+    with pytest.raises(MemoryError, match="does not fit"):
+        dbf.Trainer(tiny_task, digits, tiny_config(offload="host", out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["random", "sequential"])
+def test_paged_training_on_cuda_equals_resident(tiny_task, digits, tiny_config, tmp_path, schedule):
+    runs = {}
+    for tier in ("none", "host", "disk"):
+        cfg = tiny_config(offload=tier, schedule=schedule, device="cuda", out_dir=str(tmp_path / tier))
+        runs[tier] = dbf.Trainer(tiny_task, digits, cfg)
+        runs[tier].fit()
+    ref = _tensors(runs["none"])
+    for tier in ("host", "disk"):
+        _assert_same(_tensors(runs[tier]), ref)
+    assert runs["host"].store.pinned
