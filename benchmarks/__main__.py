@@ -22,19 +22,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import bench_distributed, bench_inference, common  # noqa: E402
+from benchmarks import bench_distributed, bench_inference, bench_memory, bench_paging, common  # noqa: E402
 
 # (script, the question it answers); the order of the results page
 SCRIPTS = [
     ("quality_digits", "How good: does block-wise training match end-to-end training?"),
+    ("bench_memory", "How much memory does block-wise training need?"),
+    ("bench_paging", "How fast is paging blocks between host and GPU?"),
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
 ]
 # questions whose benchmark does not exist yet, so the page says so instead of staying silent
 NOT_YET = [
-    ("bench_memory", "How much device memory does block-wise training save?", "block paging (issue 7)"),
-    ("bench_paging", "How fast is paging blocks between host and GPU?", "block paging (issue 7)"),
+    ("bench_capacity", "What is the largest model I can train on my GPU?", "the GPU side of block paging"),
 ]
 
 
@@ -124,6 +125,8 @@ def _kernels(r: dict) -> list[str]:
 
 TABLES = {
     "quality_digits": _quality,
+    "bench_memory": bench_memory.table,
+    "bench_paging": bench_paging.table,
     "bench_inference": bench_inference.table,
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,

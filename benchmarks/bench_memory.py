@@ -74,14 +74,19 @@ def worker(spec: dict) -> dict:
     n = 4 * spec["batch_size"]
     rng = np.random.default_rng(0)  # random images: memory does not depend on what they show
     images = rng.uniform(-1, 1, (n, m["channels"], m["image_size"], m["image_size"])).astype(np.float32)
-    data = ImageData(torch.from_numpy(images), torch.from_numpy(rng.integers(0, m["num_classes"], n)),
-                     m["num_classes"], "random")  # fmt: skip
+    data = ImageData(
+        torch.from_numpy(images),
+        torch.from_numpy(rng.integers(0, m["num_classes"], n)),
+        m["num_classes"],
+        "random",
+    )
     task = ImageGeneration(DiTConfig(**m))
     device = torch.device(spec["device"])
     # warm up torch's own lazily allocated state (thread pools, kernels) with a tiny model, so the baseline
     # holds everything but this configuration's model
-    tiny = ImageGeneration(DiTConfig(**{**MODELS["tiny"], **{k: m[k] for k in ("image_size", "channels",
-                                                                               "num_classes")}}))  # fmt: skip
+    tiny = ImageGeneration(
+        DiTConfig(**{**MODELS["tiny"], **{k: m[k] for k in ("image_size", "channels", "num_classes")}})
+    )
     warm = dict(
         steps_per_block=1, batch_size=spec["batch_size"], warmup=1, progress=False, device=spec["device"]
     )
@@ -104,8 +109,11 @@ def worker(spec: dict) -> dict:
     trainer = dbf.Trainer(task, data, config)
     params = sum(p.numel() for b in trainer.model.blocks for p in b.parameters())
     trainer.fit()
-    out = {"params": params, "baseline_rss_bytes": baseline,
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+    out = {
+        "params": params,
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     if device.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -142,8 +150,15 @@ def main(argv=None) -> dict:
             label = "end to end" if b == 1 else f"B={b}, {'resident' if tier == 'none' else tier + '-paged'}"
             print(f"{label} ...", flush=True)
             out_dir = str(Path(tmp) / f"b{b}-{tier}")
-            spec = dict(model=model, blocks=b, offload=tier, steps_per_block=args.steps_per_block,
-                        batch_size=batch, device=str(device), out_dir=out_dir)  # fmt: skip
+            spec = dict(
+                model=model,
+                blocks=b,
+                offload=tier,
+                steps_per_block=args.steps_per_block,
+                batch_size=batch,
+                device=str(device),
+                out_dir=out_dir,
+            )
             rows.append({"config": label, "num_blocks": b, "offload": tier, **_run(spec)})
     key = "peak_device_bytes" if gpu else "peak_rss_bytes"
     e2e = rows[0]
@@ -164,7 +179,7 @@ def main(argv=None) -> dict:
             "steps_per_block": args.steps_per_block,
             "schedule": "sequential",
             "dtype": "fp32",
-        },  # fmt: skip
+        },
         "rows": rows,
     }
     common.write("bench_memory", prov, record, _markdown(prov, record), args.out)

@@ -66,6 +66,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, choices=("auto", "on", "off"), help=h, **kw)
         elif f.name == "grad_clip":
             p.add_argument(flag, type=_opt_float, help=h + " ('none' to disable)", **kw)
+        elif hint is bool:
+            no = "--no-" + f.name.replace("_", "-")
+            p.add_argument(no, dest=f.name, action="store_false", help=f"{h} (on by default)", **kw)
         elif hint in (int, float, str):
             where = " unless the preset sets it" if f.name in preset_set else ""
             p.add_argument(flag, type=hint, help=f"{h} (default {f.default}{where})", **kw)

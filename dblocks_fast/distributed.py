@@ -62,6 +62,7 @@ RESUME_FREE = frozenset(
         "schedule",
         "chunk_steps",
         "offload",
+        "prefetch",
     }
 )
 TIMEOUT_ENV = "DBLOCKS_DIST_TIMEOUT_S"  # how long a rank waits for the others at a checkpoint

@@ -9,6 +9,7 @@ flat layout.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
@@ -235,6 +236,9 @@ class BlockStore:
         self.pinned = True
         self.bytes_in = self.bytes_out = 0  # bytes copied to and from the device slots
         self.closed = False
+        self._registered: list[int] = []  # host buffers pinned with cudaHostRegister
+        # unpin when the store goes; the memory itself stays valid (pageable) for views that outlive it
+        weakref.finalize(self, _unregister, self._registered)
 
     # --- registration -------------------------------------------------------------------------------------
     def add(self, b: int, block: nn.Module, optimizer) -> None:
@@ -251,14 +255,16 @@ class BlockStore:
     def _host_buffer(self, numel: int) -> torch.Tensor:
         buf = torch.empty(3 * numel, dtype=torch.float32)
         if self.cuda and self.pinned:
-            try:  # pin the exact allocation (the caching host allocator would round it up to a power of two)
-                torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * 4, 0)
-            except RuntimeError as e:
+            # pin the exact allocation: the caching host allocator would round it up to a power of two
+            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * 4, 0)
+            if int(err) != 0:
                 import warnings
 
                 self.pinned = False
-                warnings.warn(f"pinning host memory failed ({e}); paging from pageable memory (slower)",
-                              stacklevel=3)  # fmt: skip
+                msg = f"pinning {buf.numel() * 4} bytes of host memory failed (CUDA error {int(err)}); "
+                warnings.warn(msg + "paging from pageable memory, which is slower", stacklevel=3)
+            else:
+                self._registered.append(buf.data_ptr())
         return buf
 
     def _path(self, b: int) -> Path:
@@ -425,6 +431,12 @@ class BlockStore:
     @staticmethod
     def optimizer_step(blk: _Paged, p, steps: int) -> None:
         blk.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(steps))
+
+
+def _unregister(pointers: list[int]) -> None:
+    for ptr in pointers:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    pointers.clear()
 
 
 # --- preflight --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class TrainConfig:
     kernels: str = "auto"  # op implementations: "auto", "cuda", "triton" or "torch"
     progress: bool = True  # show a tqdm progress bar
     offload: str = "none"  # where blocks wait while others train: "none" (device), "host" or "disk"
+    prefetch: bool = True  # with offload: copy the next block in while the current one trains
     only_blocks: list[int] | None = None  # train just these blocks here; None = all (see dblocks-fast merge)
     distributed: str = "auto"  # "auto": block-parallel under torchrun (WORLD_SIZE > 1); "on"; "off"
 
@@ -360,7 +361,7 @@ class Trainer:
                 self._write_config()
         start, step_of = self._positions()
         owned = set(self.owned)
-        upcoming = self._upcoming(step_of) if self.store is not None else None
+        upcoming = self._upcoming(step_of) if self.store is not None and cfg.prefetch else None
         self._clock = (time.perf_counter(), sum(self.steps_done[b] for b in owned))
         bar = tqdm(
             total=cfg.steps_per_block * len(owned),

@@ -20,7 +20,17 @@ def quick(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["quality_digits", "bench_inference", "bench_distributed", "bench_kernels"])
+NAMES = [
+    "quality_digits",
+    "bench_memory",
+    "bench_paging",
+    "bench_inference",
+    "bench_distributed",
+    "bench_kernels",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_every_benchmark_writes_a_record_a_table_and_a_plot(quick, name):
     record = json.loads((quick / f"{name}-{DEV}.json").read_text())
     for key in PROVENANCE:
@@ -73,14 +83,14 @@ def test_kernel_record_never_invents_a_gpu_figure(quick):
 
 def test_results_page_answers_every_question_and_marks_what_is_pending(quick):
     page = (quick / "README.md").read_text()
-    questions = ("How good", "How fast is sampling", "How does training scale", "fused kernels", "memory")
+    questions = ("How good", "How much memory", "How fast is sampling", "How does training scale", "kernels")
     for question in questions:
         assert question in page, question
     assert "--quick: a pipeline check" in page
-    for name in ("quality_digits", "bench_inference", "bench_distributed", "bench_kernels"):
+    for name in NAMES:
         assert f"]({name}-{DEV}.png)" in page
     if DEV == "cpu":
-        assert page.count("**GPU: pending**") == 4 and "speed figures pending" in page
+        assert page.count("**GPU: pending**") == len(NAMES) and "speed figures pending" in page
 
 
 def test_results_page_reports_a_failed_script_and_pending_figures(tmp_path):
@@ -88,6 +98,23 @@ def test_results_page_reports_a_failed_script_and_pending_figures(tmp_path):
 
     page = report(tmp_path, [{"script": "bench_kernels", "exit": 1, "seconds": 1.0, "stderr_tail": ""}])
     assert "failed in the last run: bench_kernels" in page
-    assert page.count("**CPU: pending**") == 4 and page.count("**GPU: pending**") == 4
+    assert page.count("**CPU: pending**") == len(NAMES) and page.count("**GPU: pending**") == len(NAMES)
     (tmp_path / "bench_inference-cpu.json").write_text(json.dumps({"device": "x", "quick": False}))
     assert "does not have the fields this page reads" in report(tmp_path, [])
+
+
+def test_memory_record(quick):
+    record = json.loads((quick / f"bench_memory-{DEV}.json").read_text())
+    configs = [(r["num_blocks"], r["offload"]) for r in record["rows"]]
+    assert configs == [(1, "none")] + [(b, t) for b in (2, 4) for t in ("none", "host", "disk")]
+    for r in record["rows"]:
+        assert r["peak_bytes"] > 0 and r["ratio_end_to_end_over_this"] > 0 and r["params"] > 0
+
+
+def test_paging_record_says_why_it_has_no_figure_without_a_gpu(quick):
+    record = json.loads((quick / f"bench_paging-{DEV}.json").read_text())
+    if DEV == "cpu":
+        assert "not applicable without CUDA" in record["status"]
+        assert "bandwidth" not in record and "steps" not in record
+    else:
+        assert record["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0

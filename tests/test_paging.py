@@ -220,3 +220,15 @@ def test_paged_training_on_cuda_equals_resident(tiny_task, digits, tiny_config, 
     for tier in ("host", "disk"):
         _assert_same(_tensors(runs[tier]), ref)
     assert runs["host"].store.pinned
+
+
+def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny_config):
+    ref = dbf.Trainer(tiny_task, digits, tiny_config())
+    ref.fit()
+    lazy = dbf.Trainer(tiny_task, digits, tiny_config(offload="host", prefetch=False))
+    lazy.fit()
+    _assert_same(_tensors(lazy), _tensors(ref))
+    eager = dbf.Trainer(tiny_task, digits, tiny_config(offload="host", schedule="sequential"))
+    eager.fit()
+    size = 12 * sum(p.numel() for p in ref.model.blocks[0].parameters())
+    assert eager.store.bytes_in == 3 * size < lazy.store.bytes_in  # random order: paged in again and again
