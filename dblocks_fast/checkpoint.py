@@ -8,15 +8,16 @@ intact. Block files carry a CRC-32 in the manifest, so a damaged file is reporte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import load_file, save_file
 
 __all__ = [
     "MANIFEST",
@@ -41,16 +42,22 @@ class CheckpointError(RuntimeError):
     """A run folder that cannot be read: missing, incomplete or damaged files."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part of either."""
+@contextlib.contextmanager
+def _staged(path: Path):
+    """Yield a temporary file name beside `path`; once the body has filled it, fsync it, give it the
+    permissions open() would, and rename it over `path` (then fsync the folder). On any error the temporary
+    file goes and `path` is untouched: readers see the old file or the new one, never a part of either."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -61,6 +68,38 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part of either."""
+    with _staged(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+    """Write tensors as safetensors to `path`, atomically as atomic_write does, streamed to disk rather than
+    serialized in memory first (that would hold two more copies of a block); returns (size, CRC-32)."""
+    with _staged(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        result = file_crc32(Path(tmp))
+    return result
+
+
+def atomic_copy(src: Path, dst: Path, expect: tuple[int, int]) -> None:
+    """Copy a file to `dst` atomically (streamed), checking the copy's (size, CRC-32) against `expect`."""
+    with _staged(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        if file_crc32(Path(tmp)) != tuple(expect):
+            raise CheckpointError(f"{src} does not match its manifest (size or CRC-32): changed or damaged")
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(size, CRC-32) of a file, read in chunks so a large block never sits in memory twice."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            crc, size = zlib.crc32(data, crc), size + len(data)
+    return size, crc
 
 
 def block_state(block: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -114,9 +153,8 @@ def write_block(run_dir: Path, b: int, steps: int, tensors: dict[str, torch.Tens
     run_dir = Path(run_dir)
     (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
     rel = f"blocks/block{b:03d}-step{steps:09d}.safetensors"
-    data = st_save(tensors, metadata={"block": str(b), "steps": str(steps)})
-    atomic_write(run_dir / rel, data)
-    return {"steps": steps, "file": rel, "bytes": len(data), "crc32": zlib.crc32(data)}
+    size, crc = atomic_save(run_dir / rel, tensors, metadata={"block": str(b), "steps": str(steps)})
+    return {"steps": steps, "file": rel, "bytes": size, "crc32": crc}
 
 
 def commit(run_dir: Path, manifest: dict) -> dict:
@@ -186,11 +224,10 @@ def read_block(run_dir: str | os.PathLike, manifest: dict, b: int) -> dict[str, 
             f"Restore the file, or start "
             f"a new run."
         )
-    data = path.read_bytes()
-    if len(data) != entry["bytes"] or zlib.crc32(data) != entry["crc32"]:
+    if file_crc32(path) != (entry["bytes"], entry["crc32"]):
         raise CheckpointError(
             f"block {b}'s checkpoint {path} is corrupt (size or CRC-32 differs from the manifest); "
             f"restore the "
             f"file from a backup, or start a new run."
         )
-    return st_load(data)
+    return load_file(path)

@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import pickle
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,22 +336,23 @@ def merge_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dic
             names = " and ".join(str(runs[i]) for i in trained)
             raise ValueError(f"block {b} was trained in both {names}; keep it in one run only")
         owner[b] = trained[0]
-    # read and check every block before writing anything
+    # check every block file before writing anything
     payload = {}
     for b, i in owner.items():
         entry = manifests[i]["blocks"][b]
         path = runs[i] / entry["file"]
-        checkpoint.read_block(runs[i], manifests[i], b)  # raises on a missing or damaged file
+        if not path.is_file() or checkpoint.file_crc32(path) != (entry["bytes"], entry["crc32"]):
+            raise checkpoint.CheckpointError(
+                f"block {b}'s checkpoint {path} is missing or corrupt (size or CRC-32 differs from the "
+                f"manifest); restore it, or train the block again"
+            )
         payload[b] = (entry, path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "blocks").mkdir(exist_ok=True)
     blocks = []
     for b in range(num_blocks):
         entry, src = payload[b]
-        data = src.read_bytes()
-        if zlib.crc32(data) != entry["crc32"]:
-            raise checkpoint.CheckpointError(f"{src} changed while merging; run merge again")
-        checkpoint.atomic_write(out / entry["file"], data)
+        checkpoint.atomic_copy(src, out / entry["file"], (entry["bytes"], entry["crc32"]))
         blocks.append(dict(entry))
     first = manifests[0]
     steps_per_block = first["train"]["steps_per_block"]

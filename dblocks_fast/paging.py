@@ -276,19 +276,17 @@ class BlockStore:
             blk.host = buf
             blk.point_at(buf)
             return
-        from safetensors.torch import save
+        from . import checkpoint
 
-        from .checkpoint import atomic_write
-
-        atomic_write(self._path(blk.index), save({"flat": buf}))
+        checkpoint.atomic_save(self._path(blk.index), {"flat": buf})
         blk.point_at(None)
 
     def _fetch(self, blk: _Paged) -> torch.Tensor:
         if self.tier == "host":
             return blk.host
-        from safetensors.torch import load
+        from safetensors.torch import load_file
 
-        return load(self._path(blk.index).read_bytes())["flat"]
+        return load_file(self._path(blk.index))["flat"]
 
     # --- paging --------------------------------------------------------------------------------------------
     def _slot_for(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:

@@ -174,10 +174,13 @@ def test_paged_storage_round_trips_and_a_failed_write_keeps_the_last_copy(tiny_t
     with torch.no_grad():
         block.pos_embed.add_(1.0)
 
-    def fail(p, data):
+    real = checkpoint.save_file
+
+    def fail(tensors, path, metadata=None):
+        real(tensors, path, metadata=metadata)  # half a write: the temporary file exists, then the disk fills
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "atomic_write", fail)
+    monkeypatch.setattr(checkpoint, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         store._page_out(store.blocks[0].slot)
     assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
