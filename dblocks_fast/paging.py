@@ -9,6 +9,8 @@ flat layout.
 
 from __future__ import annotations
 
+import json
+import struct
 import weakref
 from pathlib import Path
 
@@ -236,6 +238,8 @@ class BlockStore:
         self.pinned = True
         self.bytes_in = self.bytes_out = 0  # bytes copied to and from the device slots
         self.closed = False
+        self._staging: torch.Tensor | None = None  # disk tier on CUDA: where a paged file is read to
+        self._staging_free: torch.cuda.Event | None = None
         self._registered: list[int] = []  # host buffers pinned with cudaHostRegister
         # unpin when the store goes; the memory itself stays valid (pageable) for views that outlive it
         weakref.finalize(self, _unregister, self._registered)
@@ -281,6 +285,26 @@ class BlockStore:
         checkpoint.atomic_save(self._path(blk.index), {"flat": buf})
         blk.point_at(None)
 
+    def _read_paged(self, blk: _Paged, out: torch.Tensor) -> None:
+        """Read block's paged file straight into `out` (CPU, fp32, 3 * numel), with no temporary copy."""
+        from .checkpoint import CheckpointError
+
+        path = self._path(blk.index)
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            info = json.loads(f.read(size))["flat"]
+            if info["dtype"] != "F32" or info["shape"] != [out.numel()]:
+                raise CheckpointError(
+                    f"{path}: holds {info['dtype']} {info['shape']}, expected F32 [{out.numel()}]"
+                )
+            f.seek(8 + size + info["data_offsets"][0])
+            got = f.readinto(memoryview(out.numpy()).cast("B"))
+        if got != out.numel() * 4:
+            raise CheckpointError(
+                f"paged block file {path} is cut short ({got} of {out.numel() * 4} bytes); resume the run "
+                f"from its last checkpoint"
+            )
+
     def _fetch(self, blk: _Paged) -> torch.Tensor:
         if self.tier == "host":
             return blk.host
@@ -322,8 +346,8 @@ class BlockStore:
                 slot.free.record(self._d2h)
             blk.point_at(blk.host)
         else:
-            host = slot.buf[:n].cpu() if self.cuda else slot.buf[:n].clone()  # .cpu() waits for the compute
-            self._store(blk, host)
+            # on a CPU the slot is host memory already; .cpu() waits for the compute that wrote the slot
+            self._store(blk, slot.buf[:n].cpu())
         if blk.dirty:
             self.bytes_out += n * 4
         blk.dirty = False
@@ -338,19 +362,30 @@ class BlockStore:
     def _page_in(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:
         slot = self._slot_for(blk, keep)
         n = 3 * blk.numel
-        src = self._fetch(blk)
-        if not self.cuda:
-            slot.buf[:n].copy_(src)
+        if self.tier == "disk" and not self.cuda:
+            self._read_paged(blk, slot.buf[:n])  # straight into the slot: no second copy of the block
+        elif not self.cuda:
+            slot.buf[:n].copy_(blk.host)
         else:
+            src = blk.host
+            if self.tier == "disk":  # read into a pinned staging buffer, reused once its last copy is done
+                if self._staging is None:
+                    self._staging = self._host_buffer(max(b.numel for b in self.blocks.values()))
+                if self._staging_free is not None:
+                    self._staging_free.synchronize()
+                src = self._staging[:n]
+                self._read_paged(blk, src)
             with torch.cuda.stream(self._h2d):
                 if slot.free is not None:
                     self._h2d.wait_event(slot.free)  # the slot's previous block has left it
                 for s in self.slots:  # and this block's own write-back, if one is in flight, has landed
                     if s.free is not None:
                         self._h2d.wait_event(s.free)
-                slot.buf[:n].copy_(src, non_blocking=self.tier == "host" and self.pinned)
+                slot.buf[:n].copy_(src, non_blocking=self.pinned)
                 slot.ready = torch.cuda.Event()
                 slot.ready.record(self._h2d)
+                if self.tier == "disk":
+                    self._staging_free = slot.ready
         slot.block, blk.slot = blk, slot
         blk.point_at(slot.buf)
         self.bytes_in += n * 4

@@ -235,3 +235,18 @@ def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny
     eager.fit()
     size = 12 * sum(p.numel() for p in ref.model.blocks[0].parameters())
     assert eager.store.bytes_in == 3 * size < lazy.store.bytes_in  # random order: paged in again and again
+
+
+def test_a_cut_short_paged_file_is_an_error_not_garbage(tiny_task, tmp_path):
+    from dblocks_fast.checkpoint import CheckpointError
+    from dblocks_fast.paging import BlockStore
+
+    store = BlockStore("disk", torch.device("cpu"), tmp_path)
+    for b in range(2):
+        block = _model(tiny_task, [3]).blocks[0]
+        store.add(b, block, torch.optim.AdamW(block.parameters()))
+    path = tmp_path / "paged-block001.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    store.activate(0)
+    with pytest.raises(CheckpointError, match="is cut short .* resume the run from its last checkpoint"):
+        store.activate(1)
