@@ -321,6 +321,9 @@ class Trainer:
         # with no clipping, max_norm=inf still yields the norm (for logging and the NaN check) and scales by 1
         grad_norm = torch.nn.utils.clip_grad_norm_(block.parameters(), cfg.grad_clip or math.inf)
         opt.step()
+        # free the gradients now, not at the block's next step: otherwise every block trained so far keeps
+        # a block's worth of gradients on the device (and on a paged-out block, beside nothing else)
+        opt.zero_grad(set_to_none=True)
         self.steps_done[b] += 1
         self._windows[b].add(loss, grad_norm)
         return loss

@@ -37,7 +37,7 @@ def _fit(task, data, cfg, **kw):
 def test_a_step_of_block_b_touches_only_block_b(tiny_task, digits, tiny_config):
     t = Trainer(tiny_task, digits, tiny_config())
     for b in range(3):
-        t.step(b)  # every block has taken a step, so all have gradients and optimizer state
+        t.step(b)  # every block has taken a step, so all have optimizer state
     for b in range(3):
         before = _state(t)
         for blk in t.model.blocks:
@@ -50,6 +50,8 @@ def test_a_step_of_block_b_touches_only_block_b(tiny_task, digits, tiny_config):
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"{b}/param/"))
         for other in set(range(3)) - {b}:
             assert all(p.grad is None for p in t.model.blocks[other].parameters())
+        # and its own gradients are freed after the step: no block holds gradients between its steps
+        assert all(p.grad is None for p in t.model.blocks[b].parameters())
 
 
 def test_sequential_and_random_schedules_give_identical_blocks(tiny_task, digits, tiny_config):
