@@ -22,20 +22,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import bench_distributed, bench_inference, bench_memory, bench_paging, common  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_capacity,
+    bench_distributed,
+    bench_inference,
+    bench_memory,
+    bench_paging,
+    common,
+)
 
 # (script, the question it answers); the order of the results page
 SCRIPTS = [
     ("quality_digits", "How good: does block-wise training match end-to-end training?"),
     ("bench_memory", "How much memory does block-wise training need?"),
     ("bench_paging", "How fast is paging blocks between host and GPU?"),
+    ("bench_capacity", "What is the largest model I can train on my GPU?"),
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
-]
-# questions whose benchmark does not exist yet, so the page says so instead of staying silent
-NOT_YET = [
-    ("bench_capacity", "What is the largest model I can train on my GPU?", "the GPU side of block paging"),
 ]
 
 
@@ -127,6 +131,7 @@ TABLES = {
     "quality_digits": _quality,
     "bench_memory": bench_memory.table,
     "bench_paging": bench_paging.table,
+    "bench_capacity": bench_capacity.table,
     "bench_inference": bench_inference.table,
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
@@ -164,8 +169,6 @@ def report(out: Path, runs: list[dict]) -> str:
             if png.is_file():
                 lines += ["", f"![{name} {dev}]({png.name})"]
             lines += ["", f"Details: [{name}-{dev}.md]({name}-{dev}.md)", ""]
-    for name, question, needs in NOT_YET:
-        lines += [f"## {question}", "", f"**Pending**: `{name}.py` comes with {needs}.", ""]
     return "\n".join(lines)
 
 

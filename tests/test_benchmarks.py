@@ -24,6 +24,7 @@ NAMES = [
     "quality_digits",
     "bench_memory",
     "bench_paging",
+    "bench_capacity",
     "bench_inference",
     "bench_distributed",
     "bench_kernels",
@@ -111,10 +112,12 @@ def test_memory_record(quick):
         assert r["peak_bytes"] > 0 and r["ratio_end_to_end_over_this"] > 0 and r["params"] > 0
 
 
-def test_paging_record_says_why_it_has_no_figure_without_a_gpu(quick):
-    record = json.loads((quick / f"bench_paging-{DEV}.json").read_text())
+def test_gpu_only_records_say_why_they_have_no_figure_without_a_gpu(quick):
+    paging = json.loads((quick / f"bench_paging-{DEV}.json").read_text())
+    capacity = json.loads((quick / f"bench_capacity-{DEV}.json").read_text())
     if DEV == "cpu":
-        assert "not applicable without CUDA" in record["status"]
-        assert "bandwidth" not in record and "steps" not in record
+        assert "not applicable without CUDA" in paging["status"] and "not applicable" in capacity["status"]
+        assert "bandwidth" not in paging and "steps" not in paging and "cells" not in capacity
     else:
-        assert record["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0
+        assert paging["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0
+        assert capacity["cells"][0]["largest"] is not None
