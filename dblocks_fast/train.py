@@ -265,8 +265,8 @@ class Trainer:
             if self.run_dir is None:
                 self._paged_tmp = tempfile.TemporaryDirectory(prefix="dblocks-paged-")
                 folder = Path(self._paged_tmp.name)
-            else:
-                folder = self.run_dir / "paged"
+            else:  # one folder per rank: the ranks of a data-parallel group hold the same blocks
+                folder = self.run_dir / "paged" / (f"rank{self.comm.rank}" if self.comm.distributed else "")
         else:
             folder = None
         self.memory_plan = paging.preflight(config.offload, numels, self.device, folder or self.run_dir)

@@ -19,7 +19,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from safetensors.torch import save_file
 
-    from dblocks_fast import TrainConfig, Trainer, checkpoint
+    from dblocks_fast import TrainConfig, Trainer
     from dblocks_fast.data import load_digits
     from dblocks_fast.tasks import ImageGeneration
 
@@ -41,7 +41,7 @@ def main() -> None:
         rank = trainer.comm.rank
         state = {}
         for b in trainer.owned:
-            for k, v in checkpoint.block_state(trainer.model.blocks[b], trainer.optimizers[b]).items():
+            for k, v in trainer.block_tensors(b).items():
                 state[f"{b}/{k}"] = v.contiguous()
         os.makedirs(dump, exist_ok=True)
         save_file(state, os.path.join(dump, f"rank{rank}.safetensors"))

@@ -135,7 +135,8 @@ def test_one_rank_per_block_writes_the_single_process_run_bit_for_bit(reference,
 
 def test_two_ranks_per_block_equal_the_whole_batch_on_one_process(reference, tmp_path):
     run, dump = tmp_path / "run", tmp_path / "dump"
-    _ok(_launch(4, dict(num_blocks=2, batch_size=16, out_dir=str(run), dump=str(dump))))
+    # paged to disk as well: the two ranks of a group hold the same block, each in its own paging folder
+    _ok(_launch(4, dict(num_blocks=2, batch_size=16, out_dir=str(run), dump=str(dump), offload="disk")))
     ours, ref = _run_tensors(run), _run_tensors(reference["b2x16"])
     assert ours.keys() == ref.keys()
     for k in ours:  # the same math; the all-reduce sums the two halves in another order
@@ -147,9 +148,9 @@ def test_two_ranks_per_block_equal_the_whole_batch_on_one_process(reference, tmp
     assert all(s["group"] > 0 and s["between_groups"] == 0 for s in sent)
 
 
-def test_fewer_ranks_than_blocks_train_several_each(reference, tmp_path):
+def test_fewer_ranks_than_blocks_train_several_each_with_paging(reference, tmp_path):
     run, dump = tmp_path / "run", tmp_path / "dump"
-    _ok(_launch(2, dict(num_blocks=4, out_dir=str(run), dump=str(dump))))
+    _ok(_launch(2, dict(num_blocks=4, out_dir=str(run), dump=str(dump), offload="host")))
     _assert_equal(_run_tensors(run), _run_tensors(reference["b4"]))
     assert [json.loads((dump / f"rank{r}.json").read_text())["blocks"] for r in range(2)] == [[0, 1], [2, 3]]
 
