@@ -272,6 +272,12 @@ def _device(name: str, local_rank: int | None) -> torch.device:
         if dev.type == "cuda" and dev.index is None and local_rank is not None:
             dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"this process wants GPU {dev.index} but the machine has {torch.cuda.device_count()}: start "
+                f"at most {torch.cuda.device_count()} processes per node (torchrun --nproc-per-node), or "
+                f"train on CPU processes with --device cpu"
+            )
         torch.cuda.set_device(dev)
     return dev
 
