@@ -190,22 +190,21 @@ def _markdown(prov: dict, record: dict) -> str:
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:
-    fig, ax = common.figure(6, 3.2)
     if "status" in record:
-        ax.text(0.5, 0.5, "GPU figures pending:\nno CUDA device where this ran", ha="center", va="center")
-        ax.set_axis_off()
-    else:
-        for mode in record["settings"]["modes"]:
-            cs = [c for c in record["cells"] if c["mode"] == mode]
-            ax.plot(
-                [c["cap_gb"] or record["total_gb"] for c in cs],
-                [c["largest"]["params"] / 1e9 if c["largest"] else 0 for c in cs],
-                "o-",
-                label=mode,
-            )
-        ax.set_xlabel("GPU memory (GB)")
-        ax.set_ylabel("largest trainable model (B params)")
-        ax.legend(fontsize=8)
+        common.pending_figure("bench_capacity", prov, out)
+        return
+    fig, ax = common.figure(6, 3.2)
+    for mode in record["settings"]["modes"]:
+        cs = [c for c in record["cells"] if c["mode"] == mode]
+        ax.plot(
+            [c["cap_gb"] or record["total_gb"] for c in cs],
+            [c["largest"]["params"] / 1e9 if c["largest"] else 0 for c in cs],
+            "o-",
+            label=mode,
+        )
+    ax.set_xlabel("GPU memory (GB)")
+    ax.set_ylabel("largest trainable model (B params)")
+    ax.legend(fontsize=8)
     common.save_figure(fig, "bench_capacity", prov, out)
 
 

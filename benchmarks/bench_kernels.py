@@ -189,12 +189,10 @@ def main(argv=None) -> dict:
 
 
 def _plot(rows, prov, out) -> None:
-    fig, ax = common.figure(6, 3.2)
     if not any("forward_ours_ms" in r for r in rows):
-        ax.text(0.5, 0.5, "GPU figures pending:\nno CUDA device where this ran", ha="center", va="center")
-        ax.set_axis_off()
-        common.save_figure(fig, "bench_kernels", prov, out)
+        common.pending_figure("bench_kernels", prov, out)
         return
+    fig, ax = common.figure(6, 3.2)
     names = [f"{r['op']}\n{r['size']}" for r in rows]
     x = range(len(rows))
     for i, key in enumerate(("forward", "forward_backward")):

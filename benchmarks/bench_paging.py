@@ -212,17 +212,16 @@ def _markdown(prov: dict, record: dict) -> str:
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:
-    fig, ax = common.figure(6, 3.2)
     if "status" in record:
-        ax.text(0.5, 0.5, "GPU figures pending:\nno CUDA device where this ran", ha="center", va="center")
-        ax.set_axis_off()
-    else:
-        rows = record["steps"]
-        names = [f"{r['schedule']}\n{r['offload']}{'' if r['prefetch'] else ' (no prefetch)'}" for r in rows]
-        ax.bar(range(len(rows)), [r["over_resident"] for r in rows])
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(rows)), names, fontsize=6)
-        ax.set_ylabel("step time / resident")
+        common.pending_figure("bench_paging", prov, out)
+        return
+    fig, ax = common.figure(6, 3.2)
+    rows = record["steps"]
+    names = [f"{r['schedule']}\n{r['offload']}{'' if r['prefetch'] else ' (no prefetch)'}" for r in rows]
+    ax.bar(range(len(rows)), [r["over_resident"] for r in rows])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(rows)), names, fontsize=6)
+    ax.set_ylabel("step time / resident")
     common.save_figure(fig, "bench_paging", prov, out)
 
 

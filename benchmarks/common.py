@@ -127,3 +127,11 @@ def speedup_plot(series: dict, xlabel: str, ylabel: str, title: str, name: str, 
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, name, prov, out)
+
+
+def pending_figure(name: str, prov: dict, out: Path = RESULTS) -> Path:
+    """The PNG of a GPU benchmark that ran without CUDA: it says the figures are pending, and why."""
+    fig, ax = figure(6, 3.2)
+    ax.text(0.5, 0.5, "GPU figures pending:\nno CUDA device where this ran", ha="center", va="center")
+    ax.set_axis_off()
+    return save_figure(fig, name, prov, out)
