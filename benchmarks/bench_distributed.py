@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--blocks", type=int, default=4, help="B, the number of blocks")
     ap.add_argument("--worlds", type=int, nargs="+", default=None, help="world sizes (default 1 2 4)")
     ap.add_argument("--steps-per-block", type=int, default=60)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per world size, interleaved; median kept")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per world size, interleaved; median kept")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
