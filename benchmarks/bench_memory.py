@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from benchmarks import common  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 MODELS = {  # num_layers divisible by 1, 2, 4 and 8
     "dit-1b": dict(
         image_size=32, channels=4, num_classes=1000, hidden=1536, heads=16, num_layers=24, patch_size=2
@@ -125,9 +127,6 @@ def _run(spec: dict) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:

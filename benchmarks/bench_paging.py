@@ -77,13 +77,11 @@ def bandwidth(numel: int, device: torch.device) -> dict:
     }
     # the store: three blocks of this size, two slots; activating a third block pages one out and one in
     store = BlockStore("host", device)
-    blocks = []
     for b in range(3):
         blk = torch.nn.Linear(1, 1, bias=False)
         blk.weight = torch.nn.Parameter(torch.zeros(numel))
         opt = torch.optim.AdamW(blk.parameters())
         store.add(b, blk, opt)
-        blocks.append(blk)
     times = []
     for i in range(6):
         b = i % 3

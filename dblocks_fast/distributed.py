@@ -140,7 +140,7 @@ class Comm:
     def world(self) -> int:
         return self.placement.world
 
-    def average_grads(self, params: list[torch.Tensor]) -> None:
+    def average_grads(self, params) -> None:
         """Average the gradients of `params` over this rank's group (in place)."""
 
     def average_scalars(self, t: torch.Tensor) -> torch.Tensor:

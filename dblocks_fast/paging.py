@@ -175,7 +175,9 @@ class _Paged:
         offset = 0
         for p in self.params:
             n = p.numel()
-            state = self.optimizer.state.setdefault(p, {"step": torch.tensor(0.0)})
+            if p not in self.optimizer.state:
+                self.optimizer.state[p] = {"step": torch.tensor(0.0)}
+            state = self.optimizer.state[p]
             if buf is None:
                 p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)  # paged out to disk: no memory held
                 state["exp_avg"] = state["exp_avg_sq"] = p.data
@@ -452,7 +454,7 @@ class BlockStore:
                 src = tensors.get(f"{part}/{name}")
                 dst = flat[k * blk.numel + offset : k * blk.numel + offset + n]
                 dst.copy_(src.reshape(-1)) if src is not None else dst.zero_()
-            self.optimizer_step(blk, p, steps)
+            blk.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(steps))
             offset += n
         if blk.slot is not None:
             blk.slot.buf[: 3 * blk.numel].copy_(flat)
@@ -460,10 +462,6 @@ class BlockStore:
             blk.host.copy_(flat)
         else:
             self._store(blk, flat)
-
-    @staticmethod
-    def optimizer_step(blk: _Paged, p, steps: int) -> None:
-        blk.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(steps))
 
 
 def _unregister(pointers: list[int]) -> None:

@@ -317,7 +317,7 @@ class Trainer:
             loss, _ = self.task.loss(block, batch, sigma, g, **rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.comm.average_grads(list(block.parameters()))
+        self.comm.average_grads(block.parameters())  # a no-op on one process
         # with no clipping, max_norm=inf still yields the norm (for logging and the NaN check) and scales by 1
         grad_norm = torch.nn.utils.clip_grad_norm_(block.parameters(), cfg.grad_clip or math.inf)
         opt.step()
