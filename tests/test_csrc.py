@@ -22,26 +22,7 @@ HEADER = ROOT / "csrc" / "include" / "dblocks" / "ops.h"
 NO_GPU_ERRORS = r"cudaErrorNoDevice|cudaErrorInsufficientDriver|cudaErrorStubLibrary|cudaErrorNotSupported"
 HAS_GPU = torch.cuda.is_available() or os.path.exists("/dev/nvidiactl")
 
-C_PROGRAM = r"""
-#include <stdio.h>
-#include "dblocks/ops.h"
-
-int main(void) {
-    float sigma = 1.0f, out = 0.0f;
-    if (dblocks_version() != DBLOCKS_VERSION) return 1;
-    if (dblocks_edm_coefficients_f32(&sigma, -1, 0.5f, &out, 0, 0, 0, 0, 0) != DBLOCKS_ERR_INVALID_ARGUMENT)
-        return 2;
-    if (dblocks_edm_coefficients_f32(NULL, 4, 0.5f, &out, 0, 0, 0, 0, 0) != DBLOCKS_ERR_INVALID_ARGUMENT)
-        return 3;
-    if (dblocks_edm_coefficients_f32(&sigma, 1, 0.0f, &out, 0, 0, 0, 0, 0) != DBLOCKS_ERR_INVALID_ARGUMENT)
-        return 4;
-    if (dblocks_edm_coefficients_f32(NULL, 0, 0.5f, NULL, NULL, NULL, NULL, NULL, NULL) != DBLOCKS_OK)
-        return 5;
-    printf("version=%d cudart=%d %s\n", dblocks_version(), dblocks_cuda_runtime_version(),
-           dblocks_error_string(DBLOCKS_ERR_INVALID_ARGUMENT));
-    return 0;
-}
-"""
+C_PROGRAM = Path(__file__).with_name("c_api_check.c").read_text()
 
 
 def run(*cmd, cwd=None):
@@ -112,7 +93,9 @@ def test_header_functions_are_exported(c_library):
     declared = set(re.findall(r"\b(dblocks_\w+)\s*\(", HEADER.read_text()))
     lib = next((c_library / "install").glob("lib*/libdblocks_ops.a"))
     exported = set(re.findall(r" T (dblocks_\w+)$", run("nm", "-g", "--defined-only", lib), re.M))
-    assert {"dblocks_version", "dblocks_error_string", "dblocks_edm_coefficients_f32"} <= declared
+    public = ["version", "error_string", "edm_coefficients_f32", "adaln_forward", "adaln_backward",
+              "edm_l2_loss_forward", "edm_l2_loss_backward", "fused_adamw_f32"]  # fmt: skip
+    assert {f"dblocks_{name}" for name in public} <= declared
     assert declared == exported
 
 
@@ -124,6 +107,32 @@ def ext():
     return module
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda ext: ext.adaln_forward(16, 0, 0, 16, 16, 0, 16, 0, 0, 0, 1, 4, 4, ext.FLOAT32, ext.FLOAT32,
+                                      1e-6, 0),
+        lambda ext: ext.adaln_backward(16, 0, 16, 0, 0, 16, 16, 16, 16, 0, 16, 16, 0, 0, 1, 1, 4, 4,
+                                       ext.FLOAT32, ext.FLOAT32, 0),
+        lambda ext: ext.edm_l2_loss_forward(16, 16, 16, 16, 16, 16, 0, 16, 2, 0, 0.5, ext.BFLOAT16, 0),
+        lambda ext: ext.edm_l2_loss_backward(16, 16, 0, 0, 0, 16, 0, 0, 2, 4, 0.5, 9, 0),
+        lambda ext: ext.fused_adamw_f32(16, 16, 16, 16, 0, 4, -1.0, 0.9, 0.999, 1e-8, 0.0, 1, 0, 0, 0),
+    ],
+    ids=["adaln_forward", "adaln_backward", "edm_l2_loss_forward", "edm_l2_loss_backward", "fused_adamw_f32"],
+)  # fmt: skip
+def test_new_entry_points_check_arguments_before_cuda(ext, call):
+    with pytest.raises(RuntimeError, match=": invalid argument$"):
+        call(ext)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the error reported on a machine without a GPU")
+def test_kernel_launch_without_gpu_reports_the_cuda_error(ext):
+    with pytest.raises(RuntimeError, match=f"fused_adamw_f32: CUDA error: ({NO_GPU_ERRORS}): "):
+        ext.fused_adamw_f32(16, 32, 48, 64, 0, 4, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0, 0, 0)
+    with pytest.raises(RuntimeError, match=f"edm_l2_loss_forward: CUDA error: ({NO_GPU_ERRORS}): "):
+        ext.edm_l2_loss_forward(16, 32, 48, 64, 80, 96, 0, 112, 2, 4, 0.5, ext.FLOAT32, 0)
+
+
 def test_extension_imports(ext):
     assert _C_loader.why_unavailable() == ""
     assert ext.version() == 100
@@ -133,7 +142,8 @@ def test_extension_imports(ext):
 def test_extension_functions_are_documented(ext):
     assert ext.__doc__ and "dblocks" in ext.__doc__
     functions = {name: f for name, f in vars(ext).items() if callable(f) and not name.startswith("_")}
-    assert {"edm_coefficients_f32", "version", "cuda_runtime_version"} <= set(functions)
+    assert {"edm_coefficients_f32", "version", "cuda_runtime_version", "adaln_forward", "adaln_backward",
+            "edm_l2_loss_forward", "edm_l2_loss_backward", "fused_adamw_f32"} <= set(functions)  # fmt: skip
     for name, function in functions.items():
         signature, _, text = function.__doc__.partition("\n")
         assert signature.startswith(name + "("), name
