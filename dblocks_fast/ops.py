@@ -4,8 +4,9 @@ Models call these functions, never a kernel directly. Each op has a torch refere
 test oracle and the benchmark baseline); fast implementations (Triton in `dblocks_fast.kernels`, CUDA in
 `dblocks_fast._C`) register themselves with `register` and are chosen by `select`:
 
-  kernels="auto"   the fastest implementation registered for the op that can run on the inputs' device;
-                   a registered fast path that fails its availability check falls back with one warning.
+  kernels="auto"   the first of cuda, triton, torch that may be picked on the inputs' device: today Triton
+                   on CUDA (the CUDA C++ ops are opt-in until a GPU run has checked and timed them), else
+                   the reference; a Triton path that cannot run on a CUDA device falls back with one warning.
   kernels="torch"  the reference.
   kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run.
 
@@ -98,6 +99,8 @@ def select(op: str, kernels: str, device: torch.device) -> Callable:
             continue
         if impl.auto(device):
             return impl.fn
+        if impl.usable(device) or impl.auto is _not_auto:
+            continue  # usable but not for "auto", or never an "auto" candidate: nothing to warn about
         if backend != "torch" and (op, backend) not in _WARNED and device.type == "cuda":
             _WARNED.add((op, backend))
             msg = f"{op}: the {backend} kernel is unavailable on {device}; using the torch reference."
@@ -107,6 +110,11 @@ def select(op: str, kernels: str, device: torch.device) -> Callable:
 
 def _any_device(device: torch.device) -> bool:
     return True
+
+
+def _not_auto(device: torch.device) -> bool:
+    """The `auto` of an implementation that kernels="auto" never picks (it must be asked for by name)."""
+    return False
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -234,3 +242,27 @@ for _op, _ref in [
     register(_op, "torch", _ref, _any_device)
 for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"):
     register(_op, "triton", _triton(_op), _triton_usable, _triton_auto)
+
+
+def _cuda_usable(device: torch.device) -> bool:
+    from . import _C_loader
+
+    return device.type == "cuda" and _C_loader.load() is not None
+
+
+def _cuda(name: str) -> Callable:
+    """The csrc/ op `name` (dblocks_fast.cuda_ops), imported on first use."""
+
+    def call(*args):
+        from . import cuda_ops
+
+        return getattr(cuda_ops, name)(*args)
+
+    call.__name__ = f"cuda_{name}"
+    return call
+
+
+# The CUDA ops are not picked by "auto" until a GPU run has checked them and timed them against Triton (the
+# GPU tests and benchmarks/bench_kernels.py); kernels="cuda" selects them.
+for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss"):
+    register(_op, "cuda", _cuda(_op), _cuda_usable, _not_auto)

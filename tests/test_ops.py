@@ -124,6 +124,17 @@ def test_selection_rules(monkeypatch):
         ops.select("adaln_modulate", "triton", x.device)
 
 
+def test_cuda_kernels_are_registered_but_never_chosen_on_the_cpu():
+    x = torch.zeros(1, 1, 4)
+    for name in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss"):
+        assert "cuda" in ops.available(name)
+        assert ops.select(name, "auto", x.device).__name__ != f"cuda_{name}"
+        with pytest.raises(RuntimeError, match="cannot run on device cpu"):
+            ops.select(name, "cuda", x.device)
+    with pytest.raises(RuntimeError, match="no cuda implementation"):
+        ops.select("weighted_linear_cross_entropy", "cuda", x.device)
+
+
 def test_layer_norm_reference_agrees_with_torch():
     x = torch.randn(2, 3, 37)
     z = torch.zeros(2, 37)
@@ -144,7 +155,8 @@ def test_every_op_routes_to_its_triton_kernel_and_agrees_with_torch():
         "weighted_linear_cross_entropy": (h, w, target, rw),
     }
     for name, args in calls.items():
-        assert ops.available(name) == ("triton", "torch"), name
+        cuda = ("cuda",) if name != "weighted_linear_cross_entropy" else ()
+        assert ops.available(name) == (*cuda, "triton", "torch"), name
         fast, ref = (getattr(ops, name)(*args, kernels=k) for k in ("triton", "torch"))
         for a, b in zip(
             fast if isinstance(fast, tuple) else (fast,), ref if isinstance(ref, tuple) else (ref,)
