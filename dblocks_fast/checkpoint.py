@@ -140,12 +140,15 @@ def load_block_state(
                 )
             p.copy_(src)
             if optimizer is not None and f"exp_avg/{name}" in tensors:
-                optimizer.state[p] = {
-                    # the step is a float tensor on the CPU, as torch.optim.AdamW keeps it (capturable=False)
-                    "step": torch.tensor(float(steps)),
-                    "exp_avg": tensors[f"exp_avg/{name}"].to(p.device).clone(),
-                    "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device).clone(),
-                }
+                state = optimizer.state[p]
+                # the step is a float tensor on the CPU, as torch.optim.AdamW keeps it (capturable=False)
+                state["step"] = torch.tensor(float(steps))
+                for key in ("exp_avg", "exp_avg_sq"):
+                    src = tensors[f"{key}/{name}"]
+                    if key in state and state[key].shape == src.shape:
+                        state[key].copy_(src)  # in place: the moments may be views of a flat buffer (optim)
+                    else:
+                        state[key] = src.to(p.device).clone()
 
 
 def write_block(run_dir: Path, b: int, steps: int, tensors: dict[str, torch.Tensor]) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, checkpoint, distributed, rng
+from . import __version__, checkpoint, distributed, optim, rng
 from .model import BlockModel, split_layers
 from .ops import KERNELS
 from .schedule import NoiseSchedule
@@ -248,9 +248,15 @@ class Trainer:
             self._resume()
 
     def _optimizer(self, block: torch.nn.Module) -> torch.optim.Optimizer:
+        # flat-buffer AdamW: one fused kernel a step on CUDA, torch.optim.AdamW's bits on the CPU. Paged
+        # blocks are laid out flat by the store instead (the same [param | exp_avg | exp_avg_sq] layout).
         cfg = self.config
-        return torch.optim.AdamW(
-            block.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        return optim.AdamW(
+            block.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+            pack=cfg.offload == "none",
         )
 
     def _build_paged(self, task, config: TrainConfig) -> None:
