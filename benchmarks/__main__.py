@@ -124,6 +124,26 @@ def _kernels(r: dict) -> list[str]:
             f"{x['forward_backward_speedup_vs_eager']:.2f}x | {x['forward_ours_GBps']:.0f} "
             f"({100 * x['forward_fraction_of_copy']:.0f}%) |"
         )
+    lines[0] = lines[0].replace("| op |", "| op (Triton) |")
+    cuda = [x for x in r["rows"] if "forward_cuda_vs_best" in x]
+    if cuda:
+        lines += [
+            "",
+            "| op (CUDA C++) | size | fwd vs best of Triton, compile | fwd+bwd vs best |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {x['op']} | {x['size']} | {x['forward_cuda_vs_best']:.2f}x | "
+                  f"{x['forward_backward_cuda_vs_best']:.2f}x |" for x in cuda]  # fmt: skip
+    adamw = [x for x in r.get("adamw", []) if "ms" in x]
+    if adamw:
+        lines += [
+            "",
+            "| AdamW, flat fp32 | parameters | GB/s (of copy) | vs torch fused |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {x['impl']} | {x['parameters']:,} | {x['GBps']:.0f} "
+                  f"({100 * x['fraction_of_copy']:.0f}%) | {x['speedup_vs_torch_fused']:.2f}x |"
+                  for x in adamw]  # fmt: skip
     return lines
 
 

@@ -1,14 +1,18 @@
-"""How fast are the Triton kernels? Each op at the sizes of a DiT-XL/2 layer, a DiT-S/2 layer and an LM head,
-forward and forward+backward in bf16: ours vs torch eager vs torch.compile of the same expression.
+"""How fast are the fused kernels? Each op at the sizes of a DiT-XL/2 layer, a DiT-S/2 layer and an LM head,
+forward and forward+backward in bf16: our Triton kernel, our CUDA C++ kernel (csrc/, where the op has one),
+torch eager and torch.compile of the same expression. Then the optimizer: one AdamW step over a flat fp32
+buffer, our fused CUDA kernel (with and without the bf16 copy) vs torch.optim.AdamW(fused=True) and
+(foreach=True) on the same buffer.
 
     python benchmarks/bench_kernels.py            # on a GPU: the full table
     python benchmarks/bench_kernels.py --quick    # smaller sizes; on a CPU only this runs, as a smoke test
 
 Times are medians of triton.testing.do_bench. GB/s counts the bytes each op must move at least (written next
 to each row) and is compared with a device-to-device copy measured in the same run. For the cross-entropy,
-the peak memory of forward+backward is reported against the unfused head (full logits). Without CUDA the
-kernels run once under Triton's interpreter at tiny sizes to check they work, and every figure is recorded as
-pending: nothing is estimated.
+the peak memory of forward+backward is reported against the unfused head (full logits). AdamW counts 16 bytes
+read and 12 written per parameter (2 more with the bf16 copy). Without CUDA the Triton kernels run once under
+Triton's interpreter at tiny sizes to check they work, the CUDA ones cannot run, and every figure is recorded
+as pending: nothing is estimated.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ if not torch.cuda.is_available():  # before triton is imported: the CPU runs ker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from dblocks_fast import kernels, ops  # noqa: E402
+from dblocks_fast import _C_loader, cuda_ops, kernels, ops, optim  # noqa: E402
 
 GPU_SIZES = {
     "DiT-XL/2 layer": dict(n=32, t=256, d=1152),
@@ -37,6 +41,7 @@ GPU_SIZES = {
 }
 QUICK_SIZES = {"DiT layer (quick)": dict(n=8, t=64, d=384), "LM head (quick)": dict(rows=4096, d=256, v=8192)}
 SMOKE_SIZES = {"DiT layer (smoke)": dict(n=2, t=4, d=24), "LM head (smoke)": dict(rows=16, d=8, v=40)}
+ADAMW_SIZES = {"GPU": [16 * 2**20, 256 * 2**20], "quick": [16 * 2**20], "smoke": [4099]}  # parameters
 
 
 @dataclass
@@ -44,10 +49,11 @@ class Case:
     op: str
     size: str
     make: Callable  # () -> the op's inputs
-    ours: Callable
+    ours: Callable  # the Triton kernel
     eager: Callable  # the torch reference: the same expression, eager (and the input of torch.compile)
     bytes_fwd: int  # bytes the forward must move at least
     bytes_fb: int  # bytes forward + backward must move at least
+    cuda: Callable | None = None  # the CUDA C++ kernel (dblocks_fast.cuda_ops), where there is one
 
 
 def cases(sizes: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
@@ -85,13 +91,14 @@ def cases(sizes: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
         fp32 = n * t * d * 4
         # adaln: read x, write h; backward reads x and dh, writes dx
         out.append(Case("adaln_modulate", name, lambda dit=dit: dit(1)[:3], kernels.adaln_modulate,
-                        ops.adaln_modulate_ref, 2 * act, 5 * act))  # fmt: skip
+                        ops.adaln_modulate_ref, 2 * act, 5 * act, cuda_ops.adaln_modulate))  # fmt: skip
         # gated: read x, y, write x', h; backward reads x', y, dx', dh, writes dx, dy
         out.append(Case("gated_residual_adaln", name, lambda dit=dit: dit(2), kernels.gated_residual_adaln,
-                        ops.gated_residual_adaln_ref, 4 * act, 10 * act))  # fmt: skip
+                        ops.gated_residual_adaln_ref, 4 * act, 10 * act,
+                        cuda_ops.gated_residual_adaln))  # fmt: skip
         # edm: read z, f, y, write the fp32 gradient; backward reads it and writes df
         out.append(Case("edm_l2_loss", name, edm_inputs, kernels.edm_l2_loss, ops.edm_l2_loss_ref,
-                        3 * act + fp32, 4 * act + 2 * fp32))  # fmt: skip
+                        3 * act + fp32, 4 * act + 2 * fp32, cuda_ops.edm_l2_loss))  # fmt: skip
     return out
 
 
@@ -138,6 +145,57 @@ def _peak_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+ADAMW = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
+
+
+def adamw_rows(sizes: list[int], device: torch.device, copy_gbs: float | None) -> list[dict]:
+    """One AdamW step over a flat fp32 buffer of n parameters: ours (CUDA) vs torch.optim.AdamW."""
+    rows = []
+    for n in sizes:
+        rows += _adamw_size(n, device, copy_gbs)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _adamw_size(n: int, device: torch.device, copy_gbs: float | None) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(n)
+    p, g, m, v = (torch.randn(n, device=device, generator=gen) * s for s in (1.0, 1e-2, 1e-3, 1e-6))
+    v = v.abs()
+    if device.type != "cuda":  # smoke: the CPU path runs; no figure
+        optim.adamw_step_(p, g, m, v, **ADAMW)
+        return [{"parameters": n, "impl": "reference (CPU)", "status": "ran; GPU figures pending"}]
+    copy = torch.empty(n, dtype=torch.bfloat16, device=device)
+    impls = {}
+    if cuda_ops.available(device):
+        impls["ours (CUDA)"] = (lambda: optim.adamw_step_(p, g, m, v, **ADAMW, backend="cuda"), 28)
+        impls["ours (CUDA) + bf16 copy"] = (
+            lambda: optim.adamw_step_(p, g, m, v, **ADAMW, param_bf16=copy, backend="cuda"),
+            30,
+        )
+    for name, kw in (
+        ("torch AdamW(fused=True)", {"fused": True}),
+        ("torch AdamW(foreach=True)", {"foreach": True}),
+    ):
+        param = torch.nn.Parameter(p.clone())
+        param.grad = g.clone()
+        opt = torch.optim.AdamW([param], lr=1e-3, weight_decay=0.01, **kw)
+        opt.step()  # creates the state
+        impls[name] = (opt.step, 28)
+    times = {name: _time_gpu(fn) for name, (fn, _) in impls.items()}
+    rows = []
+    for name, (_, per) in impls.items():
+        gbps = per * n / times[name] / 1e6
+        rows.append({
+            "parameters": n, "impl": name, "ms": times[name], "bytes_per_parameter": per, "GBps": gbps,
+            "fraction_of_copy": gbps / copy_gbs,
+            "speedup_vs_torch_fused": times["torch AdamW(fused=True)"] / times[name],
+        })  # fmt: skip
+    if not cuda_ops.available(device):
+        rows.append({"parameters": n, "impl": "ours (CUDA)", "status": f"_C: {_C_loader.why_unavailable()}"})
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes (always, without CUDA)")
@@ -149,6 +207,7 @@ def main(argv=None) -> dict:
     sizes = (QUICK_SIZES if args.quick else GPU_SIZES) if cuda else SMOKE_SIZES
     dtype = torch.bfloat16
     copy_gbs = _copy_bandwidth(device) if cuda else None
+    has_cuda_ops = cuda_ops.available(device)
     rows = []
     for case in cases(sizes, device, dtype):
         op, make, ours, eager = case.op, case.make, case.ours, case.eager
@@ -165,22 +224,38 @@ def main(argv=None) -> dict:
             rows.append(row)
             continue
         compiled = torch.compile(eager)
+        impls = {"ours": ours, "eager": eager, "compile": compiled}
+        if case.cuda is not None and has_cuda_ops:
+            impls["cuda"] = case.cuda
         for mode, key in ((False, "forward"), (True, "forward_backward")):
             inputs = make()
-            for impl, fn in (("ours", ours), ("eager", eager), ("compile", compiled)):
+            for impl, fn in impls.items():
                 row[f"{key}_{impl}_ms"] = _time_gpu(runner(fn, inputs, mode))
             moved = case.bytes_fb if mode else case.bytes_fwd
             row[f"{key}_ours_GBps"] = moved / row[f"{key}_ours_ms"] / 1e6
             row[f"{key}_fraction_of_copy"] = row[f"{key}_ours_GBps"] / copy_gbs
             row[f"{key}_speedup_vs_eager"] = row[f"{key}_eager_ms"] / row[f"{key}_ours_ms"]
             row[f"{key}_speedup_vs_compile"] = row[f"{key}_compile_ms"] / row[f"{key}_ours_ms"]
+            if "cuda" in impls:
+                row[f"{key}_cuda_GBps"] = moved / row[f"{key}_cuda_ms"] / 1e6
+                best = min(row[f"{key}_ours_ms"], row[f"{key}_compile_ms"])
+                row[f"{key}_cuda_vs_best"] = best / row[f"{key}_cuda_ms"]  # >= 0.9: within 10% of the faster
         if op == "weighted_linear_cross_entropy":
             inputs = make()
             row["peak_bytes_ours"] = _peak_bytes(runner(ours, inputs, True))
             row["peak_bytes_eager"] = _peak_bytes(runner(eager, inputs, True))
         rows.append(row)
-    record = {"dtype": "bfloat16", "copy_GBps": copy_gbs, "quick": args.quick or not cuda, "rows": rows}
-    md = _markdown(rows, prov, copy_gbs)
+    adamw_sizes = ADAMW_SIZES[("quick" if args.quick else "GPU") if cuda else "smoke"]
+    adamw = adamw_rows(adamw_sizes, device, copy_gbs)
+    record = {
+        "dtype": "bfloat16",
+        "copy_GBps": copy_gbs,
+        "quick": args.quick or not cuda,
+        "cuda_ops": "built" if _C_loader.load() is not None else _C_loader.why_unavailable(),
+        "rows": rows,
+        "adamw": adamw,
+    }
+    md = _markdown(rows, adamw, prov, copy_gbs)
     path = common.write("bench_kernels", prov, record, md, args.out)
     _plot(rows, prov, args.out)
     print(md)
@@ -205,32 +280,37 @@ def _plot(rows, prov, out) -> None:
     common.save_figure(fig, "bench_kernels", prov, out)
 
 
-def _markdown(rows, prov, copy_gbs) -> str:
+def _markdown(rows, adamw, prov, copy_gbs) -> str:
     head = [
-        "# Triton kernels: ours vs torch eager vs torch.compile (bf16)",
+        "# Fused kernels: Triton and CUDA C++ vs torch eager vs torch.compile (bf16), and AdamW",
         "",
         f"{prov['device']}; torch {prov['versions']['torch']}; commit {prov['commit']}; {prov['date']}.",
         f"Command: `{prov['command']}`.",
         "",
     ]
     if copy_gbs is None:
-        lines = ["No CUDA device: every kernel ran once under the Triton interpreter (smoke sizes). "
+        lines = ["No CUDA device: every Triton kernel ran once under the Triton interpreter (smoke sizes) "
+                 "and the AdamW reference ran once on the CPU; the CUDA C++ kernels cannot run here. "
                  "**GPU figures are pending**; run this script on a GPU to measure them.", "",
                  "| op | size | status |", "|---|---|---|"]  # fmt: skip
         lines += [f"| {r['op']} | {r['size']} | {r['status']} |" for r in rows]
         return "\n".join(head + lines) + "\n"
     lines = [
-        f"Device-to-device copy: {copy_gbs:.0f} GB/s. Times are do_bench medians in ms.",
+        f"Device-to-device copy: {copy_gbs:.0f} GB/s. Times are do_bench medians in ms. "
+        '"vs best": the faster of Triton and torch.compile over CUDA (>= 0.90 is within 10%).',
         "",
-        "| op | size | pass | ours ms | eager ms | compile ms | vs eager | vs compile | GB/s (of copy) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | size | pass | Triton ms | CUDA ms | eager ms | compile ms | Triton vs compile | CUDA vs best "
+        "| Triton GB/s (of copy) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for key, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
-            ms = " | ".join(f"{r[f'{key}_{impl}_ms']:.3f}" for impl in ("ours", "eager", "compile"))
+            ms = [f"{r[f'{key}_{impl}_ms']:.3f}" if f"{key}_{impl}_ms" in r else "-"
+                  for impl in ("ours", "cuda", "eager", "compile")]  # fmt: skip
+            vs_best = f"{r[f'{key}_cuda_vs_best']:.2f}x" if f"{key}_cuda_vs_best" in r else "-"
             lines.append(
-                f"| {r['op']} | {r['size']} | {label} | {ms} | {r[f'{key}_speedup_vs_eager']:.2f}x | "
-                f"{r[f'{key}_speedup_vs_compile']:.2f}x | {r[f'{key}_ours_GBps']:.0f} "
+                f"| {r['op']} | {r['size']} | {label} | {' | '.join(ms)} | "
+                f"{r[f'{key}_speedup_vs_compile']:.2f}x | {vs_best} | {r[f'{key}_ours_GBps']:.0f} "
                 f"({100 * r[f'{key}_fraction_of_copy']:.0f}%) |"
             )
     ce = [r for r in rows if "peak_bytes_ours" in r]
@@ -239,6 +319,17 @@ def _markdown(rows, prov, copy_gbs) -> str:
         lines += ["|---|---|---|---|"]
         lines += [f"| {r['size']} | {r['peak_bytes_ours']:,} | {r['peak_bytes_eager']:,} | "
                   f"{r['peak_bytes_ours'] / r['peak_bytes_eager']:.3f} |" for r in ce]  # fmt: skip
+    lines += ["", "AdamW, one step over a flat fp32 buffer (28 bytes per parameter, 30 with the bf16 copy):",
+              "", "| parameters | implementation | ms | GB/s (of copy) | vs torch fused |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for r in adamw:
+        if "ms" not in r:
+            lines.append(f"| {r['parameters']:,} | {r['impl']} | {r['status']} | | |")
+            continue
+        lines.append(
+            f"| {r['parameters']:,} | {r['impl']} | {r['ms']:.3f} | {r['GBps']:.0f} "
+            f"({100 * r['fraction_of_copy']:.0f}%) | {r['speedup_vs_torch_fused']:.2f}x |"
+        )
     return "\n".join(head + lines) + "\n"
 
 
