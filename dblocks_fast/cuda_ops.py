@@ -120,8 +120,10 @@ def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd):
     n, t, d = x.shape
     gated = y is not None
     act = x.dtype
+    x = x.contiguous()
     dh = dh.to(act).contiguous()
     dx_new = dx_new.to(act).contiguous() if dx_new is not None else None
+    y = y.to(act).contiguous() if gated else None  # the kernel reads y in x_new's dtype (e.g. bf16 y, fp32 x)
     mods, stride = _modulation(act, scale, *([gate] if gated else []))
     mod = mods[0].dtype
     dx = torch.empty((n, t, d), dtype=act, device=x.device)
@@ -134,7 +136,7 @@ def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd):
         (ext.adaln_backward_workspace(n, t, d, int(gated)),), dtype=torch.float32, device=x.device
     )
     ext.adaln_backward(
-        _ptr(dh), _ptr(dx_new), _ptr(x.contiguous()), _ptr(y.contiguous() if gated else None),
+        _ptr(dh), _ptr(dx_new), _ptr(x), _ptr(y),
         _ptr(mods[1] if gated else None), _ptr(mods[0]), _ptr(mean), _ptr(rstd), _ptr(dx), _ptr(dy),
         _ptr(dshift), _ptr(dscale), _ptr(dgate), _ptr(workspace), n, t, d, stride, _code(act), _code(mod),
         _stream(x.device),
