@@ -29,11 +29,13 @@ from benchmarks import (  # noqa: E402
     bench_memory,
     bench_paging,
     common,
+    quality_vit,
 )
 
 # (script, the question it answers); the order of the results page
 SCRIPTS = [
     ("quality_digits", "How good: does block-wise training match end-to-end training?"),
+    ("quality_vit", "How good for classification: does a block-wise ViT match the end-to-end one?"),
     ("bench_memory", "How much memory does block-wise training need?"),
     ("bench_paging", "How fast is paging blocks between host and GPU?"),
     ("bench_capacity", "What is the largest model I can train on my GPU?"),
@@ -149,6 +151,7 @@ def _kernels(r: dict) -> list[str]:
 
 TABLES = {
     "quality_digits": _quality,
+    "quality_vit": quality_vit.table,
     "bench_memory": bench_memory.table,
     "bench_paging": bench_paging.table,
     "bench_capacity": bench_capacity.table,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, atomic_write
 from .distributed import DistributedError
-from .tasks import PRESETS
+from .tasks import PRESETS, ImageClassification
 from .train import TrainConfig, TrainingDiverged
 
 CLI_FILE = "cli.json"  # what the CLI knows that the library does not: preset and data path of a run
@@ -174,6 +174,10 @@ def cmd_sample(args) -> int:
 
     preset, _ = _run_preset(args)
     model = load(args.run, args.device)
+    if model.task.kind == ImageClassification.kind:
+        raise SystemExit(
+            f"error: {args.run} is a classifier: there are no samples to draw; use dblocks-fast eval"
+        )
     s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
     s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
     classes = model.task.config.num_classes
@@ -185,6 +189,8 @@ def cmd_sample(args) -> int:
 
 
 def _eval_and_report(model, run: Path, preset, train_data, test_data, args, evaluate) -> int:
+    if model.task.kind == ImageClassification.kind:
+        return _eval_classifier(model, run, test_data)
     s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
     s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
     print(f"evaluating: {args.per_class} samples per class ({_describe(s)})")
@@ -197,6 +203,18 @@ def _eval_and_report(model, run: Path, preset, train_data, test_data, args, eval
         grid[:, :show].reshape(-1, *train_data.image_shape), train_data.num_classes, show, run / "samples.png"
     )
     _print_report(run, model.num_blocks, result)
+    return 0
+
+
+def _eval_classifier(model, run: Path, test_data) -> int:
+    """Test accuracy of a classification run: one denoising step per block (tasks.classification.predict)."""
+    from .tasks.classification import evaluate_accuracy
+
+    accuracy = evaluate_accuracy(model, test_data)
+    result = {"test_accuracy": accuracy, "test_examples": len(test_data), "num_blocks": model.num_blocks}
+    atomic_write(run / "eval.json", json.dumps(result, indent=1).encode())
+    print(f"test accuracy: {accuracy:.3f} on {len(test_data)} examples (B={model.num_blocks})")
+    print(f"figures: {run / 'eval.json'}")
     return 0
 
 

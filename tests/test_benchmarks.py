@@ -22,6 +22,7 @@ def quick(tmp_path_factory):
 
 NAMES = [
     "quality_digits",
+    "quality_vit",
     "bench_memory",
     "bench_paging",
     "bench_capacity",

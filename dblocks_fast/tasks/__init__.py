@@ -1,8 +1,8 @@
 """Tasks (what y and x are, the block network, the loss) and the presets the CLI trains.
 
 A task object provides: `kind`, `num_layers`, `to_dict()`, `build_block(index, num_layers)`,
-`check_data(data)`, `loss(block, batch, sigma, generator) -> (loss, per_sample)`,
-`denoise(block, z, sigma, cond)` and `null_cond(cond)`.
+`check_data(data)`, `loss(block, batch, sigma, generator, rows=None) -> (loss, per_sample)`,
+`denoise(block, z, sigma, cond)` and `null_cond(cond)` (classification has no guidance: it refuses).
 """
 
 from __future__ import annotations
@@ -11,11 +11,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..data import load_digits, load_image_npz
+from .classification import ImageClassification, ViTBlock, ViTClassifier, ViTConfig
 from .image_generation import DiTBlock, DiTConfig, ImageGeneration
 
-__all__ = ["DiTBlock", "DiTConfig", "ImageGeneration", "Preset", "PRESETS", "task_from_dict"]
+__all__ = [
+    "DiTBlock",
+    "DiTConfig",
+    "ImageGeneration",
+    "ImageClassification",
+    "ViTBlock",
+    "ViTClassifier",
+    "ViTConfig",
+    "Preset",
+    "PRESETS",
+    "task_from_dict",
+]
 
-_TASKS = {ImageGeneration.kind: (ImageGeneration, DiTConfig)}
+_TASKS = {
+    ImageGeneration.kind: (ImageGeneration, DiTConfig),
+    ImageClassification.kind: (ImageClassification, ViTConfig),
+}
 
 
 def task_from_dict(d: dict):
@@ -55,5 +70,14 @@ PRESETS: dict[str, Preset] = {
         ),
         train_defaults=dict(num_blocks=3, steps_per_block=1000, batch_size=128, lr=1e-3, warmup=100),
         sample_defaults=dict(num_steps=12, sampler="heun", cfg_scale=1.5),
+    ),
+    # The paper's ViT row scaled to the digits: 12 layers, B = 3, one denoising step per block at inference.
+    "digits-vit": Preset(
+        description="ViT classifier as DiffusionBlocks on scikit-learn's 8x8 digits (or --data images.npz)",
+        load_data=_digits_or_npz,
+        make_task=lambda data: ImageClassification.for_data(
+            data, hidden=64, heads=4, num_layers=12, patch_size=2, emb_dim=64
+        ),
+        train_defaults=dict(num_blocks=3, steps_per_block=1000, batch_size=128, lr=1e-3, warmup=100),
     ),
 }
