@@ -41,6 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps-per-block", type=int, default=1000, help="optimizer steps of every block")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     ap.add_argument("--max-weight", type=float, default=1e3, help="clamp of w(sigma); <= 0 means no clamp")
+    ap.add_argument("--label-scale", type=float, default=1.0, help="length of the label table's rows")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="tiny run: checks the pipeline, measures nothing")
@@ -74,7 +75,9 @@ def main(argv=None) -> dict:
     prov = common.provenance(device)
     train_data, test_data = dbf.data.load_digits("train"), dbf.data.load_digits("test")
     max_weight = args.max_weight if args.max_weight > 0 else None
-    task = ImageClassification.for_data(train_data, **MODEL, max_weight=max_weight)
+    task = ImageClassification.for_data(
+        train_data, **MODEL, max_weight=max_weight, label_scale=args.label_scale
+    )
     b, layers = train_cfg["num_blocks"], task.num_layers
     runs = []
     for seed in args.seeds:
@@ -178,7 +181,8 @@ def table(record: dict) -> list[str]:
     lines = [
         f"ViT {cfg['num_layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, patch "
         f"{cfg['patch_size']}; label table {cfg['num_classes']} x {cfg['emb_dim']}, w clamp "
-        f"{cfg['max_weight']}; every block trains {s['steps_per_block']} steps (equal layer evaluations); "
+        f"{cfg['max_weight']}, row length {cfg.get('label_scale', 1.0)}; every block trains "
+        f"{s['steps_per_block']} steps (equal layer evaluations); "
         f"inference: one step per block at sigma_max, then each block's geometric middle ('boundary sigmas': "
         f"at the upper boundaries instead); mean ± std over seeds {s['seeds']}.",
         "",

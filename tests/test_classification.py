@@ -253,3 +253,11 @@ def test_cli_trains_and_scores_the_digits_vit_preset(tmp_path, capsys):
     assert main(["eval", "--run", str(run)]) == 0  # the preset is read back from the run folder
     with pytest.raises(SystemExit, match="is a classifier"):
         main(["sample", "--run", str(run), "--out", str(tmp_path / "grid.png")])
+
+
+def test_label_scale_sets_the_row_length_and_is_checked():
+    task = ImageClassification(ViTConfig(label_scale=0.25))
+    norms = task.label_table().norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.25))
+    with pytest.raises(ValueError, match="label_scale must be a finite value > 0"):
+        ViTConfig(label_scale=0.0).validate()

@@ -54,6 +54,9 @@ class ViTConfig:
     num_classes: int = 10  # class labels 0..num_classes-1
     emb_dim: int = 64  # width of the frozen label-embedding table E (the denoising target space)
     label_seed: int = 0  # seeds E; the same seed gives the same table for every block, task and process
+    label_scale: float = (
+        1.0  # length of E's rows (1 = L2-normalised, DESIGN.md); smaller: a weaker label token
+    )
     max_weight: float | None = 1e3  # clamp of the loss weight w(sigma) (2.5e5 at sigma=0.002); None = none
     sigma_data: float = 0.5  # EDM's sigma_data (c_in and w)
 
@@ -82,6 +85,8 @@ class ViTConfig:
             raise ValueError(f"label_seed must be >= 0, got {self.label_seed}")
         if self.max_weight is not None and not self.max_weight > 0:
             raise ValueError(f"max_weight must be positive or None (no clamp), got {self.max_weight}")
+        if not (self.label_scale > 0 and math.isfinite(self.label_scale)):
+            raise ValueError(f"label_scale must be a finite value > 0, got {self.label_scale}")
         if self.sigma_data <= 0:
             raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
 
@@ -204,7 +209,8 @@ class ImageClassification:
         device = torch.device(device)
         if device not in self._tables:
             cfg = self.config
-            self._tables[device] = label_table(cfg.num_classes, cfg.emb_dim, cfg.label_seed).to(device)
+            table = label_table(cfg.num_classes, cfg.emb_dim, cfg.label_seed) * cfg.label_scale
+            self._tables[device] = table.to(device)
         return self._tables[device]
 
     def check_data(self, data) -> None:
