@@ -1,18 +1,30 @@
-"""Built-in datasets that need no download (DESIGN.md section 5), and the user's own images.
+"""Built-in datasets that need no download (DESIGN.md section 5), and the user's own images and text.
 
 A dataset is an object with `len()` and `batch(indices) -> dict of tensors`; the task reads the keys it
-needs. Splits are deterministic: stratified by label, from a fixed seed, so every run sees the same split.
+needs. Splits are deterministic: images are stratified by label from a fixed seed; text is split by file
+(a stable hash of each file's relative path), so every run, on every machine, sees the same split.
 """
 
 from __future__ import annotations
 
 import os
+import sysconfig
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["ImageData", "load_digits", "load_image_npz", "stratified_split"]
+__all__ = [
+    "ImageData",
+    "TextData",
+    "load_digits",
+    "load_image_npz",
+    "load_pystdlib",
+    "load_text",
+    "split_files",
+    "stratified_split",
+]
 
 
 @dataclass
@@ -139,3 +151,138 @@ def load_image_npz(path: str | os.PathLike, split: str = "train", val_fraction: 
         torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1, name
     )
     return _split(data, split, val_fraction)
+
+
+# --- text (bytes) -----------------------------------------------------------------------------------------
+VOCAB_BYTES = 256  # byte-level tasks: one token per byte value
+
+
+@dataclass
+class TextData:
+    """A byte stream cut into non-overlapping windows of `seq_len` bytes; `batch` gives {"tokens": (n,
+    seq_len) int64}. Window i is bytes [i * seq_len, (i + 1) * seq_len) of the stream (ragged end dropped)."""
+
+    data: torch.Tensor  # uint8, (num_bytes,): the split's files, concatenated in sorted path order
+    seq_len: int  # bytes per example
+    name: str = "text"  # for messages and the run manifest
+    num_files: int = 0  # how many files the stream came from (for messages)
+
+    def __post_init__(self):
+        if self.data.dtype != torch.uint8 or self.data.ndim != 1:
+            raise ValueError(f"{self.name}: data must be a 1-D uint8 tensor of bytes")
+        if self.seq_len < 2:
+            raise ValueError(f"{self.name}: seq_len must be >= 2, got {self.seq_len}")
+        if len(self) == 0:
+            raise ValueError(
+                f"{self.name}: {self.data.numel()} bytes do not fill one window of seq_len={self.seq_len} "
+                f"bytes; give more text or a shorter sequence length"
+            )
+
+    def __len__(self) -> int:
+        return self.data.numel() // self.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_BYTES
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"{self.name}: window index out of range [0, {len(self)})")
+        offsets = idx[:, None] * self.seq_len + torch.arange(self.seq_len)
+        return {"tokens": self.data[offsets].long()}
+
+    def with_seq_len(self, seq_len: int) -> TextData:
+        """The same bytes cut into windows of another length."""
+        return TextData(self.data, seq_len, self.name, self.num_files)
+
+
+def split_files(paths: list[str], root: str, val_mod: int = 10) -> tuple[list[str], list[str]]:
+    """(train, validation) by file: a file is validation when crc32(its path relative to root) % val_mod == 0.
+
+    The rule depends only on the path, so it is the same on every machine and run, and adding a file never
+    moves another one between the splits."""
+    val = [
+        p for p in paths if zlib.crc32(os.path.relpath(p, root).replace(os.sep, "/").encode()) % val_mod == 0
+    ]
+    chosen = set(val)
+    return [p for p in paths if p not in chosen], val
+
+
+def _read(paths: list[str]) -> torch.Tensor:
+    chunks = []
+    for p in paths:
+        with open(p, "rb") as f:
+            chunks.append(f.read())
+    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+
+
+def _text_split(paths: list[str], root: str, split: str, seq_len: int, name: str) -> TextData:
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split == "all":
+        return TextData(_read(paths), seq_len, name, len(paths))
+    train, val = split_files(paths, root)
+    if train and val:
+        chosen = train if split == "train" else val
+        return TextData(_read(chosen), seq_len, f"{name}[{split}]", len(chosen))
+    # too few files for a split by file (one file, or none hashed to one side): the last 10% of every file
+    # is the validation text
+    parts = []
+    for p in paths:
+        b = _read([p])
+        cut = int(b.numel() * 0.9)
+        parts.append(b[:cut] if split == "train" else b[cut:])
+    return TextData(torch.cat(parts), seq_len, f"{name}[{split}, by position]", len(paths))
+
+
+def pystdlib_files() -> tuple[list[str], str]:
+    """The Python standard library's own .py files (sorted), without tests, idlelib and site-packages, and
+    its root folder. About 11 MB in 674 files on CPython 3.11."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    if not files:
+        raise FileNotFoundError(
+            f"no .py files under the standard library folder {root}; this Python installation has no "
+            f"library sources: pass your own text with --data PATH"
+        )
+    return sorted(files), root
+
+
+def load_pystdlib(split: str = "train", seq_len: int = 128) -> TextData:
+    """The Python standard library's source as bytes (DESIGN.md section 5): split by file, about 10% of the
+    files (by a hash of the path) for validation ("test"). The files differ between Python versions, so
+    results record the version."""
+    files, root = pystdlib_files()
+    import platform
+
+    return _text_split(files, root, split, seq_len, f"pystdlib-{platform.python_version()}")
+
+
+def load_text(path: str | os.PathLike, split: str = "train", seq_len: int = 128) -> TextData:
+    """The user's text: one file, or every file under a folder (recursively, hidden ones skipped), as bytes.
+
+    Split by file as load_pystdlib; a single file (or a folder too small for a split by file) is split by
+    position, the last 10% of each file being the validation text."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        files, root = [path], os.path.dirname(path) or "."
+    elif os.path.isdir(path):
+        root, files = path, []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+        files.sort()
+        if not files:
+            raise ValueError(f"--data {path}: the folder holds no files (expected text files)")
+    else:
+        raise FileNotFoundError(
+            f"--data {path}: no such file or folder (expected a text file or a folder of them)"
+        )
+    if sum(os.path.getsize(f) for f in files) == 0:
+        raise ValueError(f"--data {path}: the text is empty")
+    return _text_split(files, root, split, seq_len, os.path.basename(os.path.normpath(path)))

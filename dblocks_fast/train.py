@@ -314,7 +314,11 @@ class Trainer:
         indices = self._batch_indices(b, s)[lo:hi]
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(indices).items()}
         g = rng.generator(self.device, cfg.seed, rng.TRAIN, b, s)
-        sigma = self.schedule.sample_sigma(b, cfg.batch_size, g, self.device)[lo:hi]
+        if hasattr(self.task, "sample_noise"):  # its own noise process (masked diffusion: a masking level t)
+            level = self.task.sample_noise(self.schedule, b, cfg.batch_size, g, self.device)
+        else:
+            level = self.schedule.sample_sigma(b, cfg.batch_size, g, self.device)
+        sigma = level[lo:hi]
         for group in opt.param_groups:
             group["lr"] = lr_at(s, cfg)
         block.train()

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,3 +68,69 @@ def test_npz_loader_missing_and_unreadable(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable .npz"):
         load_image_npz(tmp_path / "junk.npz")
+
+
+# --- text ---------------------------------------------------------------------------------------------------
+def test_pystdlib_split_by_file_is_deterministic_and_disjoint():
+    from dblocks_fast.data import load_pystdlib, pystdlib_files, split_files
+
+    files, root = pystdlib_files()
+    train, val = split_files(files, root)
+    assert set(train).isdisjoint(val) and sorted(train + val) == files
+    assert 0.05 < len(val) / len(files) < 0.15  # ~10% of the files by a hash of the path
+    tr, te = load_pystdlib("train", seq_len=32), load_pystdlib("test", seq_len=32)
+    sizes = lambda ps: sum(os.path.getsize(p) for p in ps)  # noqa: E731
+    assert len(tr) == sizes(train) // 32 and len(te) == sizes(val) // 32
+    assert torch.equal(load_pystdlib("test", seq_len=32).data, te.data)
+    b = tr.batch(torch.tensor([0, len(tr) - 1]))["tokens"]
+    assert b.shape == (2, 32) and b.dtype == torch.int64
+    with open(train[0], "rb") as f:  # window 0 is the first bytes of the first training file
+        assert bytes(b[0].tolist()) == f.read(32)
+
+
+def test_text_windows_and_errors(tmp_path):
+    from dblocks_fast.data import TextData, load_text
+
+    text = bytes(range(256)) * 4
+    (tmp_path / "a.txt").write_bytes(text)
+    tr, te = (
+        load_text(tmp_path / "a.txt", "train", seq_len=16),
+        load_text(tmp_path / "a.txt", "test", seq_len=16),
+    )
+    assert "by position" in tr.name  # one file: the last 10% is the validation text
+    assert tr.data.numel() + te.data.numel() == len(text)
+    assert bytes(tr.data.tolist()) + bytes(te.data.tolist()) == text
+    assert len(tr) == int(len(text) * 0.9) // 16
+    assert torch.equal(tr.batch(torch.tensor([3]))["tokens"][0], torch.arange(48, 64))
+    with pytest.raises(IndexError, match="out of range"):
+        tr.batch(torch.tensor([len(tr)]))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_text(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        load_text(tmp_path / "empty")
+    (tmp_path / "short.txt").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="do not fill one window"):
+        load_text(tmp_path / "short.txt", "all", seq_len=16)
+    with pytest.raises(ValueError, match="split must be"):
+        load_text(tmp_path / "a.txt", "val")
+    with pytest.raises(ValueError, match="seq_len must be"):
+        TextData(torch.zeros(10, dtype=torch.uint8), 1)
+
+
+def test_text_folder_splits_by_file(tmp_path):
+    from dblocks_fast.data import load_text, split_files
+
+    paths = []
+    for i in range(40):
+        p = tmp_path / "src" / f"f{i:02d}.py"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(f"x{i} = {i}\n".encode() * 20)
+        paths.append(str(p))
+    (tmp_path / "src" / ".hidden").write_bytes(b"secret" * 100)  # hidden files are not text of the set
+    train, val = split_files(paths, str(tmp_path / "src"))
+    assert train and val
+    tr, te = load_text(tmp_path / "src", "train", 8), load_text(tmp_path / "src", "test", 8)
+    assert tr.num_files == len(train) and te.num_files == len(val)
+    assert b"secret" not in bytes(tr.data.tolist()) + bytes(te.data.tolist())
+    assert b"x%d = " % int(os.path.basename(val[0])[1:3]) in bytes(te.data.tolist())

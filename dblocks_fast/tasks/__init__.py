@@ -3,6 +3,9 @@
 A task object provides: `kind`, `num_layers`, `to_dict()`, `build_block(index, num_layers)`,
 `check_data(data)`, `loss(block, batch, sigma, generator, rows=None) -> (loss, per_sample)`,
 `denoise(block, z, sigma, cond)` and `null_cond(cond)` (classification has no guidance: it refuses).
+A task with its own noise process (masked diffusion: a masking level t, not an EDM sigma) also provides
+`sample_noise(schedule, b, n, generator, device)`, which the trainer then calls instead of
+`schedule.sample_sigma`.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class Preset:
     make_task: Callable  # (training dataset) -> task
     train_defaults: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
     sample_defaults: dict = field(default_factory=dict)  # num_steps, sampler, cfg_scale for sample/eval
+    evaluate: Callable | None = None  # (model, test data, seed) -> figures for eval.json; None: image scoring
+    sample_text: Callable | None = None  # (model, n, seed) -> n generated strings (language models)
 
 
 def _digits_or_npz(path, split):
