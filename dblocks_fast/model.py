@@ -123,7 +123,11 @@ class BlockModel(nn.Module):
         if block is None:
             # block_of is monotone in sigma, so the extremes tell whether one block owns them all
             ends = torch.stack([sigma.max(), sigma.min()]).detach().double().cpu()
-            first, last = self.schedule.block_of(ends).tolist()
+            # a task with its own noise levels (masked diffusion: t) says which block owns them
+            owner = getattr(self.task, "block_of", None)
+            first, last = (
+                self.schedule.block_of(ends) if owner is None else owner(self.schedule, ends)
+            ).tolist()
             if first != last:
                 raise ValueError(f"sigmas span blocks {first}..{last}; denoise one block's sigmas at a time")
             block = first

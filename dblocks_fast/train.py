@@ -475,7 +475,10 @@ class Trainer:
         now, done = time.perf_counter(), sum(self.steps_done[i] for i in self.owned)
         step_ms = 1000 * (now - self._clock[0]) / max(1, done - self._clock[1])
         self._clock = (now, done)
-        lo, hi = self.schedule.interval(b)
+        if hasattr(self.task, "sample_noise"):  # its own noise levels (masked diffusion: t, not sigma)
+            lo, hi = self.task.interval(self.schedule, b)
+        else:
+            lo, hi = self.schedule.interval(b)
         rec = {
             "block": b,
             "step": self.steps_done[b],
