@@ -29,6 +29,7 @@ from benchmarks import (  # noqa: E402
     bench_memory,
     bench_paging,
     common,
+    quality,
     quality_vit,
 )
 
@@ -36,6 +37,7 @@ from benchmarks import (  # noqa: E402
 SCRIPTS = [
     ("quality_digits", "How good: does block-wise training match end-to-end training?"),
     ("quality_vit", "How good for classification: does a block-wise ViT match the end-to-end one?"),
+    ("quality", "How good across the paper's tasks: image generation, classification, language models?"),
     ("bench_memory", "How much memory does block-wise training need?"),
     ("bench_paging", "How fast is paging blocks between host and GPU?"),
     ("bench_capacity", "What is the largest model I can train on my GPU?"),
@@ -152,6 +154,7 @@ def _kernels(r: dict) -> list[str]:
 TABLES = {
     "quality_digits": _quality,
     "quality_vit": quality_vit.table,
+    "quality": quality.table,
     "bench_memory": bench_memory.table,
     "bench_paging": bench_paging.table,
     "bench_capacity": bench_capacity.table,

@@ -174,6 +174,14 @@ def cmd_sample(args) -> int:
 
     preset, _ = _run_preset(args)
     model = load(args.run, args.device)
+    if preset.sample_text is not None:  # a language model: print (and with --out .txt, write) generated text
+        texts = preset.sample_text(model, args.per_class, args.seed)
+        for i, t in enumerate(texts):
+            print(f"--- sample {i} ---\n{t}")
+        if args.out and not args.out.endswith(".png"):
+            atomic_write(Path(args.out), "\n\n".join(texts).encode())
+            print(f"wrote {args.out}: {len(texts)} samples")
+        return 0
     if model.task.kind == ImageClassification.kind:
         raise SystemExit(
             f"error: {args.run} is a classifier: there are no samples to draw; use dblocks-fast eval"
@@ -189,6 +197,8 @@ def cmd_sample(args) -> int:
 
 
 def _eval_and_report(model, run: Path, preset, train_data, test_data, args, evaluate) -> int:
+    if preset.evaluate is not None:
+        return _eval_preset(model, run, preset, test_data, args)
     if model.task.kind == ImageClassification.kind:
         return _eval_classifier(model, run, test_data)
     s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
@@ -214,6 +224,20 @@ def _eval_classifier(model, run: Path, test_data) -> int:
     result = {"test_accuracy": accuracy, "test_examples": len(test_data), "num_blocks": model.num_blocks}
     atomic_write(run / "eval.json", json.dumps(result, indent=1).encode())
     print(f"test accuracy: {accuracy:.3f} on {len(test_data)} examples (B={model.num_blocks})")
+    print(f"figures: {run / 'eval.json'}")
+    return 0
+
+
+def _eval_preset(model, run: Path, preset, test_data, args) -> int:
+    """A preset's own figures (the language models: validation bits per byte), written to eval.json."""
+    print(f"evaluating on {test_data.name} ({len(test_data)} windows)")
+    result = {**preset.evaluate(model, test_data, seed=args.seed), "num_blocks": model.num_blocks}
+    samples = result.pop("samples", [])
+    atomic_write(run / "eval.json", json.dumps(result, indent=1).encode())
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    for i, t in enumerate(samples):
+        print(f"--- sample {i} ---\n{t}")
     print(f"figures: {run / 'eval.json'}")
     return 0
 
@@ -321,7 +345,10 @@ def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
     p.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument(
-        "--per-class", type=int, default=per_class, help=f"samples per class (default {per_class})"
+        "--per-class",
+        type=int,
+        default=per_class,
+        help=f"samples per class; language models: samples in all (default {per_class})",
     )
     p.add_argument("--sample-seed", dest="seed", type=int, default=0, help="seed of the sampling noise")
 
@@ -336,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a preset (default: the DiT on built-in digits), then sample and score it"
     )
     t.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(sorted(PRESETS))}")
-    t.add_argument("--data", help="your own data instead of the built-in set (.npz with images and labels)")
+    t.add_argument(
+        "--data",
+        help="your own data instead of the built-in set: an .npz with images and labels (image presets), a "
+        "text file or a folder of text files (pystdlib-* presets)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-eval", action="store_true", help="skip sampling and scoring after training")
     _add_train_flags(t)
@@ -344,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
     s.add_argument("--run", required=True, help="run folder")
-    s.add_argument("--out", default="grid.png", help="PNG to write")
+    s.add_argument(
+        "--out", default="grid.png", help="PNG to write (language models: a .txt to write the samples to)"
+    )
     s.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     s.add_argument("--preset", help="preset the run used (default: from the run folder)")
     _add_sample_flags(s, per_class=8)

@@ -23,6 +23,7 @@ def quick(tmp_path_factory):
 NAMES = [
     "quality_digits",
     "quality_vit",
+    "quality",
     "bench_memory",
     "bench_paging",
     "bench_capacity",
@@ -47,6 +48,20 @@ def test_quality_record(quick):
     assert [r["num_blocks"] for r in record["summary"]] == [1, 2, 3, 4, 3]
     for r in record["runs"]:
         assert 0.0 <= r["sample_accuracy"] <= 1.0 and r["frechet_distance"] > 0 and r["train_s"] > 0
+
+
+def test_quality_summary_has_a_row_per_task(quick):
+    record = json.loads((quick / f"quality-{DEV}.json").read_text())
+    assert [r["task"] for r in record["rows"]] == ["dit", "vit", "ar", "mdm"]
+    for r in record["rows"]:
+        assert r["baseline"] > 0 and r["blocks"] > 0 and r["commit"] and r["device"], r["task"]
+        assert r["better"] in ("lower", "higher")
+    ar = record["rows"][2]
+    assert ar["num_blocks"] == 4 and len(ar["runs"][0]["generative"]) == 4
+    for score in ar["runs"][0]["generative"].values():
+        assert 0.0 <= score["tokenize_fraction"] <= 1.0 and score["bits_per_byte_under_baseline"] > 0
+    table = (quick / f"quality-{DEV}.md").read_text()
+    assert table.count("| mdm (pystdlib-mdm) |") == 1 and "| dit (digits-dit) |" in table
 
 
 def test_inference_record(quick):

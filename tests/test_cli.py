@@ -76,6 +76,26 @@ def test_user_data_from_npz(tmp_path):
     )  # finds its data again
 
 
+@pytest.mark.parametrize("preset,figure", [("pystdlib-ar", "bits_per_byte_last_step"),
+                                           ("pystdlib-mdm", "elbo_bits_per_byte")])  # fmt: skip
+def test_language_model_presets_on_user_text(tmp_path, capsys, preset, figure):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # a folder of text files: split by file
+        (src / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j}\n" for j in range(30)))
+    run = tmp_path / "run"
+    argv = ["train", "--preset", preset, *FAST, "--data", str(src), "--out", str(run), "--per-class", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run / "eval.json").read_text())
+    assert 0 < result[figure] < 9 and f"{figure}: " in out and "--- sample 1 ---" in out
+    assert json.loads((run / "cli.json").read_text())["data"] == str(src)
+    assert main(["sample", "--run", str(run), "--per-class", "3", "--out", str(tmp_path / "s.txt")]) == 0
+    assert (tmp_path / "s.txt").read_text(errors="replace").count("\n\n") >= 2
+    assert main(["eval", "--run", str(run)]) == 0  # finds its data again
+    assert json.loads((run / "eval.json").read_text())[figure] == result[figure]  # seeded: the same figure
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
