@@ -173,6 +173,8 @@ def test_baseline_has_the_same_depth_and_trains(tiny_vit, digits, tiny_config):
     trained = train_baseline(tiny_vit, digits, tiny_config(steps_per_block=3))
     assert isinstance(trained, ViTClassifier)
     assert 0.0 <= evaluate_accuracy(trained, load_digits("test")) <= 1.0
+    with pytest.raises(ValueError, match="larger than the training set"):  # was a ZeroDivisionError
+        train_baseline(tiny_vit, digits, tiny_config(batch_size=len(digits) + 1))
 
 
 @pytest.mark.parametrize(

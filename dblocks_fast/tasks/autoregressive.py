@@ -39,6 +39,7 @@ from torch import nn
 from .. import ops, precond, rng
 from ..data import VOCAB_BYTES
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, attention
+from .baseline import train_end_to_end
 from .classification import inference_sigmas, label_table
 
 __all__ = [
@@ -593,45 +594,17 @@ def generate(
 def train_baseline(task: AutoregressiveLM, data, config) -> ARBaselineLM:
     """The plain causal transformer (all task.num_layers layers) trained end to end with next-byte CE for
     config.steps_per_block steps: what one block of a DiffusionBlocks run takes, so total layer evaluations
-    are equal (B blocks x steps x L/B layers = L x steps; the blocks' sequences are twice as long). Uses the
-    TrainConfig's batch size, AdamW settings, warm-up + cosine learning rate (train.lr_at), gradient
-    clipping, device and seed; batches are drawn as the Trainer draws block 0's."""
-    from ..train import lr_at  # train imports tasks; import here to keep the package import order simple
-
-    config.validate()
+    are equal (B blocks x steps x L/B layers = L x steps; the blocks' sequences are twice as long). The loop
+    is tasks.baseline.train_end_to_end (batch size, AdamW, learning-rate schedule, clipping and seed of
+    `config`; batches drawn as the Trainer draws block 0's)."""
     task.check_data(data)
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.derive_seed(config.seed, rng.INIT, 0))
-        model = ARBaselineLM(task.config).to(dev)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    n, bs = len(data), config.batch_size
-    if bs > n:
-        raise ValueError(f"batch_size {bs} is larger than the training set ({n} windows); lower --batch-size")
-    per_epoch = n // bs
-    perm_epoch, perm = None, None
-    model.train()
-    for step in range(config.steps_per_block):
-        epoch, j = divmod(step, per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = (
-                epoch,
-                torch.randperm(n, generator=rng.generator("cpu", config.seed, rng.DATA, 0, epoch)),
-            )
-        tokens = data.batch(perm[j * bs : (j + 1) * bs])["tokens"].to(dev)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
+
+    def loss(model, batch):
+        tokens = batch["tokens"]
         logits = model(tokens)[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        opt.step()
-    return model.eval()
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+    return train_end_to_end(lambda: ARBaselineLM(task.config), data, config, loss)
 
 
 def _next_byte_ce_sum(model: ARBaselineLM, tokens: torch.Tensor, first: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 from .. import precond, rng
 from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding
+from .baseline import train_end_to_end
 from .image_generation import patchify
 
 __all__ = [
@@ -376,42 +377,13 @@ def predict(
 def train_baseline(task: ImageClassification, data: ImageData, config) -> ViTClassifier:
     """The plain ViT (all task.num_layers layers) trained end to end with CE for config.steps_per_block
     steps: what one block of a DiffusionBlocks run takes, so total layer evaluations are equal (B blocks x
-    steps x L/B layers = L x steps). Uses the TrainConfig's batch size, AdamW settings, warm-up + cosine
-    learning rate (train.lr_at), gradient clipping, device and seed; batches are drawn as the Trainer draws
-    block 0's."""
-    from ..train import lr_at  # train imports tasks; import here to keep the package import order simple
-
-    config.validate()
+    steps x L/B layers = L x steps). The loop is tasks.baseline.train_end_to_end."""
     task.check_data(data)
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.derive_seed(config.seed, rng.INIT, 0))
-        model = ViTClassifier(task.config).to(dev)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
-    )
-    n, bs = len(data), config.batch_size
-    per_epoch = n // bs
-    perm_epoch, perm = None, None
-    model.train()
-    for step in range(config.steps_per_block):
-        epoch, j = divmod(step, per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = (
-                epoch,
-                torch.randperm(n, generator=rng.generator("cpu", config.seed, rng.DATA, 0, epoch)),
-            )
-        batch = data.batch(perm[j * bs : (j + 1) * bs])
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss = F.cross_entropy(model(batch["y"].to(dev)).float(), batch["label"].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
-        opt.step()
-    return model.eval()
+
+    def loss(model, batch):  # ImageData's keys: "y" holds the images
+        return F.cross_entropy(model(batch["y"]).float(), batch["label"])
+
+    return train_end_to_end(lambda: ViTClassifier(task.config), data, config, loss)
 
 
 @torch.no_grad()
