@@ -102,8 +102,11 @@ def run_ar(args, device: torch.device) -> dict:
             "end to end, temperature 1": generative_score(
                 baseline, baseline, val_data, seed=seed, temperature=1.0, **gen
             ),
-            f"DiffusionBlocks B={cfg.num_blocks}": generative_score(
+            f"DiffusionBlocks B={cfg.num_blocks}, one step per block": generative_score(
                 model, baseline, val_data, seed=seed, **gen
+            ),
+            f"DiffusionBlocks B={cfg.num_blocks}, {8 * cfg.num_blocks} steps": generative_score(
+                model, baseline, val_data, seed=seed, sigmas="boundary", num_steps=8 * cfg.num_blocks, **gen
             ),
         }
         runs.append(

@@ -739,6 +739,8 @@ def generative_score(
     new_len: int | None = None,
     seed: int = 0,
     temperature: float = 0.0,
+    sigmas="middle",
+    num_steps: int | None = None,
 ) -> dict:
     """Scores of continuations of `num` prompts, the first prompt_len bytes of windows spread evenly over
     `data` (validation text).
@@ -748,7 +750,8 @@ def generative_score(
     Returns {"bits_per_byte_under_baseline": mean CE / ln 2 of the new_len continuation bytes under
     `baseline` given their prompts (lower: more plausible to the baseline; greedy text scores low by
     construction), "tokenize_fraction": the fraction of prompt + continuation fragments that `tokenizes`
-    accepts}. Defaults: prompt_len = seq_len // 2, new_len = seq_len - prompt_len.
+    accepts}. Defaults: prompt_len = seq_len // 2, new_len = seq_len - prompt_len. sigmas, num_steps: the
+    BlockModel's inference steps (see `generate`).
     """
     seq_len = baseline.cfg.seq_len
     _require_text(data)
@@ -772,7 +775,7 @@ def generative_score(
             raise ValueError(
                 f"the model's seq_len {model.task.config.seq_len} differs from the baseline's {seq_len}"
             )
-        cont = generate(model, prompts, new_len, temperature, seed)[:, prompt_len:]
+        cont = generate(model, prompts, new_len, temperature, seed, sigmas, num_steps)[:, prompt_len:]
     dev = next(baseline.parameters()).device
     full = torch.cat([prompts.to(dev), cont.to(dev)], dim=1)
     baseline.eval()
