@@ -52,7 +52,7 @@ def test_quality_record(quick):
 
 def test_quality_summary_has_a_row_per_task(quick):
     record = json.loads((quick / f"quality-{DEV}.json").read_text())
-    assert [r["task"] for r in record["rows"]] == ["dit", "vit", "ar", "mdm"]
+    assert [r["task"] for r in record["rows"]] == ["dit", "vit", "ar", "mdm", "recurrent"]
     for r in record["rows"]:
         assert r["baseline"] > 0 and r["blocks"] > 0 and r["commit"] and r["device"], r["task"]
         assert r["better"] in ("lower", "higher")
@@ -60,6 +60,8 @@ def test_quality_summary_has_a_row_per_task(quick):
     assert ar["num_blocks"] == 4 and len(ar["runs"][0]["generative"]) == 5
     for score in ar["runs"][0]["generative"].values():
         assert 0.0 <= score["tokenize_fraction"] <= 1.0 and score["bits_per_byte_under_baseline"] > 0
+    rec = record["rows"][4]["runs"][0]
+    assert rec["baseline_token_layers_forward"] > rec["blocks_token_layers"] > 0 and rec["num_blocks"] == 1
     table = (quick / f"quality-{DEV}.md").read_text()
     assert table.count("| mdm (pystdlib-mdm) |") == 1 and "| dit (digits-dit) |" in table
 

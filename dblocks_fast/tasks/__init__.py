@@ -10,6 +10,7 @@ A task with its own noise process (masked diffusion: a masking level t, not an E
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,18 +88,22 @@ def _text(rows) -> list[str]:
     return [bytes(r.tolist()).decode("utf-8", errors="replace") for r in rows]
 
 
-def _ar_evaluate(model, test_data, seed=0, windows=1024) -> dict:
-    """Both teacher-forced figures of the AR LM (tasks.autoregressive.bits_per_byte) and two continuations."""
+def _ar_evaluate(model, test_data, seed=0, windows=1024, iterations=None) -> dict:
+    """Both teacher-forced figures of the AR LM (tasks.autoregressive.bits_per_byte) and two continuations.
+
+    iterations: None = one denoising step per block ("middle" sigmas); K = K steps along the sampling sigmas
+    (the recurrent-depth preset: its one block applied K times)."""
     import torch
 
     from .autoregressive import bits_per_byte, generate
 
-    last = bits_per_byte(model, test_data, max_windows=windows, seed=seed)
+    steps = {} if iterations is None else {"sigmas": "boundary", "num_steps": iterations}
+    last = bits_per_byte(model, test_data, max_windows=windows, seed=seed, **steps)
     first = bits_per_byte(
         model, test_data, max_windows=windows, seed=seed, sigmas=[model.schedule.sigma_max, 0]
     )
     prompt = test_data.batch(torch.tensor([0, len(test_data) // 2]))["tokens"][:, : TEXT_SEQ_LEN // 2]
-    out = generate(model, prompt.to(model.device), TEXT_SEQ_LEN // 2, seed=seed)
+    out = generate(model, prompt.to(model.device), TEXT_SEQ_LEN // 2, seed=seed, **steps)
     return {
         "bits_per_byte_last_step": last,
         "bits_per_byte_first_block": first,
@@ -107,17 +112,21 @@ def _ar_evaluate(model, test_data, seed=0, windows=1024) -> dict:
     }
 
 
-def _ar_sample_text(model, n, seed=0) -> list[str]:
+def _ar_sample_text(model, n, seed=0, iterations=None) -> list[str]:
     import torch
 
     from .autoregressive import generate
 
+    steps = {} if iterations is None else {"sigmas": "boundary", "num_steps": iterations}
     out = []
     for i in range(n):
         p = _PROMPTS[i % len(_PROMPTS)]
         prompt = torch.tensor([list(p)], device=model.device)
-        out += _text(generate(model, prompt, TEXT_SEQ_LEN - len(p), seed=seed + i).cpu())
+        out += _text(generate(model, prompt, TEXT_SEQ_LEN - len(p), seed=seed + i, **steps).cpu())
     return out
+
+
+RECURRENT_ITERATIONS = 8  # K: how often pystdlib-recurrent applies its denoiser per byte at inference
 
 
 def _mdm_evaluate(model, test_data, seed=0, windows=1024) -> dict:
@@ -169,6 +178,20 @@ PRESETS: dict[str, Preset] = {
         train_defaults=dict(num_blocks=4, steps_per_block=300, batch_size=32, lr=1e-3, warmup=30, gamma=0.1),
         evaluate=_ar_evaluate,
         sample_text=_ar_sample_text,
+    ),
+    # The paper's recurrent-depth row: the 2 + 4 + 2 layers of a Huginn-style model (tasks.recurrent) as ONE
+    # denoiser (B = 1, sigma drawn per step over the whole range, one forward pass a step), applied K = 8
+    # times per byte at inference along the sampling sigmas. Its baseline is tasks.recurrent's recurrent
+    # LM with truncated backprop; benchmarks/quality.py compares them.
+    "pystdlib-recurrent": Preset(
+        description="recurrent-depth byte LM trained as one denoiser, iterated 8 times at inference",
+        load_data=_pystdlib_or_text,
+        make_task=lambda data, **kw: AutoregressiveLM.for_data(
+            data, **{"hidden": 64, "heads": 4, "num_layers": 8, "emb_dim": 64, **kw}
+        ),
+        train_defaults=dict(num_blocks=1, steps_per_block=300, batch_size=32, lr=1e-3, warmup=30, gamma=0.1),
+        evaluate=functools.partial(_ar_evaluate, iterations=RECURRENT_ITERATIONS),
+        sample_text=functools.partial(_ar_sample_text, iterations=RECURRENT_ITERATIONS),
     ),
     # The paper's MD4 row scaled down: 12 layers, B = 3, alpha(t) = 1 - t; about 3 minutes on one thread.
     "pystdlib-mdm": Preset(
