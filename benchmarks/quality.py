@@ -2,8 +2,8 @@
 one row per task: the end-to-end baseline against DiffusionBlocks at equal total layer evaluations (every
 block takes as many optimizer steps as the baseline takes in all), on built-in data, scaled to a CPU.
 
-    python benchmarks/quality.py --task ar mdm      # train and score these tasks (minutes each on a CPU)
-    python benchmarks/quality.py --quick            # a smoke run of the pipeline (about a minute)
+    python benchmarks/quality.py --task ar mdm recurrent   # train and score them (minutes each on a CPU)
+    python benchmarks/quality.py --quick                   # a smoke run of the pipeline (about a minute)
 
 Tasks trained here:
   ar   byte-level autoregressive LM on the Python standard library (preset pystdlib-ar, B = 4, gamma 0.1):
@@ -12,6 +12,9 @@ Tasks trained here:
        baseline, and the fraction of prompt + continuation that Python's tokenize reads.
   mdm  byte-level masked diffusion LM (MD4, alpha(t) = 1 - t; preset pystdlib-mdm, B = 3): the validation
        ELBO in bits per byte (lower), against the same model trained end to end (B = 1).
+  recurrent  recurrent depth (preset pystdlib-recurrent): 2 + 4 + 2 layers trained as one denoiser (B = 1)
+       against a Huginn-style recurrent LM (core applied K times, mean 8, truncated backprop); validation bits
+       per byte (the denoiser's one-step prediction vs the recurrent LM at K = 8) and training compute.
 Rows read from the other quality scripts' records in the same folder (run those scripts to refresh them):
   vit  quality_vit: test accuracy of the ViT classifier on digits (higher is better).
   dit  quality_digits: Frechet distance of the class-conditional DiT's samples on digits (lower).
