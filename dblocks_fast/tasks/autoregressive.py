@@ -30,7 +30,7 @@ import functools
 import io
 import math
 import tokenize
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from .. import ops, precond, rng
 from ..data import VOCAB_BYTES
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, attention
 from .baseline import train_end_to_end
-from .classification import inference_sigmas, label_table
+from .classification import DiscreteTargetTask, inference_sigmas
 
 __all__ = [
     "ARConfig",
@@ -209,16 +209,15 @@ class ARBaselineLM(_ARStem):
         return self.head(h, c)
 
 
-class AutoregressiveLM:
+class AutoregressiveLM(DiscreteTargetTask):
     """The task: y_i = E[s_i] (frozen byte embedding), x = the clean window; w(sigma)-weighted CE of every
     noisy position's logits."""
 
     kind = "autoregressive-lm"
+    num_targets = VOCAB
 
     def __init__(self, config: ARConfig | None = None):
-        self.config = config or ARConfig()
-        self.config.validate()
-        self._tables: dict[torch.device, torch.Tensor] = {}  # E per device, made once
+        super().__init__(config or ARConfig())
 
     @classmethod
     def for_data(cls, data, **overrides) -> AutoregressiveLM:
@@ -226,24 +225,8 @@ class AutoregressiveLM:
         _require_text(data)
         return cls(ARConfig(**{"seq_len": data.seq_len, **overrides}))
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "config": asdict(self.config)}
-
     def build_block(self, index: int, num_layers: int) -> ARBlock:
         return ARBlock(self.config, num_layers)
-
-    def label_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The frozen target table E (256, emb_dim) on `device` (no gradient; not part of any block)."""
-        device = torch.device(device)
-        if device not in self._tables:
-            cfg = self.config
-            table = label_table(VOCAB, cfg.emb_dim, cfg.label_seed) * cfg.label_scale
-            self._tables[device] = table.to(device)
-        return self._tables[device]
 
     def check_data(self, data) -> None:
         _require_text(data, self.config.seq_len)
@@ -267,11 +250,6 @@ class AutoregressiveLM:
         s = sigma.to(torch.float32)
         c_in = precond.c_in(s, self.config.sigma_data).to(z.dtype).view(-1, 1, 1)
         return block(tokens, precond.c_noise(s), c_in * z)
-
-    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """w(sigma) = 1 / c_out^2, clamped at config.max_weight (if set)."""
-        w = precond.loss_weight(sigma, self.config.sigma_data)
-        return w if self.config.max_weight is None else w.clamp(max=self.config.max_weight)
 
     def loss(
         self,

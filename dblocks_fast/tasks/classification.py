@@ -34,6 +34,7 @@ __all__ = [
     "ViTConfig",
     "ViTBlock",
     "ViTClassifier",
+    "DiscreteTargetTask",
     "ImageClassification",
     "label_table",
     "inference_sigmas",
@@ -172,15 +173,54 @@ class ViTClassifier(_ViTStem):
         return self._encode(images, self.cls_token.expand(n, -1), self.cond.expand(n, -1))
 
 
-class ImageClassification:
+class DiscreteTargetTask:
+    """What the tasks with discrete targets share (classification, the autoregressive LM): y is a row of the
+    frozen, seeded table E (num_targets x emb_dim, rows of length config.label_scale), the same for every
+    block; the loss is the w(sigma)-weighted CE with w clamped at config.max_weight. A subclass sets `kind`
+    and `num_targets` and gives `config` the fields num_layers, emb_dim, label_seed, label_scale, max_weight
+    and sigma_data."""
+
+    kind: str
+    num_targets: int
+
+    def __init__(self, config):
+        self.config = config
+        self.config.validate()
+        self._tables: dict[torch.device, torch.Tensor] = {}  # E per device, made once
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "config": asdict(self.config)}
+
+    def label_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The frozen target table E on `device` (no gradient; not part of any block)."""
+        device = torch.device(device)
+        if device not in self._tables:
+            cfg = self.config
+            table = label_table(self.num_targets, cfg.emb_dim, cfg.label_seed) * cfg.label_scale
+            self._tables[device] = table.to(device)
+        return self._tables[device]
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """w(sigma) = 1 / c_out^2, clamped at config.max_weight (if set)."""
+        w = precond.loss_weight(sigma, self.config.sigma_data)
+        return w if self.config.max_weight is None else w.clamp(max=self.config.max_weight)
+
+
+class ImageClassification(DiscreteTargetTask):
     """The task: y = E[label] (frozen label embedding), x = image; w(sigma)-weighted CE on the head."""
 
     kind = "image-classification"
 
     def __init__(self, config: ViTConfig | None = None):
-        self.config = config or ViTConfig()
-        self.config.validate()
-        self._tables: dict[torch.device, torch.Tensor] = {}  # E per device, made once
+        super().__init__(config or ViTConfig())
+
+    @property
+    def num_targets(self) -> int:
+        return self.config.num_classes
 
     @classmethod
     def for_data(cls, data: ImageData, **overrides) -> ImageClassification:
@@ -195,24 +235,8 @@ class ImageClassification:
             ViTConfig(**{"image_size": h, "channels": c, "num_classes": data.num_classes, **overrides})
         )
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "config": asdict(self.config)}
-
     def build_block(self, index: int, num_layers: int) -> ViTBlock:
         return ViTBlock(self.config, num_layers)
-
-    def label_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The frozen target table E on `device` (no gradient; not part of any block)."""
-        device = torch.device(device)
-        if device not in self._tables:
-            cfg = self.config
-            table = label_table(cfg.num_classes, cfg.emb_dim, cfg.label_seed) * cfg.label_scale
-            self._tables[device] = table.to(device)
-        return self._tables[device]
 
     def check_data(self, data) -> None:
         _require_images(data)
@@ -251,11 +275,6 @@ class ImageClassification:
         s = sigma.to(torch.float32)
         c_in = precond.c_in(s, self.config.sigma_data).to(z.dtype).view(-1, 1)
         return block(images, precond.c_noise(s), c_in * z)
-
-    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """w(sigma) = 1 / c_out^2, clamped at config.max_weight (if set)."""
-        w = precond.loss_weight(sigma, self.config.sigma_data)
-        return w if self.config.max_weight is None else w.clamp(max=self.config.max_weight)
 
     def loss(
         self,
