@@ -2,15 +2,18 @@
 memory or to disk, on the whole GPU and under memory caps of 12, 16 and 24 GB (the cards most users own).
 
     python benchmarks/bench_capacity.py                          # needs CUDA; tens of minutes
+    python benchmarks/bench_capacity.py --budget 500             # what 500 s decide, whole GPU first
     python benchmarks/bench_capacity.py --caps 24 --modes disk   # one cell
     python benchmarks/bench_capacity.py --quick                  # small ladder, whole GPU only
 
 Each try is its own process: build a DiT of 24 layers and the given width (latents 32x32x4, patch 2, batch 8,
 fp32 weights and AdamW state) and take one optimizer step of every block. A try succeeds when the steps
 finish; it fails on a CUDA out-of-memory error, or when the preflight refuses the tier (host memory or disk
-too small), and the record says which. The width grows along a ladder until a try fails; under a smaller cap
-the search starts below the largest width that fitted a larger one. The cap is
-torch.cuda.set_per_process_memory_fraction. Without CUDA nothing can be tried, and the record says so.
+too small, or the process killed for host memory), and the record says which. The final checkpoint is not
+written: a try measures training, and a 5B-parameter run's checkpoint would fill the disk. Each (cap, mode)
+cell bisects the width ladder; under a smaller cap nothing larger than what fitted a larger one is tried.
+The cap is torch.cuda.set_per_process_memory_fraction. Without CUDA nothing can be tried, and the record
+says so.
 
 Writes results/bench_capacity-<device>.json, .md and .png.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--caps", type=float, nargs="+", default=[0, 24, 16, 12], help="GB; 0 = the whole GPU")
     ap.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     ap.add_argument("--timeout", type=float, default=900, help="seconds one try may take")
+    budget = "seconds for the whole search (0: none); cells left undecided say so"
+    ap.add_argument("--budget", type=float, default=0, help=budget)
     ap.add_argument("--quick", action="store_true", help="widths up to 1536, whole GPU only")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -89,6 +95,7 @@ def worker(spec: dict) -> dict:
     try:
         trainer = dbf.Trainer(ImageGeneration(DiTConfig(**m)), data, cfg)
         params = sum(p.numel() for b in trainer.model.blocks for p in b.parameters())
+        trainer.save = lambda: None  # a try measures training: a 5B model's checkpoint would fill the disk
         trainer.fit()
     except torch.OutOfMemoryError as e:
         return {"ok": False, "why": f"CUDA out of memory: {str(e).splitlines()[0][:200]}"}
@@ -111,12 +118,51 @@ def _try(mode: str, width: int, cap: float, timeout: float) -> dict:
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
         except subprocess.TimeoutExpired:
-            return {"ok": False, "why": f"took over {timeout:.0f} s", "seconds": timeout}
+            return {"ok": False, "why": f"took over {timeout:.0f} s", "seconds": timeout, "timed_out": True}
         out = {"seconds": time.perf_counter() - t0}
         lines = res.stdout.strip().splitlines()
+        if res.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            return {**out, "ok": False, "why": "host out of memory: the try was killed (SIGKILL)"}
         if res.returncode != 0 or not lines:
             return {**out, "ok": False, "why": f"exit {res.returncode}: {res.stderr.strip()[-300:]}"}
         return {**out, **json.loads(lines[-1])}
+
+
+def search(attempt, widths: list[int], caps: list[float], modes: list[str]) -> tuple[list[dict], list[dict]]:
+    """The largest width of the ladder that trains, for every (cap, mode): (cells, tries).
+
+    attempt(mode, cap, width) -> the try's record, or None when the time budget is spent. Memory grows with
+    the width, so each cell is a bisection of the ladder: about 4 tries instead of up to 11. Under a smaller
+    cap nothing larger than what fitted a larger one is tried. The whole GPU comes first, then the caps from
+    the largest down, so a time budget cuts the least asked-for cells. A try that fails for another reason
+    than memory (a crash, a timeout) ends its cell with that reason: it says nothing about what fits.
+    """
+    cells, tries = [], []
+    ceiling = {mode: len(widths) for mode in modes}  # index of the first width known not to fit
+    for cap in sorted(caps, key=lambda c: -c if c else -1e9):
+        for mode in modes:
+            lo, hi = -1, ceiling[mode]
+            best, stopped = (
+                None,
+                "end of the ladder" if hi == len(widths) else "nothing larger fitted a larger cap",
+            )
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                r = attempt(mode, cap, widths[mid])
+                if r is None:
+                    stopped = f"time budget spent (widths {widths[lo + 1]} to {widths[hi - 1]} undecided)"
+                    break
+                tries.append(r)
+                if r["ok"]:
+                    lo, best = mid, r
+                elif r["why"].startswith(("CUDA out of memory", "preflight", "host out of memory")):
+                    hi, stopped = mid, r["why"]
+                else:
+                    stopped = f"width {widths[mid]} failed: {r['why']}"
+                    break
+            ceiling[mode] = hi  # decided or not, no width from hi up fitted
+            cells.append({"mode": mode, "cap_gb": cap, "largest": best, "stopped_by": stopped})
+    return cells, tries
 
 
 def main(argv=None) -> dict:
@@ -138,28 +184,26 @@ def main(argv=None) -> dict:
             "modes": args.modes,
             "batch_size": 8,
             "tokens": 256,
+            "budget_s": args.budget,
         },
     }
     if not cuda:
         record["status"] = "not applicable without CUDA: capacity is found by training on the GPU"
     else:
         record["total_gb"] = torch.cuda.get_device_properties(device).total_memory / 1e9
-        cells, tries = [], []
-        for mode in args.modes:
-            ceiling = len(widths)  # under a smaller cap, nothing larger than what fitted a larger one
-            for cap in sorted(caps, key=lambda c: -c if c else -1e9):
-                best, stopped = None, "nothing fitted under a larger cap"
-                for w in widths[:ceiling]:
-                    print(f"{mode}, cap {cap or 'none'} GB, width {w} ...", flush=True)
-                    r = {"mode": mode, "cap_gb": cap, "width": w, **_try(mode, w, cap, args.timeout)}
-                    tries.append(r)
-                    if not r["ok"]:
-                        stopped = r["why"]
-                        break
-                    best, stopped = r, "end of the ladder"
-                ceiling = widths.index(best["width"]) + 1 if best else 0
-                cells.append({"mode": mode, "cap_gb": cap, "largest": best, "stopped_by": stopped})
-        record["cells"], record["tries"] = cells, tries
+        deadline = time.monotonic() + args.budget if args.budget else float("inf")
+
+        def attempt(mode: str, cap: float, w: int) -> dict | None:
+            left = deadline - time.monotonic()
+            if left < 20:
+                return None
+            print(f"{mode}, cap {cap or 'none'} GB, width {w} ...", flush=True)
+            r = _try(mode, w, cap, min(args.timeout, left))
+            if r.get("timed_out") and min(args.timeout, left) < args.timeout:
+                r["why"] = f"time budget ({args.budget:.0f} s) spent during this try"
+            return {"mode": mode, "cap_gb": cap, "width": w, **r}
+
+        record["cells"], record["tries"] = search(attempt, widths, caps, args.modes)
     common.write("bench_capacity", prov, record, _markdown(prov, record), args.out)
     _plot(record, prov, args.out)
     print(_markdown(prov, record))

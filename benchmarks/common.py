@@ -52,7 +52,8 @@ def provenance(device: torch.device) -> dict:
             ).stdout.strip()
         )
     except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
+        # a copy of the tree without .git (a lent GPU machine): gpu_session.py passes the commit in
+        commit, dirty = os.environ.get("DBLOCKS_COMMIT", "unknown"), False
     return {
         "device": device_name(device),
         "device_type": device.type,

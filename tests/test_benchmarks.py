@@ -140,3 +140,120 @@ def test_gpu_only_records_say_why_they_have_no_figure_without_a_gpu(quick):
     else:
         assert paging["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0
         assert capacity["cells"][0]["largest"] is not None
+
+
+def _fits(limits):
+    """A fake capacity try: width w fits (mode, cap) when w <= limits[mode, cap]."""
+    calls = []
+
+    def attempt(mode, cap, w):
+        calls.append((mode, cap, w))
+        if w <= limits[mode, cap]:
+            return {"mode": mode, "cap_gb": cap, "width": w, "ok": True, "params": w}
+        return {"mode": mode, "cap_gb": cap, "width": w, "ok": False, "why": "CUDA out of memory: fake"}
+
+    return attempt, calls
+
+
+def test_capacity_search_bisects_the_ladder_whole_gpu_first():
+    from benchmarks.bench_capacity import WIDTHS, search
+
+    limits = {("e2e", 0): 3072, ("host", 0): 5120, ("e2e", 24): 1536, ("host", 24): 4096}
+    limits |= {("e2e", 12): 0, ("host", 12): 2048}  # nothing fits end to end under 12 GB
+    attempt, calls = _fits(limits)
+    cells, tries = search(attempt, WIDTHS, [12, 0, 24], ["e2e", "host"])
+    got = {(c["mode"], c["cap_gb"]): (c["largest"] or {}).get("width", 0) for c in cells}
+    assert got == limits
+    assert [(c["cap_gb"], c["mode"]) for c in cells][:2] == [(0, "e2e"), (0, "host")]
+    assert len(tries) == len(calls) <= 4 * len(cells)  # a bisection, not a walk up an 11-rung ladder
+    for c in cells:  # the stop reason is the failure just above the answer, or the ladder's end
+        big = c["largest"]["width"] if c["largest"] else None
+        assert c["stopped_by"] == ("end of the ladder" if big == WIDTHS[-1] else "CUDA out of memory: fake")
+    # under a smaller cap nothing above what fitted a larger one is tried
+    assert all(w <= 5120 for m, cap, w in calls if m == "host" and cap in (12, 24))
+
+
+def test_capacity_search_stops_on_the_budget_and_on_errors_that_are_not_memory():
+    from benchmarks.bench_capacity import WIDTHS, search
+
+    attempt, calls = _fits({("e2e", 0): 2048})
+
+    def two_then_out(mode, cap, w):
+        return attempt(mode, cap, w) if len(calls) < 2 else None
+
+    cells, tries = search(two_then_out, WIDTHS, [0], ["e2e"])
+    assert len(tries) == 2 and "time budget spent" in cells[0]["stopped_by"]
+    assert "undecided" in cells[0]["stopped_by"]
+
+    def crash(mode, cap, w):
+        return {"mode": mode, "cap_gb": cap, "width": w, "ok": False, "why": "exit 1: Traceback ..."}
+
+    cells, tries = search(crash, WIDTHS, [0, 24], ["e2e"])
+    assert cells[0]["largest"] is None and cells[0]["stopped_by"].startswith("width 2560 failed: exit 1")
+    assert len(tries) == 2  # the crash decides nothing, so the 24 GB cell still tries the same middle once
+
+
+def test_gpu_session_runs_stages_under_their_limits_and_packs_what_they_wrote(tmp_path, monkeypatch):
+    import sys
+    import tarfile
+
+    from benchmarks import gpu_session
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "old-cpu.json").write_text("{}")  # written before the session: not packed
+    monkeypatch.setattr(gpu_session, "RESULTS", results)
+    monkeypatch.setattr(gpu_session, "GPUBUILD", tmp_path / "gpubuild")
+    write = f"open({str(results / 'new-cuda.json')!r}, 'w').write('{{}}'); print('wrote it')"
+    stages = {
+        "writes": (60, [sys.executable, "-c", write]),
+        "fails": (60, [sys.executable, "-c", "raise SystemExit(3)"]),
+        "hangs": (2, [sys.executable, "-c", "import time; time.sleep(60)"]),
+        "late": (60, [sys.executable, "-c", "print({left})"]),
+    }
+    monkeypatch.setattr(gpu_session, "STAGES", stages)
+    monkeypatch.setattr(gpu_session, "RESERVE", 0)
+    out = tmp_path / "out"
+    rows = gpu_session.run_session(["writes", "fails", "hangs", "late"], budget=300, out=out)
+    assert [(r["stage"], r["status"], r["rc"]) for r in rows] == [
+        ("writes", "ok", 0),
+        ("fails", "failed", 3),
+        ("hangs", "timed out", None),
+        ("late", "ok", 0),
+    ]
+    assert rows[0]["tail"][-1] == "wrote it" and rows[2]["seconds"] < 30
+    assert int(rows[3]["tail"][-1]) == 60 - 15  # {left}: the stage's own limit, less a margin to write up
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["stage"] for r in summary["stages"]] == ["writes", "fails", "hangs", "late"]
+    with tarfile.open(out / "session.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"results/new-cuda.json", "logs/writes.log", "logs/hangs.log", "logs/summary.json"} <= names
+    assert "results/old-cpu.json" not in names
+    assert sorted(p.name for p in out.iterdir()) == [
+        "session.tgz",
+        "summary.json",
+    ]  # 8 files at most come back
+
+    # a budget spent leaves the later stages unrun, and says so
+    monkeypatch.setattr(gpu_session, "MIN_STAGE", 5)
+    monkeypatch.setattr(gpu_session, "environment", lambda log, env: None)  # nvidia-smi etc. take seconds
+    rows = gpu_session.run_session(["hangs", "writes"], budget=6, out=tmp_path / "out2")
+    assert [r["status"] for r in rows] == ["timed out", "not run: no time left"]
+
+    # here again: the results go to benchmarks/results
+    (results / "new-cuda.json").unlink()
+    assert gpu_session.unpack(out) == [str(results / "new-cuda.json")]
+    assert (results / "new-cuda.json").read_text() == "{}"
+
+
+def test_gpu_session_command_line():
+    from benchmarks import gpu_session
+
+    cmd = gpu_session.command_for(["build", "tests"], 570)
+    assert cmd.startswith("DBLOCKS_COMMIT=") and cmd.endswith("gpu_session.py build tests --budget 570")
+    assert len(cmd) < 2000  # the device tool's limit on a command
+    with pytest.raises(SystemExit):
+        gpu_session.parse_args(["build", "nosuchstage"])
+    with pytest.raises(SystemExit):
+        gpu_session.parse_args([])
+    assert all(stage in gpu_session.STAGES for call in gpu_session.PLAN for stage in call)
