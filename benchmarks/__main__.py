@@ -116,7 +116,8 @@ def _kernels(r: dict) -> list[str]:
     if r.get("copy_GBps") is None:
         return [f"Ran under the Triton interpreter (no CUDA device): {len(r['rows'])} op/size cases ran; "
                 "**speed figures pending** until this runs on a GPU."]  # fmt: skip
-    lines = [
+    lines = [] if r.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
+    lines += [
         "| op | size | fwd vs compile | fwd+bwd vs compile | fwd vs eager | fwd+bwd vs eager "
         "| fwd GB/s (of copy) |",
         "|---|---|---|---|---|---|---|",
@@ -128,7 +129,7 @@ def _kernels(r: dict) -> list[str]:
             f"{x['forward_backward_speedup_vs_eager']:.2f}x | {x['forward_ours_GBps']:.0f} "
             f"({100 * x['forward_fraction_of_copy']:.0f}%) |"
         )
-    lines[0] = lines[0].replace("| op |", "| op (Triton) |")
+    lines = [x.replace("| op |", "| op (Triton) |", 1) if x.startswith("| op |") else x for x in lines]
     cuda = [x for x in r["rows"] if "forward_cuda_vs_best" in x]
     if cuda:
         lines += [

@@ -18,6 +18,7 @@ as pending: nothing is estimated.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -208,7 +209,25 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16
     copy_gbs = _copy_bandwidth(device) if cuda else None
     has_cuda_ops = cuda_ops.available(device)
+    # AdamW first (no compilation, seconds), then each op: the record is rewritten after every row, so a run
+    # stopped by a time limit keeps what it measured ("complete": false says the table is partial)
+    adamw_sizes = ADAMW_SIZES[("quick" if args.quick else "GPU") if cuda else "smoke"]
+    adamw = adamw_rows(adamw_sizes, device, copy_gbs)
     rows = []
+
+    def write(complete: bool) -> Path:
+        record = {
+            "dtype": "bfloat16",
+            "copy_GBps": copy_gbs,
+            "quick": args.quick or not cuda,
+            "complete": complete,
+            "cuda_ops": "built" if _C_loader.load() is not None else _C_loader.why_unavailable(),
+            "rows": rows,
+            "adamw": adamw,
+        }
+        md = _markdown(rows, adamw, prov, copy_gbs, complete)
+        return common.write("bench_kernels", prov, record, md, args.out)
+
     for case in cases(sizes, device, dtype):
         op, make, ours, eager = case.op, case.make, case.ours, case.eager
         row = {
@@ -245,22 +264,14 @@ def main(argv=None) -> dict:
             row["peak_bytes_ours"] = _peak_bytes(runner(ours, inputs, True))
             row["peak_bytes_eager"] = _peak_bytes(runner(eager, inputs, True))
         rows.append(row)
-    adamw_sizes = ADAMW_SIZES[("quick" if args.quick else "GPU") if cuda else "smoke"]
-    adamw = adamw_rows(adamw_sizes, device, copy_gbs)
-    record = {
-        "dtype": "bfloat16",
-        "copy_GBps": copy_gbs,
-        "quick": args.quick or not cuda,
-        "cuda_ops": "built" if _C_loader.load() is not None else _C_loader.why_unavailable(),
-        "rows": rows,
-        "adamw": adamw,
-    }
-    md = _markdown(rows, adamw, prov, copy_gbs)
-    path = common.write("bench_kernels", prov, record, md, args.out)
+        if cuda:
+            write(complete=False)
+            print(f"{op}, {case.size}: done", flush=True)
+    path = write(complete=True)
     _plot(rows, prov, args.out)
-    print(md)
+    print(path.with_suffix(".md").read_text())
     print(f"wrote {path}")
-    return record
+    return json.loads(path.read_text())
 
 
 def _plot(rows, prov, out) -> None:
@@ -280,7 +291,7 @@ def _plot(rows, prov, out) -> None:
     common.save_figure(fig, "bench_kernels", prov, out)
 
 
-def _markdown(rows, adamw, prov, copy_gbs) -> str:
+def _markdown(rows, adamw, prov, copy_gbs, complete: bool = True) -> str:
     head = [
         "# Fused kernels: Triton and CUDA C++ vs torch eager vs torch.compile (bf16), and AdamW",
         "",
@@ -288,6 +299,8 @@ def _markdown(rows, adamw, prov, copy_gbs) -> str:
         f"Command: `{prov['command']}`.",
         "",
     ]
+    if not complete:
+        head += ["**Partial**: the run stopped (a time limit?) after the rows below.", ""]
     if copy_gbs is None:
         lines = ["No CUDA device: every Triton kernel ran once under the Triton interpreter (smoke sizes) "
                  "and the AdamW reference ran once on the CPU; the CUDA C++ kernels cannot run here. "
