@@ -43,26 +43,31 @@ class CheckpointError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _staged(path: Path):
+def _staged(path: Path, durable: bool = True):
     """Yield a temporary file name beside `path`; once the body has filled it, fsync it, give it the
     permissions open() would, and rename it over `path` (then fsync the folder). On any error the temporary
-    file goes and `path` is untouched: readers see the old file or the new one, never a part of either."""
+    file goes and `path` is untouched: readers see the old file or the new one, never a part of either.
+    durable=False skips the fsyncs: still atomic for this machine's readers, but a power cut may lose the
+    file (for scratch files that a crashed run does not read again)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
         os.fsync(dir_fd)
@@ -76,12 +81,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None):
+def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, scratch=False):
     """Write tensors as safetensors to `path`, atomically as atomic_write does, streamed to disk rather than
-    serialized in memory first (that would hold two more copies of a block); returns (size, CRC-32)."""
-    with _staged(path) as tmp:
+    serialized in memory first (that would hold two more copies of a block); returns (size, CRC-32).
+
+    scratch=True (paged blocks, which a crashed run never reads back): no fsync and no CRC (returns None).
+    """
+    with _staged(path, durable=not scratch) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        result = file_crc32(Path(tmp))
+        result = None if scratch else file_crc32(Path(tmp))
     return result
 
 

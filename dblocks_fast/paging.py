@@ -23,27 +23,60 @@ from .nn import set_kernels
 __all__ = ["StreamedBlockModel", "flatten_module"]
 
 
-def flatten_module(module: nn.Module, device, pin: bool = False) -> torch.Tensor:
+_ALIGN = 64  # elements: every tensor of a flattened module starts 256 bytes (fp32) into an aligned buffer
+
+
+def flatten_module(module: nn.Module, device, pinned: list[int] | None = None) -> torch.Tensor:
     """Move every parameter and buffer of `module` into one flat buffer on `device`; they become views of it.
 
     Returns the buffer. All tensors must share one dtype. Two modules of the same architecture get the same
-    layout, so one copy of the whole buffer moves all of a block's weights.
+    layout, so one copy of the whole buffer moves all of a block's weights. Each tensor starts at a multiple
+    of 64 elements, as a tensor of its own would be aligned: cuBLAS picks its algorithm by the alignment of
+    the operands, so the same alignment gives the same bits as the unflattened module. The gaps are zeros.
+    pinned: a host buffer is pinned at its exact size (cudaHostRegister) and its pointer appended here; the
+    caller unpins it (`_unregister`). If pinning fails, a warning says so and the buffer stays pageable.
     """
     tensors = list(module.parameters()) + list(module.buffers())
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:
         raise TypeError(f"flatten_module needs one dtype for all tensors, found {sorted(map(str, dtypes))}")
-    total = sum(t.numel() for t in tensors)
-    flat = torch.empty(total, dtype=dtypes.pop(), device=device, pin_memory=pin)
-    offset = 0
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() // _ALIGN) * _ALIGN
+    flat = torch.zeros(total, dtype=dtypes.pop(), device=device)
+    if pinned is not None and flat.device.type == "cpu" and _pin(flat, stacklevel=3):
+        pinned.append(flat.data_ptr())
     with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            view = flat[offset : offset + n].view_as(t)
+        for t, offset in zip(tensors, offsets):
+            view = flat[offset : offset + t.numel()].view_as(t)
             view.copy_(t)
             t.data = view
-            offset += n
     return flat
+
+
+def _pin(buf: torch.Tensor, stacklevel: int = 2) -> bool:
+    """Pin a CPU tensor's own memory at its exact size; on failure warn and return False (it stays pageable).
+
+    torch's pinned allocator would round the allocation up to a power of two (up to twice the host memory).
+    """
+    size = buf.numel() * buf.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 1))  # 1: cudaHostRegisterPortable
+    if err == 0:
+        return True
+    # the failed call left CUDA's last-error state set, and torch's check after the next kernel launch would
+    # report it there: launch one now and take the error
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        pass
+    import warnings
+
+    msg = (
+        f"pinning {size} bytes of host memory failed (CUDA error {err}); copying from pageable memory, slower"
+    )
+    warnings.warn(msg, stacklevel=stacklevel + 1)
+    return False
 
 
 def _signature(module: nn.Module) -> tuple:
@@ -62,6 +95,9 @@ class _Slot:
         self.block: int | None = None  # the block whose weights it holds (or is receiving)
         self.ready: torch.cuda.Event | None = None  # recorded on the copy stream after the copy
         self.released: torch.cuda.Event | None = None  # recorded on the compute stream after the last use
+        if self.flat.is_cuda:  # filled on the compute stream: the first copy into it must wait for that
+            self.released = torch.cuda.Event()
+            self.released.record(torch.cuda.current_stream(self.flat.device))
 
 
 class StreamedBlockModel(BlockModel):
@@ -82,13 +118,18 @@ class StreamedBlockModel(BlockModel):
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
         cuda = self._device.type == "cuda"
-        self._host = [flatten_module(b, "cpu", pin=cuda) for b in self.blocks]
+        self._pinned: list[int] = []
+        self._host = [flatten_module(b, "cpu", pinned=self._pinned if cuda else None) for b in self.blocks]
+        weakref.finalize(self, _unregister, self._pinned)
         self._slots: list[_Slot] = []
         for blk in self.blocks:  # two slots per distinct block architecture (blocks may differ in depth)
             sig = _signature(blk)
             while sum(s.signature == sig for s in self._slots) < 2:
                 self._slots.append(_Slot(blk, self._device))
         self._copy_stream = torch.cuda.Stream(self._device) if cuda else None
+        for s in self._slots:  # freed with the model: the allocator then waits for the copy stream too
+            if cuda:
+                s.flat.record_stream(self._copy_stream)
         self.copies = 0  # blocks copied to the device so far (for tests and benchmarks)
         if getattr(model.blocks[0], "kernels", None) is not None:
             self.set_kernels(model.blocks[0].kernels)
@@ -121,17 +162,18 @@ class StreamedBlockModel(BlockModel):
         # refill an empty slot first, then one holding an earlier block (never the next one, prefetched)
         free = [s for s in self._slots if s.signature == sig and s is not avoid]
         slot = min(free, key=lambda s: (s.block is not None, s.block == b + 1))
-        slot.block = b
-        self.copies += 1
+        slot.block = None  # until the copy is issued: if it fails, the slot holds no block
         if self._copy_stream is None:
             slot.flat.copy_(self._host[b])
-            return slot
-        with torch.cuda.stream(self._copy_stream):
-            if slot.released is not None:
-                self._copy_stream.wait_event(slot.released)  # its last reader has finished
-            slot.flat.copy_(self._host[b], non_blocking=True)
-            slot.ready = torch.cuda.Event()
-            slot.ready.record(self._copy_stream)
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                if slot.released is not None:
+                    self._copy_stream.wait_event(slot.released)  # its last reader has finished
+                slot.flat.copy_(self._host[b], non_blocking=bool(self._pinned))
+                slot.ready = torch.cuda.Event()
+                slot.ready.record(self._copy_stream)
+        slot.block = b
+        self.copies += 1
         return slot
 
     def _block_module(self, b: int) -> nn.Module:
@@ -202,11 +244,19 @@ class _Paged:
 
 
 class _TrainSlot:
-    def __init__(self, numel: int, device: torch.device):
+    def __init__(self, numel: int, device: torch.device, streams=()):
         self.buf = torch.empty(3 * numel, dtype=torch.float32, device=device)
         self.block: _Paged | None = None
         self.ready: torch.cuda.Event | None = None  # its page-in copy is done
         self.free: torch.cuda.Event | None = None  # its page-out copy (and every reader) is done
+        self.used: torch.cuda.Event | None = None  # after the last kernel of its block's last turn as active
+        if self.buf.is_cuda:
+            # the memory may have been freed by kernels still queued on the compute stream: the first copy
+            # into it waits for them; and when the slot goes, the allocator waits for the copy streams
+            self.free = torch.cuda.Event()
+            self.free.record(torch.cuda.current_stream(device))
+            for stream in streams:
+                self.buf.record_stream(stream)
 
 
 class BlockStore:
@@ -240,6 +290,7 @@ class BlockStore:
         self.pinned = True
         self.bytes_in = self.bytes_out = 0  # bytes copied to and from the device slots
         self.closed = False
+        self._active: _Paged | None = None  # the block of the last activate()
         self._staging: torch.Tensor | None = None  # disk tier on CUDA: where a paged file is read to
         self._staging_free: torch.cuda.Event | None = None
         self._registered: list[int] = []  # host buffers pinned with cudaHostRegister
@@ -254,23 +305,20 @@ class BlockStore:
             raise TypeError(f"block {b}: paging needs fp32 parameters and no buffers, found {dtypes}")
         blk = _Paged(b, block, optimizer)
         self.blocks[b] = blk
-        buf = self._host_buffer(blk.numel)
+        # the host tier keeps this buffer (pinned); the disk tier only passes it to the file, and pinning
+        # memory that is then freed would leave the range registered for whatever is allocated there next
+        buf = self._host_buffer(blk.numel) if self.tier == "host" else torch.empty(3 * blk.numel)
         blk.fill(buf)
         self._store(blk, buf)
 
     def _host_buffer(self, numel: int) -> torch.Tensor:
+        """3 * numel fp32 of host memory that lives as long as the store (on CUDA: pinned, exact size)."""
         buf = torch.empty(3 * numel, dtype=torch.float32)
         if self.cuda and self.pinned:
-            # pin the exact allocation: the caching host allocator would round it up to a power of two
-            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * 4, 0)
-            if int(err) != 0:
-                import warnings
-
-                self.pinned = False
-                msg = f"pinning {buf.numel() * 4} bytes of host memory failed (CUDA error {int(err)}); "
-                warnings.warn(msg + "paging from pageable memory, which is slower", stacklevel=3)
-            else:
+            if _pin(buf, stacklevel=3):
                 self._registered.append(buf.data_ptr())
+            else:
+                self.pinned = False
         return buf
 
     def _path(self, b: int) -> Path:
@@ -284,7 +332,7 @@ class BlockStore:
             return
         from . import checkpoint
 
-        checkpoint.atomic_save(self._path(blk.index), {"flat": buf})
+        checkpoint.atomic_save(self._path(blk.index), {"flat": buf}, scratch=True)
         blk.point_at(None)
 
     def _read_paged(self, blk: _Paged, out: torch.Tensor) -> None:
@@ -320,7 +368,8 @@ class BlockStore:
             if s.block is None and s.buf.numel() >= 3 * blk.numel:
                 return s
         if len(self.slots) < 2:
-            self.slots.append(_TrainSlot(max(b.numel for b in self.blocks.values()), self.device))
+            streams = (self._h2d, self._d2h) if self.cuda else ()
+            self.slots.append(_TrainSlot(max(b.numel for b in self.blocks.values()), self.device, streams))
             return self.slots[-1]
         victim = next(s for s in self.slots if s.block is not keep)
         self._page_out(victim)
@@ -339,8 +388,10 @@ class BlockStore:
             blk.host.copy_(slot.buf[:n])
             blk.point_at(blk.host)
         elif self.tier == "host":
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))  # after every kernel that used the slot
+            ev = slot.used  # after the last kernel of the block's last turn, recorded when it stopped
+            if ev is None or blk is self._active:  # active still: after every kernel queued so far
+                ev = torch.cuda.Event()
+                ev.record(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._d2h):
                 self._d2h.wait_event(ev)
                 blk.host.copy_(slot.buf[:n], non_blocking=self.pinned)
@@ -388,18 +439,26 @@ class BlockStore:
                 slot.ready.record(self._h2d)
                 if self.tier == "disk":
                     self._staging_free = slot.ready
-        slot.block, blk.slot = blk, slot
+        slot.block, blk.slot, slot.used = blk, slot, None
         blk.point_at(slot.buf)
         self.bytes_in += n * 4
         return slot
 
     def activate(self, b: int) -> None:
         """Make block b trainable on the device (its parameters and moments in a slot)."""
-        blk = self.blocks[b]
-        slot = blk.slot or self._page_in(blk, keep=None)
+        blk, last = self.blocks[b], self._active
+        if self.cuda and last is not None and last is not blk and last.slot is not None:
+            # every kernel of the last block's turn is queued by now: a write-back of it waits for them
+            # alone, not for the kernels queued after (the next block's), so it overlaps those
+            last.slot.used = torch.cuda.Event()
+            last.slot.used.record(torch.cuda.current_stream(self.device))
+        # not in a slot (prefetch off, or the first block): evict the least recently active block
+        slot = blk.slot or self._page_in(blk, keep=last)
         if slot.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(slot.ready)
             slot.ready = None
+        slot.used = None
+        self._active = blk
         blk.dirty = True
 
     def prefetch(self, b: int, active: int) -> None:
@@ -465,6 +524,9 @@ class BlockStore:
 
 
 def _unregister(pointers: list[int]) -> None:
+    """Unpin host buffers pinned with `_pin`, after every copy that may still read or write them."""
+    if pointers:
+        torch.cuda.synchronize()
     for ptr in pointers:
         torch.cuda.cudart().cudaHostUnregister(ptr)
     pointers.clear()
@@ -493,13 +555,15 @@ def needs(tier: str, numels: list[int]) -> dict[str, int]:
     needs before any forward pass.
     """
     state = [12 * n for n in numels]  # param + exp_avg + exp_avg_sq
-    grads = 4 * max(numels)  # only the block that trains has gradients
+    # only the block that trains has gradients, and the fused AdamW step gathers them into one flat copy
+    grads = 8 * max(numels)
     if tier == "none":
         return {"device": sum(state) + grads, "host": 0, "disk": 0}
     slots = 2 * 12 * max(numels)
     if tier == "host":
         return {"device": slots + grads, "host": sum(state), "disk": 0}
-    return {"device": slots + grads, "host": 2 * 12 * max(numels), "disk": sum(state)}
+    # a paged file is rewritten beside the old one, then renamed over it
+    return {"device": slots + grads, "host": 2 * 12 * max(numels), "disk": sum(state) + 12 * max(numels)}
 
 
 def preflight(tier: str, numels: list[int], device: torch.device, folder: Path | None) -> dict[str, int]:
@@ -514,7 +578,11 @@ def preflight(tier: str, numels: list[int], device: torch.device, folder: Path |
         need = {"device": 0, "host": need["host"] + need["device"], "disk": need["disk"]}
     have = {"host": _host_available(), "disk": -1, "device": -1}
     if device.type == "cuda":
-        have["device"] = torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        # under torch.cuda.set_per_process_memory_fraction the process may use less than the device has free
+        get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+        capped = int(get_fraction(device) * total) - torch.cuda.memory_reserved(device)
+        have["device"] = min(free, capped)
     if need["disk"] and folder is not None:
         probe = Path(folder)
         while not probe.exists() and probe != probe.parent:

@@ -44,10 +44,15 @@ def test_flatten_module_makes_every_tensor_a_view_of_one_buffer(tiny_task):
     block = _model(tiny_task, [3]).blocks[0]
     before = {k: v.clone() for k, v in block.state_dict().items()}
     flat = flatten_module(block, "cpu")
-    assert flat.numel() == sum(p.numel() for p in block.parameters())
+    # every tensor starts 64 elements into the buffer (the alignment of a tensor of its own), gaps are zeros
+    assert flat.numel() == sum(-(-p.numel() // 64) * 64 for p in block.parameters())
     lo, hi = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
     for k, v in block.state_dict().items():
         assert torch.equal(v, before[k]) and lo <= v.data_ptr() < hi, k
+        assert (v.data_ptr() - lo) % (64 * 4) == 0, k
+    for p in block.parameters():
+        p.data.fill_(0)
+    assert (flat == 0).all()  # the views cover every nonzero element: the gaps are zeros
     flat.zero_()
     assert all((p == 0).all() for p in block.parameters())
     mixed = torch.nn.Linear(2, 2)
@@ -190,13 +195,14 @@ def test_preflight_refuses_what_does_not_fit_with_the_numbers(monkeypatch):
     from dblocks_fast import paging
 
     numels = [250_000_000] * 4  # 1B parameters in 4 blocks: 12 GB of weights and moments
-    assert paging.needs("none", numels)["device"] == 12 * 10**9 + 4 * 250_000_000
-    assert paging.needs("host", numels) == {"device": 7 * 10**9, "host": 12 * 10**9, "disk": 0}
-    assert paging.needs("disk", numels)["host"] == 6 * 10**9
+    # the training block's gradients and their flat copy for the fused step: 8 bytes a parameter
+    assert paging.needs("none", numels)["device"] == 12 * 10**9 + 8 * 250_000_000
+    assert paging.needs("host", numels) == {"device": 8 * 10**9, "host": 12 * 10**9, "disk": 0}
+    assert paging.needs("disk", numels) == {"device": 8 * 10**9, "host": 6 * 10**9, "disk": 15 * 10**9}
     monkeypatch.setattr(paging, "_host_available", lambda: 8 * 10**9)
     with pytest.raises(MemoryError, match=r"offload='host' does not fit 4 blocks \(1000.0M parameters") as e:
         paging.preflight("host", numels, torch.device("cpu"), None)
-    assert "host: needs 19.00 GB, 8.00 GB free" in str(e.value) and "offload='disk' needs" in str(e.value)
+    assert "host: needs 20.00 GB, 8.00 GB free" in str(e.value) and "offload='disk' needs" in str(e.value)
     assert paging.preflight("host", [1000] * 4, torch.device("cpu"), None)["host"] > 0
 
 
@@ -250,3 +256,35 @@ def test_a_cut_short_paged_file_is_an_error_not_garbage(tiny_task, tmp_path):
     store.activate(0)
     with pytest.raises(CheckpointError, match="is cut short .* resume the run from its last checkpoint"):
         store.activate(1)
+
+
+def test_on_demand_paging_evicts_the_least_recently_active_block(tiny_task):
+    from dblocks_fast.paging import BlockStore
+
+    store = BlockStore("host", torch.device("cpu"))
+    for b in range(3):
+        block = _model(tiny_task, [3]).blocks[0]
+        store.add(b, block, torch.optim.AdamW(block.parameters()))
+    size = 12 * store.blocks[0].numel
+    moved = []
+    for b in (0, 1, 2, 0, 1, 2, 2, 1):
+        before = (store.bytes_in, store.bytes_out)
+        store.activate(b)
+        moved.append((store.bytes_in - before[0], store.bytes_out - before[1]))
+    # two slots: from the third activation on each new block evicts the one active before the last
+    # (0 while 1 is kept, ...); a block still in its slot (2 again, then 1) moves nothing
+    assert moved == [(size, 0), (size, 0)] + [(size, size)] * 4 + [(0, 0), (0, 0)]
+    assert sorted(s.block.index for s in store.slots) == [1, 2]
+
+
+@pytest.mark.gpu
+def test_a_failed_pin_warns_and_leaves_cuda_usable():
+    from dblocks_fast.paging import _pin, _unregister
+
+    buf = torch.empty(1 << 20)
+    assert _pin(buf)
+    with pytest.warns(UserWarning, match="pinning .* failed"):
+        assert not _pin(buf)  # already registered: the call fails and sets CUDA's last error
+    x = torch.ones(1000, device="cuda")
+    assert (x * 2).sum().item() == 2000  # the next kernel launch does not inherit that error
+    _unregister([buf.data_ptr()])
