@@ -142,9 +142,27 @@ def main(argv=None) -> dict:
     model = args.model or ("dit-1b" if gpu else "dit-118m")
     batch = args.batch_size or (32 if gpu else 8)
     prov = common.provenance(device)
-    configs = [(1, "none")] + [(b, tier) for b in args.blocks for tier in ("none", "host", "disk")]
+    # the largest B first (the targets are at B = 4 and 8): a run stopped by a time limit keeps those, and the
+    # record is rewritten after every configuration ("complete": false until the last)
+    blocks = sorted(args.blocks, reverse=True)
+    configs = [(1, "none")] + [(b, tier) for b in blocks for tier in ("none", "host", "disk")]
+    key = "peak_device_bytes" if gpu else "peak_rss_bytes"
+    record = {
+        "quick": args.quick,
+        "complete": False,
+        "measure": "torch.cuda.max_memory_allocated" if gpu else "peak RSS of the process (ru_maxrss)",
+        "settings": {
+            "model": model,
+            "model_config": MODELS[model],
+            "batch_size": batch,
+            "steps_per_block": args.steps_per_block,
+            "schedule": "sequential",
+            "dtype": "fp32",
+        },
+        "rows": [],
+    }
     rows = []
-    for b, tier in configs:
+    for i, (b, tier) in enumerate(configs):
         label = "end to end" if b == 1 else f"B={b}, {'resident' if tier == 'none' else tier + '-paged'}"
         print(f"{label} ...", flush=True)
         out_dir = None  # no checkpoint: the peak is the training steps' (the disk tier pages to a temp dir)
@@ -157,30 +175,18 @@ def main(argv=None) -> dict:
             device=str(device),
             out_dir=out_dir,
         )
-        rows.append({"config": label, "num_blocks": b, "offload": tier, **_run(spec)})
-    key = "peak_device_bytes" if gpu else "peak_rss_bytes"
-    e2e = rows[0]
-    for r in rows:
+        r = {"config": label, "num_blocks": b, "offload": tier, **_run(spec)}
+        e2e = rows[0] if rows else r
         r["peak_bytes"] = r[key]
         r["ratio_end_to_end_over_this"] = e2e[key] / r[key]
         if not gpu:
             above = r[key] - r["baseline_rss_bytes"]
             r["peak_above_baseline_bytes"] = above
             r["ratio_above_baseline"] = (e2e[key] - e2e["baseline_rss_bytes"]) / above
-    record = {
-        "quick": args.quick,
-        "measure": "torch.cuda.max_memory_allocated" if gpu else "peak RSS of the process (ru_maxrss)",
-        "settings": {
-            "model": model,
-            "model_config": MODELS[model],
-            "batch_size": batch,
-            "steps_per_block": args.steps_per_block,
-            "schedule": "sequential",
-            "dtype": "fp32",
-        },
-        "rows": rows,
-    }
-    common.write("bench_memory", prov, record, _markdown(prov, record), args.out)
+        rows.append(r)
+        record["rows"] = sorted(rows, key=lambda x: x["num_blocks"])  # stable: tiers keep their order
+        record["complete"] = i == len(configs) - 1
+        common.write("bench_memory", prov, record, _markdown(prov, record), args.out)
     _plot(record, prov, args.out)
     print(_markdown(prov, record))
     return record
@@ -210,7 +216,8 @@ def table(record: dict) -> list[str]:
 def _markdown(prov: dict, record: dict) -> str:
     s = record["settings"]
     title = f"Peak training memory: end to end against B blocks ({s['model']}, batch {s['batch_size']}, fp32)"
-    return "\n".join(common.header(title, prov, record["quick"]) + table(record)) + "\n"
+    partial = [] if record.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
+    return "\n".join(common.header(title, prov, record["quick"]) + partial + table(record)) + "\n"
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:

@@ -257,3 +257,22 @@ def test_gpu_session_command_line():
     with pytest.raises(SystemExit):
         gpu_session.parse_args([])
     assert all(stage in gpu_session.STAGES for call in gpu_session.PLAN for stage in call)
+
+
+def test_paging_benchmark_logic_runs_on_the_cpu():
+    """bench_paging's GPU figures need CUDA; its logic (which runs it times, its table) is checked here."""
+    from benchmarks import bench_paging, common
+
+    cpu = torch.device("cpu")
+    bw = bench_paging.bandwidth(4096, cpu)
+    assert set(bw["paging_GBps"]) == {"page_in", "page_out", "swap_out_then_in"}
+    assert all(v > 0 for v in [*bw["paging_GBps"].values(), *bw["plain_pinned_GBps"].values()])
+    seen = []
+    rows = bench_paging.step_times("tiny", 1, cpu, on_row=lambda rows: seen.append(len(rows)))
+    assert seen == list(range(1, len(bench_paging.RUNS) + 1))
+    assert [(r["schedule"], r["offload"], r["prefetch"]) for r in rows] == bench_paging.RUNS
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert [r["over_resident"] for r in rows if r["offload"] == "none"] == [1.0, 1.0]
+    record = {"quick": True, "settings": {"model": "tiny", "num_blocks": 8}, "bandwidth": bw, "steps": rows}
+    md = bench_paging._markdown(common.provenance(cpu), {**record, "complete": False})
+    assert "page-in" in md and "**Partial**" in md and md.count("| random |") == 4
