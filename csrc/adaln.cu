@@ -10,7 +10,6 @@
 // shared memory, summed over the block's warps into (N, chunks, D) float32 partials in the workspace, and a
 // second kernel sums those over the chunks in a fixed order: deterministic, no atomics.
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -491,10 +490,15 @@ int launch_backward(const BackwardArgs& a, bool mod_vec) {
     const int64_t smem_bytes = warps * warp_bytes;
     const auto kernel = adaln_backward_kernel<T, U, V, kVecs, kGated>;
     if (smem_bytes > kSmemDefaultBytes) {  // D above 4096 (gated) or 6144: opt in to more, if the GPU has it
-        const cudaError_t err =
-            smem_bytes > INT_MAX
-                ? cudaErrorInvalidValue
-                : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes));
+        // Every caller sets the same value, the device's opt-in maximum, rather than its own size: two host
+        // threads with different D could otherwise interleave set, set, launch and fail the first launch.
+        int device = 0, optin = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err == cudaSuccess)
+            err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+        if (err == cudaSuccess && smem_bytes > optin) err = cudaErrorInvalidValue;  // D too large for this GPU
+        if (err == cudaSuccess)
+            err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
         if (err != cudaSuccess) {
             cudaGetLastError();  // clear it, so that it does not fail the next launch's check
             return dblocks::record_cuda_error(err);

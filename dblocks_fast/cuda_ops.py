@@ -42,6 +42,12 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _on(device: torch.device):
+    """Make `device` current around a _C call: its kernels launch on the current device, and a stream of
+    another device (tensors on cuda:1 while cuda:0 is current) would fail the launch."""
+    return torch.cuda.device(device)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -107,11 +113,12 @@ def _adaln_forward(x, y, gate, shift, scale, eps):
     x_new = torch.empty_like(h) if gated else None
     mean = torch.empty((n * t,), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    _ext().adaln_forward(
-        _ptr(x), _ptr(y), _ptr(mods[2] if gated else None), _ptr(mods[0]), _ptr(mods[1]), _ptr(x_new),
-        _ptr(h), _ptr(mean), _ptr(rstd), n, t, d, stride, _code(act), _code(mods[0].dtype), float(eps),
-        _stream(x.device),
-    )  # fmt: skip
+    with _on(x.device):
+        _ext().adaln_forward(
+            _ptr(x), _ptr(y), _ptr(mods[2] if gated else None), _ptr(mods[0]), _ptr(mods[1]), _ptr(x_new),
+            _ptr(h), _ptr(mean), _ptr(rstd), n, t, d, stride, _code(act), _code(mods[0].dtype), float(eps),
+            _stream(x.device),
+        )  # fmt: skip
     return x_new, h, mean, rstd
 
 
@@ -135,12 +142,13 @@ def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd):
     workspace = torch.empty(
         (ext.adaln_backward_workspace(n, t, d, int(gated)),), dtype=torch.float32, device=x.device
     )
-    ext.adaln_backward(
-        _ptr(dh), _ptr(dx_new), _ptr(x), _ptr(y),
-        _ptr(mods[1] if gated else None), _ptr(mods[0]), _ptr(mean), _ptr(rstd), _ptr(dx), _ptr(dy),
-        _ptr(dshift), _ptr(dscale), _ptr(dgate), _ptr(workspace), n, t, d, stride, _code(act), _code(mod),
-        _stream(x.device),
-    )  # fmt: skip
+    with _on(x.device):
+        ext.adaln_backward(
+            _ptr(dh), _ptr(dx_new), _ptr(x), _ptr(y),
+            _ptr(mods[1] if gated else None), _ptr(mods[0]), _ptr(mean), _ptr(rstd), _ptr(dx), _ptr(dy),
+            _ptr(dshift), _ptr(dscale), _ptr(dgate), _ptr(workspace), n, t, d, stride, _code(act), _code(mod),
+            _stream(x.device),
+        )  # fmt: skip
     return dx, dy, dgate, dshift, dscale
 
 
@@ -291,10 +299,11 @@ def _loss_op(
     r = torch.empty(f.shape if save_r else (0,), dtype=torch.float32, device=f.device)
     ext = _ext()
     workspace = torch.empty((ext.edm_l2_loss_workspace(n, m),), dtype=torch.float32, device=f.device)
-    ext.edm_l2_loss_forward(
-        _ptr(z2), _ptr(f2), _ptr(y2), _ptr(s), _ptr(per), _ptr(loss), _ptr(r) if save_r else 0,
-        _ptr(workspace), n, m, float(sigma_data), _code(dtype), _stream(f.device),
-    )  # fmt: skip
+    with _on(f.device):
+        ext.edm_l2_loss_forward(
+            _ptr(z2), _ptr(f2), _ptr(y2), _ptr(s), _ptr(per), _ptr(loss), _ptr(r) if save_r else 0,
+            _ptr(workspace), n, m, float(sigma_data), _code(dtype), _stream(f.device),
+        )  # fmt: skip
     return loss, per, r
 
 
@@ -332,10 +341,11 @@ def _loss_bwd_op(
     ext = _ext()
     for dtype in dict.fromkeys(dt for dt in dtypes if dt is not None):  # usually one dtype: one launch
         wanted = [_ptr(g) if dt == dtype else 0 for g, dt in zip(grads, dtypes)]
-        ext.edm_l2_loss_backward(
-            _ptr(r), _ptr(s), _ptr(g_loss), _ptr(g_per), g_per.stride(0) if g_per is not None else 0, *wanted,
-            n, m, float(sigma_data), _code(dtype), _stream(r.device),
-        )  # fmt: skip
+        with _on(r.device):
+            ext.edm_l2_loss_backward(
+                _ptr(r), _ptr(s), _ptr(g_loss), _ptr(g_per), g_per.stride(0) if g_per is not None else 0,
+                *wanted, n, m, float(sigma_data), _code(dtype), _stream(r.device),
+            )  # fmt: skip
     return tuple(grads)
 
 
@@ -421,8 +431,9 @@ def fused_adamw_(
             raise ValueError(f"fused_adamw_: {name} must be a one-element float32 tensor on {param.device}")
     if not available(param.device):
         raise RuntimeError(f"fused_adamw_ needs a CUDA tensor and a built _C ({_C_loader.why_unavailable()})")
-    _ext().fused_adamw_f32(
-        _ptr(param), _ptr(grad), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(param_bf16), param.numel(), float(lr),
-        float(beta1), float(beta2), float(eps), float(weight_decay), int(step), _ptr(grad_scale),
-        _ptr(found_inf), _stream(param.device),
-    )  # fmt: skip
+    with _on(param.device):
+        _ext().fused_adamw_f32(
+            _ptr(param), _ptr(grad), _ptr(exp_avg), _ptr(exp_avg_sq), _ptr(param_bf16), param.numel(),
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
+            _ptr(grad_scale), _ptr(found_inf), _stream(param.device),
+        )  # fmt: skip
