@@ -276,3 +276,37 @@ def test_paging_benchmark_logic_runs_on_the_cpu():
     record = {"quick": True, "settings": {"model": "tiny", "num_blocks": 8}, "bandwidth": bw, "steps": rows}
     md = bench_paging._markdown(common.provenance(cpu), {**record, "complete": False})
     assert "page-in" in md and "**Partial**" in md and md.count("| random |") == 4
+
+
+def test_gpu_session_build_reuses_a_carried_module_only_when_built_from_these_sources(tmp_path, monkeypatch):
+    from benchmarks import gpu_session
+
+    pkg, carried = tmp_path / "pkg", tmp_path / "gpubuild"
+    pkg.mkdir()
+    monkeypatch.setattr(gpu_session, "PKG", pkg)
+    monkeypatch.setattr(gpu_session, "GPUBUILD", carried)
+    calls = []
+
+    def fake_run(cmd, log, limit, env):  # pip builds _C into the package when DBLOCKS_BUILD_CUDA=1
+        calls.append((cmd[:4], env.get("DBLOCKS_BUILD_CUDA")))
+        if env.get("DBLOCKS_BUILD_CUDA") == "1" and "pip" in cmd:
+            (pkg / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"built here")
+        return "ok", 0
+
+    monkeypatch.setattr(gpu_session, "_run", fake_run)
+    assert gpu_session.build(tmp_path / "build.log", 100, {}) == ("ok", 0)
+    assert calls[0][1] == "1"  # nothing carried: build
+    assert (carried / "_C.cpython-312-x86_64-linux-gnu.so").read_bytes() == b"built here"
+    assert (carried / "csrc.sha256").read_text().strip() == gpu_session.sources_hash()
+
+    # the next call carries it: reused, nothing built
+    (pkg / "_C.cpython-312-x86_64-linux-gnu.so").unlink()
+    calls.clear()
+    assert gpu_session.build(tmp_path / "build.log", 100, {}) == ("ok", 0)
+    assert calls[0][1] == "0" and (pkg / "_C.cpython-312-x86_64-linux-gnu.so").read_bytes() == b"built here"
+
+    # sources changed since: built again
+    (carried / "csrc.sha256").write_text("0" * 64 + "\n")
+    calls.clear()
+    gpu_session.build(tmp_path / "build.log", 100, {})
+    assert calls[0][1] == "1"
