@@ -2,7 +2,9 @@
 
 `AdamW` keeps a block's parameters and both moments in one float32 buffer laid out
 [param | exp_avg | exp_avg_sq] (the layout `paging.BlockStore` pages between device, host and disk), with
-every parameter and its `state[p]["exp_avg"]`, `state[p]["exp_avg_sq"]` a view into it. A step gathers the
+every parameter and its `state[p]["exp_avg"]`, `state[p]["exp_avg_sq"]` a view into it. Each part starts
+`part_stride(numel)` elements after the last, a multiple of 4, so all three are 16-byte aligned and the
+fused kernel takes its vector path whatever the block's size. A step gathers the
 gradients into one flat buffer and updates all of it at once, by the first of these that can run:
 
   "cuda"       dblocks_fast._C's fused_adamw (csrc/fused_adamw.cu): one read and one write of each buffer,
@@ -24,9 +26,15 @@ import torch
 
 from . import cuda_ops
 
-__all__ = ["BACKENDS", "AdamW", "adamw_reference_", "adamw_step_", "pick_backend"]
+__all__ = ["BACKENDS", "AdamW", "adamw_reference_", "adamw_step_", "part_stride", "pick_backend"]
 
 BACKENDS = ("auto", "cuda", "torch", "reference")
+
+
+def part_stride(numel: int) -> int:
+    """Elements from one part of a flat [param | exp_avg | exp_avg_sq] buffer to the next: numel rounded up to
+    a multiple of 4, so that every part of an aligned buffer is 16-byte aligned (the gaps are zeros)."""
+    return -(-numel // 4) * 4
 
 
 def adamw_reference_(
@@ -190,6 +198,7 @@ class AdamW(torch.optim.Optimizer):
             )
         self.backend = backend
         self.numel = sum(p.numel() for p in self.params)
+        self.stride = part_stride(self.numel)
         self.param_bf16: torch.Tensor | None = None
         self._bf16_copy = bf16_copy
         if pack:
@@ -199,13 +208,13 @@ class AdamW(torch.optim.Optimizer):
     def pack(self) -> None:
         """Move the parameters and moments (zeros where none yet) into one new flat buffer, unchanged."""
         device = self.params[0].device
-        buf = torch.zeros(3 * self.numel, dtype=torch.float32, device=device)
+        buf = torch.zeros(3 * self.stride, dtype=torch.float32, device=device)
         offset = 0
         for p in self.params:
             n = p.numel()
             state = self.state[p]
             views = [
-                buf[k * self.numel + offset : k * self.numel + offset + n].view(p.shape) for k in range(3)
+                buf[k * self.stride + offset : k * self.stride + offset + n].view(p.shape) for k in range(3)
             ]
             views[0].copy_(p.data)
             for k, key in ((1, "exp_avg"), (2, "exp_avg_sq")):

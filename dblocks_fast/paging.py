@@ -19,6 +19,7 @@ from torch import nn
 
 from .model import BlockModel
 from .nn import set_kernels
+from .optim import part_stride
 
 __all__ = ["StreamedBlockModel", "flatten_module"]
 
@@ -208,12 +209,14 @@ class _Paged:
         self.names = [n for n, _ in block.named_parameters()]
         self.optimizer = optimizer
         self.numel = sum(p.numel() for p in self.params)
+        self.stride = part_stride(self.numel)  # from one part to the next: 16-byte aligned parts
+        self.size = 3 * self.stride  # elements of the flat buffer
         self.host: torch.Tensor | None = None  # host tier: the block's buffer while paged out
         self.slot: _TrainSlot | None = None  # the device slot holding it, if any
         self.dirty = False  # trained since it was paged in: must be written back
 
     def point_at(self, buf: torch.Tensor | None) -> None:
-        """Make the parameters and AdamW moments views of `buf` (3 * numel), or placeholders when None."""
+        """Make the parameters and AdamW moments views of `buf` (self.size), or placeholders when None."""
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -224,7 +227,7 @@ class _Paged:
                 p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)  # paged out to disk: no memory held
                 state["exp_avg"] = state["exp_avg_sq"] = p.data
             else:
-                lo = [k * self.numel + offset for k in range(3)]
+                lo = [k * self.stride + offset for k in range(3)]
                 p.data = buf[lo[0] : lo[0] + n].view(p.shape)
                 state["exp_avg"] = buf[lo[1] : lo[1] + n].view(p.shape)
                 state["exp_avg_sq"] = buf[lo[2] : lo[2] + n].view(p.shape)
@@ -238,14 +241,16 @@ class _Paged:
                 n = p.numel()
                 state = self.optimizer.state.get(p, {})
                 for k, src in enumerate((p.data, state.get("exp_avg"), state.get("exp_avg_sq"))):
-                    dst = buf[k * self.numel + offset : k * self.numel + offset + n]
+                    dst = buf[k * self.stride + offset : k * self.stride + offset + n]
                     dst.copy_(src.reshape(-1)) if src is not None else dst.zero_()
                 offset += n
+            for k in range(3):  # the gaps between parts: zeros, so a buffer's bytes depend on its values only
+                buf[k * self.stride + self.numel : (k + 1) * self.stride].zero_()
 
 
 class _TrainSlot:
-    def __init__(self, numel: int, device: torch.device, streams=()):
-        self.buf = torch.empty(3 * numel, dtype=torch.float32, device=device)
+    def __init__(self, size: int, device: torch.device, streams=()):
+        self.buf = torch.empty(size, dtype=torch.float32, device=device)
         self.block: _Paged | None = None
         self.ready: torch.cuda.Event | None = None  # its page-in copy is done
         self.free: torch.cuda.Event | None = None  # its page-out copy (and every reader) is done
@@ -307,13 +312,13 @@ class BlockStore:
         self.blocks[b] = blk
         # the host tier keeps this buffer (pinned); the disk tier only passes it to the file, and pinning
         # memory that is then freed would leave the range registered for whatever is allocated there next
-        buf = self._host_buffer(blk.numel) if self.tier == "host" else torch.empty(3 * blk.numel)
+        buf = self._host_buffer(blk.size) if self.tier == "host" else torch.empty(blk.size)
         blk.fill(buf)
         self._store(blk, buf)
 
-    def _host_buffer(self, numel: int) -> torch.Tensor:
-        """3 * numel fp32 of host memory that lives as long as the store (on CUDA: pinned, exact size)."""
-        buf = torch.empty(3 * numel, dtype=torch.float32)
+    def _host_buffer(self, size: int) -> torch.Tensor:
+        """`size` fp32 of host memory that lives as long as the store (on CUDA: pinned, exact size)."""
+        buf = torch.empty(size, dtype=torch.float32)
         if self.cuda and self.pinned:
             if _pin(buf, stacklevel=3):
                 self._registered.append(buf.data_ptr())
@@ -336,7 +341,7 @@ class BlockStore:
         blk.point_at(None)
 
     def _read_paged(self, blk: _Paged, out: torch.Tensor) -> None:
-        """Read block's paged file straight into `out` (CPU, fp32, 3 * numel), with no temporary copy."""
+        """Read block's paged file straight into `out` (CPU, fp32, blk.size), with no temporary copy."""
         from .checkpoint import CheckpointError
 
         path = self._path(blk.index)
@@ -365,11 +370,11 @@ class BlockStore:
     # --- paging --------------------------------------------------------------------------------------------
     def _slot_for(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:
         for s in self.slots:
-            if s.block is None and s.buf.numel() >= 3 * blk.numel:
+            if s.block is None and s.buf.numel() >= blk.size:
                 return s
         if len(self.slots) < 2:
             streams = (self._h2d, self._d2h) if self.cuda else ()
-            self.slots.append(_TrainSlot(max(b.numel for b in self.blocks.values()), self.device, streams))
+            self.slots.append(_TrainSlot(max(b.size for b in self.blocks.values()), self.device, streams))
             return self.slots[-1]
         victim = next(s for s in self.slots if s.block is not keep)
         self._page_out(victim)
@@ -381,7 +386,7 @@ class BlockStore:
         If the write fails, the slot keeps the block and the last good copy in the tier is untouched.
         """
         blk = slot.block
-        n = 3 * blk.numel
+        n = blk.size
         if not blk.dirty:
             self._point_host(blk)
         elif self.tier == "host" and not self.cuda:
@@ -414,7 +419,7 @@ class BlockStore:
 
     def _page_in(self, blk: _Paged, keep: _Paged | None) -> _TrainSlot:
         slot = self._slot_for(blk, keep)
-        n = 3 * blk.numel
+        n = blk.size
         if self.tier == "disk" and not self.cuda:
             self._read_paged(blk, slot.buf[:n])  # straight into the slot: no second copy of the block
         elif not self.cuda:
@@ -423,7 +428,7 @@ class BlockStore:
             src = blk.host
             if self.tier == "disk":  # read into a pinned staging buffer, reused once its last copy is done
                 if self._staging is None:
-                    self._staging = self._host_buffer(max(b.numel for b in self.blocks.values()))
+                    self._staging = self._host_buffer(max(b.size for b in self.blocks.values()))
                 if self._staging_free is not None:
                     self._staging_free.synchronize()
                 src = self._staging[:n]
@@ -488,7 +493,7 @@ class BlockStore:
         if blk.slot is not None:
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            flat = blk.slot.buf[: 3 * blk.numel].cpu()
+            flat = blk.slot.buf[: blk.size].cpu()
         else:
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # a write-back may be in flight
@@ -497,7 +502,7 @@ class BlockStore:
         for name, p in zip(blk.names, blk.params):
             n = p.numel()
             for k, part in enumerate(_PARTS):
-                t = flat[k * blk.numel + offset : k * blk.numel + offset + n]
+                t = flat[k * blk.stride + offset : k * blk.stride + offset + n]
                 out[f"{part}/{name}"] = t.view(p.shape).clone()
             offset += n
         return out
@@ -505,18 +510,18 @@ class BlockStore:
     def load(self, b: int, tensors: dict[str, torch.Tensor], steps: int) -> None:
         """Put checkpointed weights and moments (the `tensors` format) into block b, wherever it lives."""
         blk = self.blocks[b]
-        flat = torch.empty(3 * blk.numel, dtype=torch.float32)
+        flat = torch.zeros(blk.size, dtype=torch.float32)
         offset = 0
         for name, p in zip(blk.names, blk.params):
             n = p.numel()
             for k, part in enumerate(_PARTS):
                 src = tensors.get(f"{part}/{name}")
-                dst = flat[k * blk.numel + offset : k * blk.numel + offset + n]
+                dst = flat[k * blk.stride + offset : k * blk.stride + offset + n]
                 dst.copy_(src.reshape(-1)) if src is not None else dst.zero_()
             blk.optimizer.state.setdefault(p, {})["step"] = torch.tensor(float(steps))
             offset += n
         if blk.slot is not None:
-            blk.slot.buf[: 3 * blk.numel].copy_(flat)
+            blk.slot.buf[: blk.size].copy_(flat)
         elif self.tier == "host":
             blk.host.copy_(flat)
         else:

@@ -70,10 +70,15 @@ def test_packing_lays_the_block_out_flat_and_keeps_values():
     param, exp_avg, exp_avg_sq = opt.flat()
     n = sum(p.numel() for p in params)
     assert param.numel() == exp_avg.numel() == exp_avg_sq.numel() == n
-    # one buffer [param | exp_avg | exp_avg_sq], the layout paging uses
+    # one buffer [param | exp_avg | exp_avg_sq], the layout paging uses; each part 16-byte aligned, so the
+    # fused kernel's vector path runs whatever n is (n here is odd: the parts are 4 * ceil(n / 4) apart)
+    stride = -(-n // 4) * 4
+    assert n % 4 != 0 and optim.part_stride(n) == stride == opt.stride
     assert (
-        exp_avg.data_ptr() == param.data_ptr() + 4 * n and exp_avg_sq.data_ptr() == param.data_ptr() + 8 * n
+        exp_avg.data_ptr() == param.data_ptr() + 4 * stride
+        and exp_avg_sq.data_ptr() == param.data_ptr() + 8 * stride
     )
+    assert all(t.data_ptr() % 16 == 0 for t in (param, exp_avg, exp_avg_sq))
     for p, b in zip(params, before):
         assert torch.equal(p.detach(), b)
     assert torch.equal(param, torch.cat([b.reshape(-1) for b in before]))
@@ -89,7 +94,7 @@ def test_rebound_to_another_buffer_steps_there():
     run(ours, params, 3)
     run(ref, ref_params, 3)
     n = ours.numel
-    other = torch.cat([t.reshape(-1) for t in ours.flat()]).clone()  # a copy, as a page-in would make
+    other = torch.cat([t.reshape(-1) for t in ours.flat()]).clone()  # a copy, unpadded: any flat layout works
     offset = 0
     for p in params:
         k = p.numel()

@@ -106,7 +106,7 @@ def test_host_and_disk_tiers_train_the_same_bits_as_resident(
             {f"{b}/{k}": v for b in range(3) for k, v in _read(tmp_path / "none", b).items()},
         )
     host = runs["host"].store
-    size = 3 * sum(p.numel() for p in runs["none"].model.blocks[0].parameters()) * 4
+    size = 4 * host.blocks[0].size  # bytes of a block's flat buffer
     if schedule == "sequential":
         assert host.bytes_in == 3 * size  # each block paged in once, prefetched before its turn
     assert host.bytes_in >= 3 * size and host.bytes_out >= 3 * size
@@ -239,7 +239,7 @@ def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny
     _assert_same(_tensors(lazy), _tensors(ref))
     eager = dbf.Trainer(tiny_task, digits, tiny_config(offload="host", schedule="sequential"))
     eager.fit()
-    size = 12 * sum(p.numel() for p in ref.model.blocks[0].parameters())
+    size = 4 * eager.store.blocks[0].size  # bytes of a block's flat buffer
     assert eager.store.bytes_in == 3 * size < lazy.store.bytes_in  # random order: paged in again and again
 
 
@@ -265,7 +265,7 @@ def test_on_demand_paging_evicts_the_least_recently_active_block(tiny_task):
     for b in range(3):
         block = _model(tiny_task, [3]).blocks[0]
         store.add(b, block, torch.optim.AdamW(block.parameters()))
-    size = 12 * store.blocks[0].numel
+    size = 4 * store.blocks[0].size
     moved = []
     for b in (0, 1, 2, 0, 1, 2, 2, 1):
         before = (store.bytes_in, store.bytes_out)
@@ -288,3 +288,31 @@ def test_a_failed_pin_warns_and_leaves_cuda_usable():
     x = torch.ones(1000, device="cuda")
     assert (x * 2).sum().item() == 2000  # the next kernel launch does not inherit that error
     _unregister([buf.data_ptr()])
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_block_of_odd_size_pages_with_aligned_parts_and_the_same_bits(tier, tmp_path):
+    import copy
+
+    from dblocks_fast import checkpoint, optim
+    from dblocks_fast.paging import BlockStore
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(5, 3)  # 18 parameters: the parts of its buffer are padded to 20 elements
+    paged = copy.deepcopy(ref)
+    ref_opt, opt = optim.AdamW(ref.parameters()), optim.AdamW(paged.parameters(), pack=False)
+    store = BlockStore(tier, torch.device("cpu"), tmp_path)
+    store.add(0, paged, opt)
+    assert (store.blocks[0].numel, store.blocks[0].stride, store.blocks[0].size) == (18, 20, 60)
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        store.activate(0)
+        parts = opt.flat()
+        assert parts is not None and all(t.data_ptr() % 16 == 0 for t in parts)  # the vector path's condition
+        for module, o in ((paged, opt), (ref, ref_opt)):
+            module(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+        store.flush()
+    got, want = store.tensors(0), checkpoint.block_state(ref, ref_opt)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
