@@ -530,8 +530,13 @@ class BlockStore:
 
 def _unregister(pointers: list[int]) -> None:
     """Unpin host buffers pinned with `_pin`, after every copy that may still read or write them."""
-    if pointers:
+    if not pointers:
+        return
+    try:
         torch.cuda.synchronize()
+    except RuntimeError:  # CUDA is shutting down (a finalizer at exit): the process takes the memory with it
+        pointers.clear()
+        return
     for ptr in pointers:
         torch.cuda.cudart().cudaHostUnregister(ptr)
     pointers.clear()
