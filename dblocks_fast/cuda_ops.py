@@ -67,15 +67,16 @@ def _check(op: str, device_of: torch.Tensor, **tensors: torch.Tensor) -> None:
 
 
 # --- adaln ------------------------------------------------------------------------------------------------
-def _modulation(act: torch.dtype, *vectors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+def _modulation(act: torch.dtype, *vectors: torch.Tensor, also=()) -> tuple[list[torch.Tensor], int]:
     """(vectors, row stride) with one dtype, unit column stride and a shared row stride (no copy if so).
 
     The C library takes modulation in the activations' dtype `act` or in float32; any other mix is
-    converted to float32 (the vectors are (N, D): small).
+    converted to float32 (the vectors are (N, D): small). `also`: more dtypes the choice must hold, such as
+    that of a gradient the kernel writes in the modulation dtype for a vector it does not read (dshift).
     """
     dtype = vectors[0].dtype
-    for v in vectors[1:]:
-        dtype = torch.promote_types(dtype, v.dtype)
+    for dt in [v.dtype for v in vectors[1:]] + list(also):
+        dtype = torch.promote_types(dtype, dt)
     if dtype not in (act, torch.float32):
         dtype = torch.float32
     d = vectors[0].shape[1]
@@ -122,8 +123,11 @@ def _adaln_forward(x, y, gate, shift, scale, eps):
     return x_new, h, mean, rstd
 
 
-def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd):
-    """(dx, dy, dgate, dshift, dscale); x is the forward's x, or its x_new when gated (y given)."""
+def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd, shift_dtype):
+    """(dx, dy, dgate, dshift, dscale); x is the forward's x, or its x_new when gated (y given).
+
+    The kernel writes the modulation gradients in the modulation dtype, chosen to hold shift's dtype too: a
+    float32 shift beside bf16 scale gets a float32 dshift, not a bf16 one cast up."""
     n, t, d = x.shape
     gated = y is not None
     act = x.dtype
@@ -131,7 +135,7 @@ def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd):
     dh = dh.to(act).contiguous()
     dx_new = dx_new.to(act).contiguous() if dx_new is not None else None
     y = y.to(act).contiguous() if gated else None  # the kernel reads y in x_new's dtype (e.g. bf16 y, fp32 x)
-    mods, stride = _modulation(act, scale, *([gate] if gated else []))
+    mods, stride = _modulation(act, scale, *([gate] if gated else []), also=(shift_dtype,))
     mod = mods[0].dtype
     dx = torch.empty((n, t, d), dtype=act, device=x.device)
     dy = torch.empty_like(dx) if gated else None
@@ -171,7 +175,9 @@ def _adaln_bwd_op(
     dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, _, _, dshift, dscale = _adaln_backward(dh, None, x.contiguous(), None, None, scale, mean, rstd)
+    dx, _, _, dshift, dscale = _adaln_backward(
+        dh, None, x.contiguous(), None, None, scale, mean, rstd, shift_dtype
+    )
     return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
 
 
@@ -217,7 +223,7 @@ def _gated_bwd_op(
     dxnew: Optional[torch.Tensor], dh: torch.Tensor, xnew: torch.Tensor, y: torch.Tensor,  # noqa: UP045
     gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, dy, dgate, dshift, dscale = _adaln_backward(dh, dxnew, xnew, y, gate, scale, mean, rstd)
+    dx, dy, dgate, dshift, dscale = _adaln_backward(dh, dxnew, xnew, y, gate, scale, mean, rstd, shift_dtype)
     return dx, dy.to(y.dtype), dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype)
 
 

@@ -212,3 +212,26 @@ def test_under_compute_sanitizer(tool, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "sanitized run done" in output, output[-4000:]
     assert "ERROR SUMMARY: 0 errors" in output or "RACECHECK SUMMARY: 0 hazards" in output, output[-4000:]
+
+
+@gpu
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_float32_shift_beside_bf16_scale_gets_a_float32_gradient(gated):
+    """dshift is written in the modulation dtype: it must hold shift's own float32, not bf16 cast up."""
+    torch.manual_seed(1)
+    n, t, d = 4, 64, 96
+    x = torch.randn(n, t, d, device="cuda", dtype=torch.bfloat16)
+    shift = torch.randn(n, d, device="cuda", requires_grad=True)  # float32
+    scale = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dh = torch.randn(n, t, d, device="cuda", dtype=torch.bfloat16)
+    if gated:
+        y, gate = torch.randn_like(x), torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+        _, h = cuda_ops.gated_residual_adaln(x, y, gate, shift, scale)
+    else:
+        h = cuda_ops.adaln_modulate(x, shift, scale)
+    (dshift,) = torch.autograd.grad(h, shift, dh)
+    assert dshift.dtype == torch.float32
+    # dh/dshift is 1 for every element, so dshift is the sum of dh over t, in float64 here
+    want = dh.double().sum(1)
+    err = (dshift.double() - want).abs().max() / want.abs().max()
+    assert err < 1e-5, err  # a bf16 dshift would be off by about 4e-3
