@@ -53,27 +53,12 @@ RESERVE = 20  # seconds kept back from the budget to pack and report
 MIN_STAGE = 30  # a stage with less time left than this is not started
 PY = sys.executable
 
+PYTEST = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider"]
 # name: (time limit in seconds, command). "{left}" is replaced by the seconds left to the stage.
 STAGES: dict[str, tuple[int, list[str]]] = {
     "build": (300, []),  # done in-process: see build()
-    "tests": (
-        360,
-        [
-            PY,
-            "-m",
-            "pytest",
-            "-m",
-            "gpu",
-            "-k",
-            "not compute_sanitizer",
-            "-q",
-            "-rfE",
-            "-p",
-            "no:cacheprovider",
-            "--junitxml={log}.xml",
-        ],
-    ),  # fmt: skip
-    "sanitizer": (240, [PY, "-m", "pytest", "-m", "gpu", "-k", "compute_sanitizer", "-q", "-rfE"]),
+    "tests": (360, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
+    "sanitizer": (240, [*PYTEST, "-k", "compute_sanitizer"]),
     "kernels": (300, [PY, "benchmarks/bench_kernels.py"]),
     "paging": (330, [PY, "benchmarks/bench_paging.py"]),
     "memory": (360, [PY, "benchmarks/bench_memory.py", "--device", "cuda"]),
