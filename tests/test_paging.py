@@ -228,7 +228,9 @@ def test_paged_training_on_cuda_equals_resident(tiny_task, digits, tiny_config, 
     ref = _tensors(runs["none"])
     for tier in ("host", "disk"):
         _assert_same(_tensors(runs[tier]), ref)
-    assert runs["host"].store.pinned
+    host, disk = runs["host"].store, runs["disk"].store
+    assert host.pinned and all(blk.host.is_pinned() for blk in host.blocks.values())
+    assert len(disk._registered) == 1  # the disk tier pins its staging buffer only, never a passing one
 
 
 def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny_config):
