@@ -2,7 +2,7 @@
 
 from .attention import HAS_FLASH_ATTN, SelfAttention, attention
 from .embedding import LabelEmbedding, SigmaEmbedding, sinusoidal_embedding
-from .layers import AdaLNFinalLayer, AdaLNZeroLayer, Mlp, set_kernels
+from .layers import AdaLNFinalLayer, AdaLNZeroLayer, Mlp, init_linears_, set_kernels
 
 __all__ = [
     "HAS_FLASH_ATTN",
@@ -14,5 +14,6 @@ __all__ = [
     "AdaLNFinalLayer",
     "AdaLNZeroLayer",
     "Mlp",
+    "init_linears_",
     "set_kernels",
 ]

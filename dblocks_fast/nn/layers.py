@@ -9,7 +9,7 @@ from torch import nn
 from .. import ops
 from .attention import SelfAttention
 
-__all__ = ["Mlp", "AdaLNZeroLayer", "AdaLNFinalLayer", "set_kernels"]
+__all__ = ["Mlp", "AdaLNZeroLayer", "AdaLNFinalLayer", "init_linears_", "set_kernels"]
 
 
 class Mlp(nn.Module):
@@ -63,6 +63,15 @@ class AdaLNFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
         return self.linear(ops.adaln_modulate(x, shift, scale, self.eps, self.kernels))
+
+
+def init_linears_(module: nn.Module) -> nn.Module:
+    """DiT's initialisation of every nn.Linear in `module`: xavier-uniform weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 def set_kernels(module: nn.Module, kernels: str) -> nn.Module:

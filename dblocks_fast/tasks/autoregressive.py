@@ -38,9 +38,9 @@ from torch import nn
 
 from .. import ops, precond, rng
 from ..data import VOCAB_BYTES
-from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, attention
+from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, attention, init_linears_
 from .baseline import train_end_to_end
-from .classification import DiscreteTargetTask, inference_sigmas
+from .classification import DiscreteTargetTask, inference_sigmas, validate_target_fields
 
 __all__ = [
     "ARConfig",
@@ -84,18 +84,7 @@ class ARConfig:
             raise ValueError(
                 f"ARConfig.seq_len must be >= 2 (byte 0 has no context to predict from), got {self.seq_len}"
             )
-        if self.hidden % self.heads:
-            raise ValueError(f"heads {self.heads} must divide hidden {self.hidden}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.label_seed < 0:
-            raise ValueError(f"label_seed must be >= 0, got {self.label_seed}")
-        if self.max_weight is not None and not self.max_weight > 0:
-            raise ValueError(f"max_weight must be positive or None (no clamp), got {self.max_weight}")
-        if not (self.label_scale > 0 and math.isfinite(self.label_scale)):
-            raise ValueError(f"label_scale must be a finite value > 0, got {self.label_scale}")
-        if self.sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
+        validate_target_fields(self)
 
 
 @functools.lru_cache(maxsize=32)
@@ -129,10 +118,7 @@ class _ARStem(nn.Module):
         self.head = AdaLNFinalLayer(d, VOCAB)
 
     def _init_stem(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_(self)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
         # AdaLN-Zero: every layer starts as the identity and the head at zero logits (8 bits per byte)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import precond, rng
 from ..data import ImageData
-from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding
+from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 from .baseline import train_end_to_end
 from .image_generation import patchify
 
@@ -79,18 +79,7 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.num_classes must be >= 2, got {self.num_classes}")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
-        if self.hidden % self.heads:
-            raise ValueError(f"heads {self.heads} must divide hidden {self.hidden}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-        if self.label_seed < 0:
-            raise ValueError(f"label_seed must be >= 0, got {self.label_seed}")
-        if self.max_weight is not None and not self.max_weight > 0:
-            raise ValueError(f"max_weight must be positive or None (no clamp), got {self.max_weight}")
-        if not (self.label_scale > 0 and math.isfinite(self.label_scale)):
-            raise ValueError(f"label_scale must be a finite value > 0, got {self.label_scale}")
-        if self.sigma_data <= 0:
-            raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
+        validate_target_fields(self)
 
 
 def label_table(num_classes: int, emb_dim: int, seed: int) -> torch.Tensor:
@@ -117,10 +106,7 @@ class _ViTStem(nn.Module):
         self.head = AdaLNFinalLayer(d, cfg.num_classes)
 
     def _init_stem(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         # AdaLN-Zero: every layer starts as the identity and the head at zero logits (uniform prediction)
         for m in [layer.modulation for layer in self.layers] + [self.head.modulation, self.head.linear]:
@@ -171,6 +157,23 @@ class ViTClassifier(_ViTStem):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
         return self._encode(images, self.cls_token.expand(n, -1), self.cond.expand(n, -1))
+
+
+def validate_target_fields(cfg) -> None:
+    """The checks every DiscreteTargetTask config shares: the transformer's width and heads, the frozen target
+    table (label_seed, label_scale) and the loss (max_weight, sigma_data)."""
+    if cfg.hidden % cfg.heads:
+        raise ValueError(f"heads {cfg.heads} must divide hidden {cfg.hidden}")
+    if cfg.mlp_ratio <= 0:
+        raise ValueError(f"mlp_ratio must be positive, got {cfg.mlp_ratio}")
+    if cfg.label_seed < 0:
+        raise ValueError(f"label_seed must be >= 0, got {cfg.label_seed}")
+    if cfg.max_weight is not None and not cfg.max_weight > 0:
+        raise ValueError(f"max_weight must be positive or None (no clamp), got {cfg.max_weight}")
+    if not (cfg.label_scale > 0 and math.isfinite(cfg.label_scale)):
+        raise ValueError(f"label_scale must be a finite value > 0, got {cfg.label_scale}")
+    if cfg.sigma_data <= 0:
+        raise ValueError(f"sigma_data must be positive, got {cfg.sigma_data}")
 
 
 class DiscreteTargetTask:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import ops, precond
 from ..data import ImageData
-from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, LabelEmbedding, SigmaEmbedding
+from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, LabelEmbedding, SigmaEmbedding, init_linears_
 
 __all__ = ["DiTConfig", "DiTBlock", "ImageGeneration", "patchify", "unpatchify"]
 
@@ -80,10 +80,7 @@ class DiTBlock(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_(self)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.label_embed.table.weight, std=0.02)
         for m in self.sigma_embed.mlp:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import rng
 from ..data import TextData
-from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding
+from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 
 __all__ = [
     "MASK",
@@ -118,10 +118,7 @@ class MDMBlock(nn.Module):
         self.time_embed = SigmaEmbedding(d, scale=TIME_SCALE)
         self.layers = nn.ModuleList(AdaLNZeroLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         self.head = AdaLNFinalLayer(d, VOCAB)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_(self)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
         for m in self.time_embed.mlp:  # DiT's timestep-embedder init

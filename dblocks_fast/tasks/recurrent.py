@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import rng
 from ..data import VOCAB_BYTES
-from ..nn import AdaLNFinalLayer, AdaLNZeroLayer
+from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, init_linears_
 from .autoregressive import _check_generation, _check_tokens, _pick, _require_text, _windows
 from .baseline import train_end_to_end
 
@@ -125,10 +125,7 @@ class RecurrentDepthLM(nn.Module):
         self.core = stack(cfg.core)
         self.coda = stack(cfg.coda)
         self.head = AdaLNFinalLayer(d, VOCAB)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_(self)
         nn.init.normal_(self.tok_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cond, std=0.02)
