@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dblocks_fast import TrainConfig, checkpoint
+from dblocks_fast import TrainConfig
 from dblocks_fast.data import ImageData, TextData
 from dblocks_fast.model import BlockModel
 from dblocks_fast.schedule import NoiseSchedule
@@ -23,6 +23,7 @@ from dblocks_fast.tasks.masked_diffusion import (
     generate,
 )
 from dblocks_fast.train import Trainer
+from tests.invariants import assert_a_step_touches_only_its_block, block_states
 
 
 @pytest.fixture(autouse=True)
@@ -56,14 +57,6 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _state(trainer) -> dict:
-    out = {}
-    for b, (blk, opt) in enumerate(zip(trainer.model.blocks, trainer.optimizers)):
-        for k, v in checkpoint.block_state(blk, opt).items():
-            out[f"{b}/{k}"] = v.clone()
-    return out
-
-
 def _random_block(task: MaskedDiffusionLM, seed: int = 0, scale: float = 0.3) -> MDMBlock:
     """A block away from the zero init, so its logits depend on the bytes, the mask and t. The t embedding
     moves least: the sinusoid bank runs up to 1000 rad per unit of t, and a large random MLP on it makes a
@@ -91,16 +84,7 @@ def test_training_lowers_the_loss_of_every_block():
 def test_a_step_of_block_b_touches_only_block_b():
     data = _text()
     t = Trainer(_tiny(data), data, _config())
-    for b in range(3):
-        t.step(b)
-    for b in range(3):
-        before = _state(t)
-        t.step(b)
-        after = _state(t)
-        for k in before:
-            if not k.startswith(f"{b}/"):
-                assert torch.equal(before[k], after[k]), k
-        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"{b}/param/"))
+    assert_a_step_touches_only_its_block(t, 3)
 
 
 def test_sequential_and_random_schedules_give_identical_blocks():
@@ -109,7 +93,7 @@ def test_sequential_and_random_schedules_give_identical_blocks():
     for schedule in ("sequential", "random"):
         t = Trainer(_tiny(data), data, _config(schedule=schedule))
         t.fit()
-        runs[schedule] = (list(t.order), _state(t))
+        runs[schedule] = (list(t.order), block_states(t))
     assert runs["sequential"][0] != runs["random"][0]
     seq, rnd = runs["sequential"][1], runs["random"][1]
     assert seq.keys() == rnd.keys() and any(k.startswith("2/exp_avg/") for k in seq)
