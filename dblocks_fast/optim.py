@@ -1,7 +1,7 @@
 """AdamW over a block's flat buffers: one kernel launch a step, whatever the number of parameter tensors.
 
 `AdamW` keeps a block's parameters and both moments in one float32 buffer laid out
-[param | exp_avg | exp_avg_sq] (the layout `paging.BlockStore` pages between device, host and disk), with
+[param | exp_avg | exp_avg_sq] (`FlatLayout`, the layout `storage` pages between device, host and disk), with
 every parameter and its `state[p]["exp_avg"]`, `state[p]["exp_avg_sq"]` a view into it. Each part starts
 `part_stride(numel)` elements after the last, a multiple of 4, so all three are 16-byte aligned and the
 fused kernel takes its vector path whatever the block's size. A step gathers the
@@ -26,7 +26,15 @@ import torch
 
 from . import cuda_ops
 
-__all__ = ["BACKENDS", "AdamW", "adamw_reference_", "adamw_step_", "part_stride", "pick_backend"]
+__all__ = [
+    "BACKENDS",
+    "AdamW",
+    "FlatLayout",
+    "adamw_reference_",
+    "adamw_step_",
+    "part_stride",
+    "pick_backend",
+]
 
 BACKENDS = ("auto", "cuda", "torch", "reference")
 
@@ -35,6 +43,100 @@ def part_stride(numel: int) -> int:
     """Elements from one part of a flat [param | exp_avg | exp_avg_sq] buffer to the next: numel rounded up to
     a multiple of 4, so that every part of an aligned buffer is 16-byte aligned (the gaps are zeros)."""
     return -(-numel // 4) * 4
+
+
+class FlatLayout:
+    """Where each parameter of a block and its two AdamW moments sit in one flat float32 buffer.
+
+    The buffer is [param | exp_avg | exp_avg_sq]: three parts `stride` elements apart (`part_stride`), each
+    holding every parameter back to back in order, the gaps after each part zeros. `AdamW` packs a block this
+    way; paging moves the whole buffer with one copy; checkpoints store it as named tensors
+    (`"param/<name>"`, `"exp_avg/<name>"`, `"exp_avg_sq/<name>"`). This class is the one place that knows the
+    arithmetic.
+    """
+
+    PARTS = ("param", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, shapes, names=None):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.shapes))]
+        if len(self.names) != len(self.shapes):
+            raise ValueError(f"{len(self.names)} names for {len(self.shapes)} shapes")
+        self.offsets, n = [], 0
+        for s in self.shapes:
+            self.offsets.append(n)
+            n += s.numel()
+        self.numel = n  # elements of one part (the parameters)
+        self.stride = part_stride(n)  # from one part to the next
+        self.size = 3 * self.stride  # elements of the whole buffer
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> FlatLayout:
+        """The layout of a module's parameters, named as in its state dict."""
+        named = list(module.named_parameters())
+        return cls([p.shape for _, p in named], [n for n, _ in named])
+
+    def view(self, buf: torch.Tensor, part: int, i: int) -> torch.Tensor:
+        """Parameter i's tensor of part `part` (0 param, 1 exp_avg, 2 exp_avg_sq), a view of `buf`."""
+        lo = part * self.stride + self.offsets[i]
+        return buf[lo : lo + self.shapes[i].numel()].view(self.shapes[i])
+
+    def part(self, buf: torch.Tensor, part: int) -> torch.Tensor:
+        """Part `part` of `buf` as one flat view (every parameter of it, back to back)."""
+        return buf[part * self.stride : part * self.stride + self.numel]
+
+    @torch.no_grad()
+    def fill(self, buf: torch.Tensor, values) -> torch.Tensor:
+        """Write `values(part, i)` (a tensor of parameter i's shape, or None for zeros) into `buf`, gaps
+        zeroed, so that a buffer's bytes depend on its values only. Returns buf."""
+        for k in range(3):
+            for i in range(len(self.shapes)):
+                src, dst = values(k, i), self.view(buf, k, i)
+                dst.copy_(src.reshape(dst.shape)) if src is not None else dst.zero_()
+            buf[k * self.stride + self.numel : (k + 1) * self.stride].zero_()
+        return buf
+
+    def gather(self, buf: torch.Tensor, params, state) -> torch.Tensor:
+        """Write the parameters' current values and their moments in `state` (an optimizer's per-parameter
+        state; zeros where a moment does not exist yet) into `buf`. Returns buf."""
+        params = list(params)
+
+        def values(k, i):
+            return (
+                params[i].data
+                if k == 0
+                else state[params[i]].get(self.PARTS[k])
+                if params[i] in state
+                else None
+            )
+
+        return self.fill(buf, values)
+
+    def bind(self, buf: torch.Tensor | None, params, state) -> None:
+        """Make the parameters and their moments in `state` views of `buf`, or, with None, zero-stride
+        placeholders that hold no memory (a block paged out to disk). Nothing is copied."""
+        for i, p in enumerate(params):
+            st = state.setdefault(p, {})
+            st.setdefault("step", torch.tensor(0.0))
+            if buf is None:
+                p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
+                st["exp_avg"] = st["exp_avg_sq"] = p.data
+            else:
+                p.data, st["exp_avg"], st["exp_avg_sq"] = (self.view(buf, k, i) for k in range(3))
+
+    def to_tensors(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The buffer as named CPU tensors, the checkpoint format (copies: `buf` may be reused)."""
+        buf = buf.cpu()
+        return {
+            f"{part}/{name}": self.view(buf, k, i).clone()
+            for i, name in enumerate(self.names)
+            for k, part in enumerate(self.PARTS)
+        }
+
+    def from_tensors(self, tensors: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The inverse of `to_tensors`, into `out` (a new CPU buffer if None); a missing moment is zeros."""
+        out = torch.empty(self.size, dtype=torch.float32) if out is None else out
+        return self.fill(out, lambda k, i: tensors.get(f"{self.PARTS[k]}/{self.names[i]}"))
 
 
 def adamw_reference_(
@@ -197,8 +299,8 @@ class AdamW(torch.optim.Optimizer):
                 f"{sorted(map(str, devices))}"
             )
         self.backend = backend
-        self.numel = sum(p.numel() for p in self.params)
-        self.stride = part_stride(self.numel)
+        self.layout = FlatLayout([p.shape for p in self.params])
+        self.numel, self.stride = self.layout.numel, self.layout.stride
         self.param_bf16: torch.Tensor | None = None
         self._bf16_copy = bf16_copy
         if pack:
@@ -207,26 +309,13 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def pack(self) -> None:
         """Move the parameters and moments (zeros where none yet) into one new flat buffer, unchanged."""
-        device = self.params[0].device
-        buf = torch.zeros(3 * self.stride, dtype=torch.float32, device=device)
-        offset = 0
+        buf = torch.empty(self.layout.size, dtype=torch.float32, device=self.params[0].device)
+        self.layout.bind(self.layout.gather(buf, self.params, self.state), self.params, self.state)
         for p in self.params:
-            n = p.numel()
-            state = self.state[p]
-            views = [
-                buf[k * self.stride + offset : k * self.stride + offset + n].view(p.shape) for k in range(3)
-            ]
-            views[0].copy_(p.data)
-            for k, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
-                if key in state:
-                    views[k].copy_(state[key])
-            p.data = views[0]
-            state["exp_avg"], state["exp_avg_sq"] = views[1], views[2]
             # a copy: a loaded state dict may share its step tensors with the optimizer it came from
-            state["step"] = state["step"].detach().clone() if "step" in state else torch.tensor(0.0)
-            offset += n
+            self.state[p]["step"] = self.state[p]["step"].detach().clone()
         if self._bf16_copy:
-            self.param_bf16 = buf[: self.numel].to(torch.bfloat16)
+            self.param_bf16 = self.layout.part(buf, 0).to(torch.bfloat16)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
