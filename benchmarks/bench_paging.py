@@ -5,7 +5,7 @@ time with paging (prefetch on and off) against every block resident.
     python benchmarks/bench_paging.py --quick    # smaller model and fewer steps
 
 1. Bandwidth: one block's flat buffer (weights and AdamW moments) copied host-to-device and device-to-host
-   (each alone, and both at once on two streams) by plain pinned `copy_`, against the BlockStore's page-in,
+   (each alone, and both at once on two streams) by plain pinned `copy_`, against the host storage's page-in,
    page-out and swap (a write-back, then a page-in into the same slot), in the same run.
 2. Step time: steps of the 8-block model with offload="none", "host" (prefetch on, off) and "disk", for the
    sequential and the random schedule; ratios to offload="none". One untimed run first compiles the
@@ -59,8 +59,8 @@ def _events_ms(fn, device) -> float:
 
 
 def bandwidth(numel: int, device: torch.device) -> dict:
-    """GB/s of plain pinned copies and of the BlockStore's paging, for one block of `numel` parameters."""
-    from dblocks_fast.paging import BlockStore
+    """GB/s of plain pinned copies and of the host storage's paging, for one block of `numel` parameters."""
+    from dblocks_fast import storage
 
     n, cuda = 3 * numel, device.type == "cuda"
     host = torch.empty(n, dtype=torch.float32, pin_memory=cuda)
@@ -91,7 +91,7 @@ def bandwidth(numel: int, device: torch.device) -> dict:
     # the store: three blocks of this size in two slots. Page-in alone: activate a block with every slot
     # empty (after a flush). Page-out alone: flush the one dirty block. A swap: activating a block that is in
     # no slot evicts the least recently active one, written back and then refilled (the same slot: serial).
-    store = BlockStore("host", device)
+    store = storage.create("host", device)
     for b in range(3):
         blk = torch.nn.Linear(1, 1, bias=False)
         blk.weight = torch.nn.Parameter(torch.zeros(numel))

@@ -1,5 +1,9 @@
 """Run folders: one safetensors file per block (weights and AdamW state) and a JSON manifest.
 
+`RunFolder` is the one place that names a run folder's files and writes them: the manifest, the block
+files, config.json, cli.json, metrics.jsonl, eval.json, the paged files' folder; `merge_runs` assembles one
+run folder from runs that trained disjoint blocks. Everything else asks it.
+
 The manifest is the commit point. A save writes each changed block to a new file named by its step count
 (temporary file, fsync, rename), then replaces the manifest the same way, then deletes the block files the
 new manifest no longer names. A crash at any point leaves the previous manifest and every file it names
@@ -14,20 +18,22 @@ import os
 import shutil
 import tempfile
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import RESUME_FREE, TrainConfig
+
 __all__ = [
     "MANIFEST",
     "CheckpointError",
+    "RunFolder",
     "atomic_write",
     "block_state",
     "load_block_state",
-    "save_blocks",
-    "write_block",
-    "commit",
+    "merge_runs",
     "read_manifest",
     "read_block",
 ]
@@ -35,7 +41,9 @@ __all__ = [
 MANIFEST = "manifest.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-FORMAT = "dblocks_fast.run/1"
+# 2: the settings under "train" are grouped (config.TrainConfig); 1: flat. This version reads both.
+FORMAT = "dblocks_fast.run/2"
+_READS = ("dblocks_fast.run/1", FORMAT)
 
 
 class CheckpointError(RuntimeError):
@@ -159,86 +167,325 @@ def load_block_state(
                         state[key] = src.to(p.device).clone()
 
 
-def write_block(run_dir: Path, b: int, steps: int, tensors: dict[str, torch.Tensor]) -> dict:
-    """Write block b's tensors to a new file named by its step count; returns its manifest entry."""
-    run_dir = Path(run_dir)
-    (run_dir / "blocks").mkdir(parents=True, exist_ok=True)
-    rel = f"blocks/block{b:03d}-step{steps:09d}.safetensors"
-    size, crc = atomic_save(run_dir / rel, tensors, metadata={"block": str(b), "steps": str(steps)})
-    return {"steps": steps, "file": rel, "bytes": size, "crc32": crc}
+class RunFolder:
+    """A run folder: what it holds, under which names, and how each file is written (atomically).
 
-
-def commit(run_dir: Path, manifest: dict) -> dict:
-    """Write the manifest (the commit point), then delete the block files it no longer names."""
-    run_dir = Path(run_dir)
-    manifest = {**manifest, "format": FORMAT}
-    named = {e["file"] for e in manifest["blocks"] if e.get("file")}
-    missing = sorted(f for f in named if not (run_dir / f).is_file())
-    if missing:
-        raise CheckpointError(
-            f"{run_dir}: block files {missing[:3]} are not there, so the manifest was not written (the "
-            f"previous checkpoint stays). With several processes or machines the run folder must be on a "
-            f"filesystem they all share; otherwise train with --only-blocks per machine and merge the runs."
-        )
-    atomic_write(run_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    if (run_dir / "blocks").is_dir():
-        for f in (run_dir / "blocks").glob("block*.safetensors"):
-            if f"blocks/{f.name}" not in named:
-                f.unlink()
-    return manifest
-
-
-def save_blocks(run_dir: Path, manifest: dict, changed: dict[int, dict[str, torch.Tensor]]) -> dict:
-    """Write the changed blocks, then the manifest (the commit), then drop block files no longer named.
-
-    manifest["blocks"][b] must hold "steps"; this fills in "file", "bytes" and "crc32" for changed blocks and
-    keeps the previous entries of the others. Returns the manifest as written.
+    `manifest` is the last manifest read or committed through this object (None before either).
     """
-    for b, tensors in sorted(changed.items()):
+
+    MANIFEST = MANIFEST  # the commit point: settings, task, layers, schedule, one entry per block
+    CONFIG = "config.json"  # the resolved settings, written when training starts
+    CLI = "cli.json"  # what the CLI knows that the library does not: the preset and data path
+    METRICS = "metrics.jsonl"  # a line per block per log_every of its steps
+    EVAL = "eval.json"  # the figures of the last `dblocks-fast eval` or train
+    SAMPLES = "samples.png"  # the sample grid that eval writes for image models
+    CLASSIFIER = "classifier.safetensors"  # the digits judge, cached with the data it was trained on
+    BLOCKS = "blocks"  # block files: blocks/block{b:03d}-step{steps:09d}.safetensors
+    PAGED = "paged"  # offload="disk": the scratch files of paged blocks (one folder per rank)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest: dict | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def holds_run(self) -> bool:
+        """Whether a checkpoint has been committed here."""
+        return (self.path / MANIFEST).exists()
+
+    def paged_folder(self, rank: int | None = None) -> Path:
+        """Where offload="disk" keeps its scratch files; a folder per rank under torchrun (the ranks of a
+        data-parallel group hold the same blocks)."""
+        return self.path / self.PAGED / (f"rank{rank}" if rank is not None else "")
+
+    # --- reading ------------------------------------------------------------------------------------------
+    def read_manifest(self) -> dict:
+        """The run's manifest, with errors that say what is wrong and what to do."""
+        path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise CheckpointError(f"run folder {self.path} does not exist")
+        if not path.is_file():
+            raise CheckpointError(
+                f"{self.path} has no {MANIFEST}: it holds no finished checkpoint (was training stopped "
+                f"before the first save?). Train into it without --resume to start afresh."
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{path} is damaged ({e}); restore it from a backup or start a new run"
+            ) from e
+        if manifest.get("format") not in _READS:
+            raise CheckpointError(
+                f"{path}: format {manifest.get('format')!r}; this version reads "
+                f"{' and '.join(map(repr, _READS))}: use the version of dblocks_fast that wrote it"
+            )
+        self.manifest = manifest
+        return manifest
+
+    def read_block(self, b: int, manifest: dict | None = None) -> dict[str, torch.Tensor]:
+        """Block b's tensors, checked against the manifest's size and CRC-32 (default: the last manifest)."""
+        manifest = manifest or self.manifest or self.read_manifest()
         entry = manifest["blocks"][b]
-        entry.update(write_block(run_dir, b, entry["steps"], tensors))
-    return commit(run_dir, manifest)
+        if not entry.get("file"):
+            raise CheckpointError(
+                f"block {b} has no checkpoint in {self.path}: it was not trained there (a run with "
+                f"--only-blocks, or one stopped before the first save). Train it, or merge the run that "
+                f"trained it: dblocks-fast merge RUN_A RUN_B ... --out RUN"
+            )
+        path = self.path / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(
+                f"block {b}'s checkpoint {path} is missing; the run folder is incomplete. Restore the file, "
+                f"or start a new run."
+            )
+        if file_crc32(path) != (entry["bytes"], entry["crc32"]):
+            raise CheckpointError(
+                f"block {b}'s checkpoint {path} is corrupt (size or CRC-32 differs from the manifest); "
+                f"restore the file from a backup, or start a new run."
+            )
+        return load_file(path)
+
+    def read_json(self, name: str) -> dict | None:
+        """One of the run's JSON files (CONFIG, CLI, EVAL), or None if it has none."""
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # --- writing ------------------------------------------------------------------------------------------
+    def write_json(self, name: str, info: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / name, json.dumps(info, indent=1).encode())
+
+    def write_config(self, config: TrainConfig, task: dict, layers: list[int], data: str) -> None:
+        """config.json: the resolved settings, written when training starts (before any checkpoint)."""
+        info = {"train": asdict(config), "task": task, "layers": layers, "data": data, "versions": versions()}
+        self.write_json(self.CONFIG, info)
+
+    def write_block(self, b: int, steps: int, tensors: dict[str, torch.Tensor]) -> dict:
+        """Write block b's tensors to a new file named by its step count; returns its manifest entry."""
+        (self.path / self.BLOCKS).mkdir(parents=True, exist_ok=True)
+        rel = f"{self.BLOCKS}/block{b:03d}-step{steps:09d}.safetensors"
+        size, crc = atomic_save(self.path / rel, tensors, metadata={"block": str(b), "steps": str(steps)})
+        return {"steps": steps, "file": rel, "bytes": size, "crc32": crc}
+
+    @staticmethod
+    def new_manifest(
+        config: TrainConfig, task: dict, layers: list[int], schedule: dict, blocks: list
+    ) -> dict:
+        """The manifest of a run whose blocks are `blocks` (one entry each, as `write_block` returns)."""
+        return {
+            "train": asdict(config),
+            "task": task,
+            "layers": layers,
+            "schedule": schedule,
+            "blocks": blocks,
+            "complete": all(e["steps"] == config.steps_per_block for e in blocks),
+            # every random draw is a function of (seed, stream, block, step): the steps are the whole state
+            "rng": {"kind": "counter", "seed": config.seed, "key": "(seed, stream, block, step)"},
+            "versions": versions(),
+        }
+
+    def commit(self, manifest: dict) -> dict:
+        """Write the manifest (the commit point), then delete the block files it no longer names."""
+        manifest = {**manifest, "format": FORMAT}
+        named = {e["file"] for e in manifest["blocks"] if e.get("file")}
+        missing = sorted(f for f in named if not (self.path / f).is_file())
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: block files {missing[:3]} are not there, so the manifest was not written "
+                f"(the previous checkpoint stays). With several processes or machines the run folder must be "
+                f"on a filesystem they all share; otherwise train with --only-blocks per machine and merge "
+                f"the runs."
+            )
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        if (self.path / self.BLOCKS).is_dir():
+            for f in (self.path / self.BLOCKS).glob("block*.safetensors"):
+                if f"{self.BLOCKS}/{f.name}" not in named:
+                    f.unlink()
+        self.manifest = manifest
+        return manifest
+
+    # --- metrics ------------------------------------------------------------------------------------------
+    def append_metrics(self, rec: dict) -> None:
+        with open(self.path / self.METRICS, "a") as f:  # one short append per line: no interleaving
+            f.write(json.dumps(rec) + "\n")
+
+    def metrics(self, blocks=None) -> list[str]:
+        """The metric lines (of `blocks` only, if given), each ending in a newline; cut lines are skipped."""
+        path = self.path / self.METRICS
+        if not path.is_file():
+            return []
+        keep = []
+        for ln in path.read_text().splitlines():
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if blocks is None or rec.get("block") in blocks:
+                keep.append(ln + "\n")
+        return keep
+
+    def trim_metrics(self, steps: list[int]) -> None:
+        """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
+        path = self.path / self.METRICS
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = []
+        for ln in lines:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short by the crash we resume from
+                continue
+            if rec["step"] <= steps[rec["block"]]:
+                keep.append(ln if ln.endswith("\n") else ln + "\n")
+        if keep != lines:
+            atomic_write(path, "".join(keep).encode())
+
+    # --- resuming -----------------------------------------------------------------------------------------
+    def resume(self, now: dict) -> list[int]:
+        """Check that this run can be continued with the manifest `now` would write (RunFolder.new_manifest
+        of the current settings) and return the block steps it holds. Settings in config.RESUME_FREE may
+        differ; anything else that differs is an error that lists the differences."""
+        manifest = self.read_manifest()
+        diff = _differences(comparable(manifest), comparable(now))
+        if diff:
+            lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+            raise ValueError(
+                f"cannot resume {self.path}: the configuration differs ({lines}). Use the saved values."
+            )
+        steps = [e["steps"] for e in manifest["blocks"]]
+        num_blocks, spb = len(now["blocks"]), now["train"]["steps_per_block"]
+        if len(steps) != num_blocks or not all(0 <= n <= spb for n in steps):
+            raise CheckpointError(
+                f"{self.path}: block steps {steps} do not fit {num_blocks} blocks of {spb} steps"
+            )
+        return steps
+
+
+def versions() -> dict:
+    from . import __version__
+
+    return {"dblocks_fast": __version__, "torch": torch.__version__}
+
+
+def comparable(manifest: dict) -> dict:
+    """What must be equal for two runs' blocks to belong to one model: every setting but RESUME_FREE's
+    (flat, whatever the format that wrote it), the task, the layers and the noise schedule."""
+    train = TrainConfig.from_dict(manifest["train"]).flat()
+    return {
+        "train": {k: v for k, v in train.items() if k not in RESUME_FREE},
+        "task": manifest["task"],
+        "layers": manifest["layers"],
+        "schedule": manifest["schedule"],
+    }
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) for every leaf where two nested dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append((f"{prefix}{k}", va, vb))
+    return out
+
+
+def merge_runs(runs, out: str | os.PathLike) -> dict:
+    """Assemble one run folder at `out` from runs that trained disjoint sets of blocks.
+
+    Each block must have been trained (taken at least one step) in exactly one of `runs`, and the runs must
+    agree on everything that determines a block's numbers (task, layers, schedule, seed, optimizer settings).
+    The result is the run folder a single run of all blocks would have written: every tensor equal bit for
+    bit. Nothing is written at `out` unless every check passes; the manifest is written last. Runs written
+    by older versions (format 1) merge too; the result is in the current format.
+    """
+    runs = [RunFolder(r) for r in runs]
+    if len(runs) < 1:
+        raise ValueError("merge needs at least one run folder")
+    if len({r.path.resolve() for r in runs}) != len(runs):
+        raise ValueError("a run folder is named twice")
+    out = RunFolder(out)
+    if out.path.exists() and any(out.path.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; merge into a new folder")
+    manifests = [r.read_manifest() for r in runs]
+    ref = comparable(manifests[0])
+    for r, m in zip(runs[1:], manifests[1:]):
+        diff = _differences(ref, comparable(m))
+        if diff:
+            listed = "; ".join(f"{k} ({a!r} vs {b!r})" for k, a, b in diff[:6])
+            raise ValueError(
+                f"{runs[0]} and {r} were trained with different settings, so their blocks do not belong to "
+                f"one model: {listed}"
+            )
+    num_blocks = len(manifests[0]["blocks"])
+    owner: dict[int, int] = {}
+    for b in range(num_blocks):
+        trained = [i for i, m in enumerate(manifests) if m["blocks"][b].get("steps", 0) > 0]
+        if not trained:
+            raise ValueError(
+                f"block {b} was trained in none of {', '.join(map(str, runs))}: train it with "
+                f"--only-blocks {b} (same settings) and merge that run too"
+            )
+        if len(trained) > 1:
+            names = " and ".join(str(runs[i]) for i in trained)
+            raise ValueError(f"block {b} was trained in both {names}; keep it in one run only")
+        owner[b] = trained[0]
+    # check every block file before writing anything
+    payload = {}
+    for b, i in owner.items():
+        entry = manifests[i]["blocks"][b]
+        path = runs[i] / entry["file"]
+        if not path.is_file() or file_crc32(path) != (entry["bytes"], entry["crc32"]):
+            raise CheckpointError(
+                f"block {b}'s checkpoint {path} is missing or corrupt (size or CRC-32 differs from the "
+                f"manifest); restore it, or train the block again"
+            )
+        payload[b] = (entry, path)
+    (out / RunFolder.BLOCKS).mkdir(parents=True, exist_ok=True)
+    blocks = []
+    for b in range(num_blocks):
+        entry, src = payload[b]
+        atomic_copy(src, out / entry["file"], (entry["bytes"], entry["crc32"]))
+        blocks.append(dict(entry))
+    first = manifests[0]
+    config = TrainConfig.from_dict(first["train"])
+    config.only_blocks, config.io.out_dir = None, str(out)
+    manifest = {
+        **first,
+        **RunFolder.new_manifest(config, first["task"], first["layers"], first["schedule"], blocks),
+        "versions": first.get("versions"),
+        "merged_from": [str(r.path.resolve()) for r in runs],
+    }
+    for name in (RunFolder.CONFIG, RunFolder.CLI):
+        info = next((i for i in (r.read_json(name) for r in runs) if i is not None), None)
+        if info is not None:
+            if name == RunFolder.CONFIG:
+                info["train"] = asdict(config)
+            out.write_json(name, info)
+    lines = [ln for b, i in owner.items() for ln in runs[i].metrics(blocks={b})]
+    if lines:
+        atomic_write(out / RunFolder.METRICS, "".join(lines).encode())
+    return out.commit(manifest)
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict:
-    """The run's manifest, with errors that say what is wrong and what to do."""
-    path = Path(run_dir) / MANIFEST
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
-    if not path.is_file():
-        raise CheckpointError(
-            f"{run_dir} has no {MANIFEST}: it holds no finished checkpoint (was training stopped before the "
-            f"first save?). Train into it without --resume to start afresh."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is damaged ({e}); restore it from a backup or start a new run") from e
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
-    return manifest
+    """The manifest of the run folder `run_dir` (RunFolder.read_manifest)."""
+    return RunFolder(run_dir).read_manifest()
 
 
 def read_block(run_dir: str | os.PathLike, manifest: dict, b: int) -> dict[str, torch.Tensor]:
-    """Block b's tensors, checked against the manifest's size and CRC-32."""
-    entry = manifest["blocks"][b]
-    if not entry.get("file"):
-        raise CheckpointError(
-            f"block {b} has no checkpoint in {run_dir}: it was not trained there (a run with --only-blocks, "
-            f"or one stopped before the first save). Train it, or merge the run that trained it: "
-            f"dblocks-fast merge RUN_A RUN_B ... --out RUN"
-        )
-    path = Path(run_dir) / entry["file"]
-    if not path.is_file():
-        raise CheckpointError(
-            f"block {b}'s checkpoint {path} is missing; the run folder is incomplete. "
-            f"Restore the file, or start "
-            f"a new run."
-        )
-    if file_crc32(path) != (entry["bytes"], entry["crc32"]):
-        raise CheckpointError(
-            f"block {b}'s checkpoint {path} is corrupt (size or CRC-32 differs from the manifest); "
-            f"restore the "
-            f"file from a backup, or start a new run."
-        )
-    return load_file(path)
+    """Block b's tensors from the run folder `run_dir`, checked against `manifest` (RunFolder.read_block)."""
+    return RunFolder(run_dir).read_block(b, manifest)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 import sys
@@ -13,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError, atomic_write
+from .checkpoint import CheckpointError, RunFolder, atomic_write
+from .config import GROUPS, TrainConfig
 from .distributed import DistributedError
 from .tasks import PRESETS, ImageClassification
-from .train import TrainConfig, TrainingDiverged
+from .train import TrainingDiverged
 
-CLI_FILE = "cli.json"  # what the CLI knows that the library does not: preset and data path of a run
 DEFAULT_PRESET = "digits-dit"
 
 
@@ -34,24 +32,16 @@ def _opt_float(s: str) -> float | None:
     return None if s.lower() in ("none", "off", "0") else float(s)
 
 
-def _field_help() -> dict[str, str]:
-    """The trailing comments of TrainConfig's fields, so --help says what the dataclass says."""
-    import inspect
-
-    out = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        name, _, rest = line.strip().partition(":")
-        if "#" in rest and name.isidentifier():
-            out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
-    return out
-
-
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    helps = _field_help()
-    hints = typing.get_type_hints(TrainConfig)
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig setting, shown in --help under its group (noise, optimizer, ...)."""
     preset_set = {k for pr in PRESETS.values() for k in pr.train_defaults}
-    for f in dataclasses.fields(TrainConfig):
-        flag, hint, h = "--" + f.name.replace("_", "-"), hints[f.name], helps.get(f.name, "")
+    sections = {None: parser.add_argument_group("what to train (TrainConfig)")}
+    for name, cls in GROUPS.items():
+        sections[name] = parser.add_argument_group(f"{name} (TrainConfig.{name})", cls.__doc__.strip())
+    for group, f in TrainConfig.fields():
+        p = sections[group]
+        hint = typing.get_type_hints(GROUPS[group] if group else TrainConfig)[f.name]
+        flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if f.name in ("out_dir", "progress"):
             continue  # --out and --no-progress below
         # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None
@@ -74,10 +64,17 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=hint, help=f"{h} (default {f.default}{where})", **kw)
         else:
             raise TypeError(f"no CLI flag rule for TrainConfig.{f.name}: {hint}")  # a new field needs one
+    p = sections["io"]
     p.add_argument(
         "--out", dest="out_dir", help="run folder (default runs/<preset>-b<B>)", default=argparse.SUPPRESS
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar",
+        default=argparse.SUPPRESS,
+    )
 
 
 def _preset(name: str):
@@ -95,36 +92,37 @@ def cmd_train(args) -> int:
     train_data = preset.load_data(args.data, "train")
     test_data = preset.load_data(args.data, "test")
     task = preset.make_task(train_data)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    given = {name: getattr(args, name) for name in TrainConfig.flat_names() if hasattr(args, name)}
     config = TrainConfig(**{**preset.train_defaults, **given})
-    if config.out_dir is None:
-        config.out_dir = str(Path("runs") / f"{args.preset}-b{config.num_blocks}")
-    run = Path(config.out_dir)
-    rank = 0 if config.distributed == "off" else int(os.environ.get("RANK", "0"))
+    if config.io.out_dir is None:
+        config.io.out_dir = str(Path("runs") / f"{args.preset}-b{config.num_blocks}")
+    run = RunFolder(config.io.out_dir)
+    distributed = config.runtime.distributed
+    rank = 0 if distributed == "off" else int(os.environ.get("RANK", "0"))
     data_desc = f"{train_data.name}, {len(train_data)} examples"
     which = "" if config.only_blocks is None else f", blocks {','.join(map(str, config.blocks_to_train()))}"
-    world = int(os.environ.get("WORLD_SIZE", "1")) if config.distributed != "off" else 1
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed != "off" else 1
     on = f" on {world} processes" if world > 1 else ""
     if rank == 0:
         print(f"training {args.preset} ({data_desc}) with B={config.num_blocks}{which}{on} into {run}")
     model = train(task, train_data, config, resume=args.resume)
     if rank != 0:
         return 0  # rank 0 reports for everyone
-    atomic_write(run / CLI_FILE, json.dumps({"preset": args.preset, "data": _abs(args.data)}).encode())
+    run.write_json(RunFolder.CLI, {"preset": args.preset, "data": _abs(args.data)})
     if args.no_eval:
         return 0
-    if world > 1 or config.only_blocks is not None or config.offload != "none":
-        from .checkpoint import read_manifest
+    offload = config.storage.offload
+    if world > 1 or config.only_blocks is not None or offload != "none":
         from .sample import load
 
-        if not read_manifest(run)["complete"]:
+        if not run.read_manifest()["complete"]:
             print(
                 f"{run} holds only some trained blocks; train the others (--only-blocks) and combine the "
                 f"runs with dblocks-fast merge, then dblocks-fast eval --run RUN"
             )
             return 0
-        device = None if config.device == "auto" else config.device
-        if config.offload == "none":
+        device = None if config.runtime.device == "auto" else config.runtime.device
+        if offload == "none":
             model = load(run, device)  # this process held only its own blocks
         else:  # the model did not fit on the device: sample with blocks streamed from host memory
             from .paging import StreamedBlockModel
@@ -150,7 +148,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .distributed import merge_runs
+    from .checkpoint import merge_runs
 
     manifest = merge_runs(args.runs, args.out)
     steps = [e["steps"] for e in manifest["blocks"]]
@@ -166,7 +164,7 @@ def cmd_eval(args) -> int:
     preset, data_path = _run_preset(args)
     model = load(args.run, args.device)
     train_data, test_data = preset.load_data(data_path, "train"), preset.load_data(data_path, "test")
-    return _eval_and_report(model, Path(args.run), preset, train_data, test_data, args, evaluate)
+    return _eval_and_report(model, RunFolder(args.run), preset, train_data, test_data, args, evaluate)
 
 
 def cmd_sample(args) -> int:
@@ -196,7 +194,7 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _eval_and_report(model, run: Path, preset, train_data, test_data, args, evaluate) -> int:
+def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args, evaluate) -> int:
     if preset.evaluate is not None:
         return _eval_preset(model, run, preset, test_data, args)
     if model.task.kind == ImageClassification.kind:
@@ -210,39 +208,42 @@ def _eval_and_report(model, run: Path, preset, train_data, test_data, args, eval
     show = min(8, args.per_class)
     grid = result["samples"].numpy().reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
     _save_grid(
-        grid[:, :show].reshape(-1, *train_data.image_shape), train_data.num_classes, show, run / "samples.png"
+        grid[:, :show].reshape(-1, *train_data.image_shape),
+        train_data.num_classes,
+        show,
+        run / RunFolder.SAMPLES,
     )
     _print_report(run, model.num_blocks, result)
     return 0
 
 
-def _eval_classifier(model, run: Path, test_data) -> int:
+def _eval_classifier(model, run: RunFolder, test_data) -> int:
     """Test accuracy of a classification run: one denoising step per block (tasks.classification.predict)."""
     from .tasks.classification import evaluate_accuracy
 
     accuracy = evaluate_accuracy(model, test_data)
     result = {"test_accuracy": accuracy, "test_examples": len(test_data), "num_blocks": model.num_blocks}
-    atomic_write(run / "eval.json", json.dumps(result, indent=1).encode())
+    run.write_json(RunFolder.EVAL, result)
     print(f"test accuracy: {accuracy:.3f} on {len(test_data)} examples (B={model.num_blocks})")
-    print(f"figures: {run / 'eval.json'}")
+    print(f"figures: {run / RunFolder.EVAL}")
     return 0
 
 
-def _eval_preset(model, run: Path, preset, test_data, args) -> int:
+def _eval_preset(model, run: RunFolder, preset, test_data, args) -> int:
     """A preset's own figures (the language models: validation bits per byte), written to eval.json."""
     print(f"evaluating on {test_data.name} ({len(test_data)} windows)")
     result = {**preset.evaluate(model, test_data, seed=args.seed), "num_blocks": model.num_blocks}
     samples = result.pop("samples", [])
-    atomic_write(run / "eval.json", json.dumps(result, indent=1).encode())
+    run.write_json(RunFolder.EVAL, result)
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     for i, t in enumerate(samples):
         print(f"--- sample {i} ---\n{t}")
-    print(f"figures: {run / 'eval.json'}")
+    print(f"figures: {run / RunFolder.EVAL}")
     return 0
 
 
-def _print_report(run: Path, num_blocks: int, result: dict) -> None:
+def _print_report(run: RunFolder, num_blocks: int, result: dict) -> None:
     rows = [
         ("sample accuracy (higher is better)", "sample_accuracy", "{:.3f}"),
         ("Frechet distance to test digits (lower)", "frechet_distance", "{:.2f}"),
@@ -253,7 +254,7 @@ def _print_report(run: Path, num_blocks: int, result: dict) -> None:
     if base is not None and num_blocks != 1:
         cols.append((f"B=1 baseline ({base[0]})", base[1]))
         differ = [k for k in _EVAL_SETTINGS if base[1].get(k) != result[k]]
-    print(f"\nsamples: {run / 'samples.png'}   figures: {run / 'eval.json'}")
+    print(f"\nsamples: {run / RunFolder.SAMPLES}   figures: {run / RunFolder.EVAL}")
     print(f"{'':42s}" + "".join(f"{c[0]:>36s}" for c in cols))
     for label, key, fmt in rows:
         print(f"{label:42s}" + "".join(f"{fmt.format(c[1][key]):>36s}" for c in cols))
@@ -265,37 +266,41 @@ def _print_report(run: Path, num_blocks: int, result: dict) -> None:
     if base is None and num_blocks != 1:
         print(
             f"\nno B=1 baseline found next to {run}; make one with: dblocks-fast train --blocks 1 "
-            f"--out {run.parent / (run.name.rsplit('-b', 1)[0] + '-b1')}"
+            f"--out {_baseline_path(run)}"
         )
 
 
 _EVAL_SETTINGS = ("sampler", "num_steps", "cfg_scale", "num_samples", "seed")
 
 
-def _find_baseline(run: Path):
+def _baseline_path(run: RunFolder) -> Path:
+    """Where the B=1 run beside this one (<name>-b1) is."""
+    return run.path.parent / (run.path.name.rsplit("-b", 1)[0] + "-b1")
+
+
+def _find_baseline(run: RunFolder):
     """The eval.json of the B=1 run beside this one (<name>-b1), trained with the same model and steps."""
-    if "-b" not in run.name:
+    if "-b" not in run.path.name:
         return None
-    base = run.parent / (run.name.rsplit("-b", 1)[0] + "-b1")
+    base = RunFolder(_baseline_path(run))
     try:
-        mine, theirs = (json.loads((d / "config.json").read_text()) for d in (run, base))
+        mine, theirs = (d.read_json(RunFolder.CONFIG) for d in (run, base))
         same = (
             mine["task"] == theirs["task"]
             and mine["train"]["steps_per_block"] == theirs["train"]["steps_per_block"]
         )
-        return (str(base), json.loads((base / "eval.json").read_text())) if same else None
-    except (OSError, ValueError, KeyError):
+        result = base.read_json(RunFolder.EVAL)
+        return (str(base), result) if same and result is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _run_preset(args):
     """The preset and data path of a run (from its cli.json), unless given on the command line."""
-    info = {}
-    path = Path(args.run) / CLI_FILE
-    if path.is_file():
-        info = json.loads(path.read_text())
-    elif not Path(args.run).is_dir():
+    run = RunFolder(args.run)
+    if not run.path.is_dir():
         raise CheckpointError(f"run folder {args.run} does not exist")
+    info = run.read_json(RunFolder.CLI) or {}
     data = getattr(args, "data", None) or info.get("data")
     return _preset(args.preset or info.get("preset") or DEFAULT_PRESET), data
 

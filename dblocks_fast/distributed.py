@@ -14,56 +14,31 @@ metadata (which file each block was written to) on a gloo group, and rank 0 writ
 block file is on disk. The run folder is the same as a single process would write, so `sample`, `eval` and
 `resume` work on it with any world size.
 
-`merge_runs` assembles one run folder from runs that trained disjoint blocks (`--only-blocks`), e.g. one
-block per machine with no network between them.
+Runs that trained disjoint blocks on machines with no network between them (`--only-blocks`) are combined
+by `checkpoint.merge_runs`.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from . import checkpoint
 
 __all__ = [
     "Comm",
     "DistributedError",
     "Placement",
     "connect",
-    "merge_runs",
     "place",
-    "RESUME_FREE",
     "TIMEOUT_ENV",
 ]
 
-# TrainConfig fields that may differ between a run and its resumption, or between runs that are merged:
-# they change where and how a run reports, which process trains which block and in what order, never a
-# block's numbers (every draw is keyed by (seed, block, block step); DESIGN.md section 3).
-RESUME_FREE = frozenset(
-    {
-        "out_dir",
-        "log_every",
-        "ckpt_every",
-        "progress",
-        "device",
-        "kernels",
-        "only_blocks",
-        "distributed",
-        "schedule",
-        "chunk_steps",
-        "offload",
-        "prefetch",
-    }
-)
 TIMEOUT_ENV = "DBLOCKS_DIST_TIMEOUT_S"  # how long a rank waits for the others at a checkpoint
 # blocks of unequal depth finish at different times; a rank that dies is seen at once, not after this
 _DEFAULT_TIMEOUT_S = 6 * 3600
@@ -280,113 +255,3 @@ def _device(name: str, local_rank: int | None) -> torch.device:
             )
         torch.cuda.set_device(dev)
     return dev
-
-
-# --- merging runs -------------------------------------------------------------------------------------------
-def _comparable(manifest: dict) -> dict:
-    train = {k: v for k, v in manifest["train"].items() if k not in RESUME_FREE}
-    return {
-        "train": train,
-        "task": manifest["task"],
-        "layers": manifest["layers"],
-        "schedule": manifest["schedule"],
-    }
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k} ({va!r} vs {vb!r})")
-    return out
-
-
-def merge_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
-    """Assemble one run folder at `out` from runs that trained disjoint sets of blocks.
-
-    Each block must have been trained (taken at least one step) in exactly one of `runs`, and the runs must
-    agree on everything that determines a block's numbers (task, layers, schedule, seed, optimizer settings).
-    The result is the run folder a single run of all blocks would have written: every tensor equal bit for
-    bit. Nothing is written at `out` unless every check passes; the manifest is written last.
-    """
-    runs = [Path(r) for r in runs]
-    if len(runs) < 1:
-        raise ValueError("merge needs at least one run folder")
-    if len({r.resolve() for r in runs}) != len(runs):
-        raise ValueError("a run folder is named twice")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; merge into a new folder")
-    manifests = [checkpoint.read_manifest(r) for r in runs]
-    ref = _comparable(manifests[0])
-    for r, m in zip(runs[1:], manifests[1:]):
-        diff = _differences(ref, _comparable(m))
-        if diff:
-            raise ValueError(
-                f"{runs[0]} and {r} were trained with different settings, so their blocks do not belong to "
-                f"one model: {'; '.join(diff[:6])}"
-            )
-    num_blocks = len(manifests[0]["blocks"])
-    owner: dict[int, int] = {}
-    for b in range(num_blocks):
-        trained = [i for i, m in enumerate(manifests) if m["blocks"][b].get("steps", 0) > 0]
-        if not trained:
-            raise ValueError(
-                f"block {b} was trained in none of {', '.join(map(str, runs))}: train it with "
-                f"--only-blocks {b} (same settings) and merge that run too"
-            )
-        if len(trained) > 1:
-            names = " and ".join(str(runs[i]) for i in trained)
-            raise ValueError(f"block {b} was trained in both {names}; keep it in one run only")
-        owner[b] = trained[0]
-    # check every block file before writing anything
-    payload = {}
-    for b, i in owner.items():
-        entry = manifests[i]["blocks"][b]
-        path = runs[i] / entry["file"]
-        if not path.is_file() or checkpoint.file_crc32(path) != (entry["bytes"], entry["crc32"]):
-            raise checkpoint.CheckpointError(
-                f"block {b}'s checkpoint {path} is missing or corrupt (size or CRC-32 differs from the "
-                f"manifest); restore it, or train the block again"
-            )
-        payload[b] = (entry, path)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "blocks").mkdir(exist_ok=True)
-    blocks = []
-    for b in range(num_blocks):
-        entry, src = payload[b]
-        checkpoint.atomic_copy(src, out / entry["file"], (entry["bytes"], entry["crc32"]))
-        blocks.append(dict(entry))
-    first = manifests[0]
-    steps_per_block = first["train"]["steps_per_block"]
-    train = {**first["train"], "only_blocks": None, "out_dir": str(out)}
-    manifest = {
-        **first,
-        "train": train,
-        "blocks": blocks,
-        "complete": all(e["steps"] == steps_per_block for e in blocks),
-        "merged_from": [str(r.resolve()) for r in runs],
-    }
-    for name in ("config.json", "cli.json"):
-        src = next((r / name for r in runs if (r / name).is_file()), None)
-        if src is not None:
-            info = json.loads(src.read_text())
-            if name == "config.json":
-                info["train"] = train
-            checkpoint.atomic_write(out / name, json.dumps(info, indent=1).encode())
-    lines = []
-    for b, i in owner.items():
-        path = runs[i] / "metrics.jsonl"
-        if path.is_file():
-            for ln in path.read_text().splitlines():
-                try:
-                    if json.loads(ln).get("block") == b:
-                        lines.append(ln + "\n")
-                except json.JSONDecodeError:
-                    continue
-    if lines:
-        checkpoint.atomic_write(out / "metrics.jsonl", "".join(lines).encode())
-    return checkpoint.commit(out, manifest)

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,10 +17,19 @@ def test_every_train_config_field_has_a_flag():
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     dests = {a.dest for a in train._actions}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} <= dests
+    assert set(TrainConfig.flat_names()) <= dests  # every setting, whatever group it is in
     args = train.parse_args(["--grad-clip", "none", "--layers", "2,2,2", "--blocks", "3", "--lr", "0.01"])
     assert args.grad_clip is None and args.layers == [2, 2, 2] and args.num_blocks == 3 and args.lr == 0.01
     assert not hasattr(train.parse_args([]), "lr")  # not given: the preset's value applies
+
+
+def test_every_train_flag_has_help_from_the_config_field():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    for _, f in TrainConfig.fields():
+        assert f.metadata.get("help"), f"TrainConfig field {f.name} has no help"
+        assert helps[f.name] and len(helps[f.name]) > 10, f"the flag of {f.name} has no help"
+    assert "independently trained blocks" in helps["num_blocks"]  # --blocks: the one that lost its help once
 
 
 def test_train_sample_eval_and_the_baseline_table(tmp_path, capsys):

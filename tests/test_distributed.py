@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 import dblocks_fast as dbf
 from dblocks_fast import checkpoint
+from dblocks_fast.checkpoint import merge_runs
 from dblocks_fast.cli import main as cli
-from dblocks_fast.distributed import merge_runs, place
+from dblocks_fast.distributed import place
 
 ROOT = Path(__file__).resolve().parents[1]
 

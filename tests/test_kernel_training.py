@@ -14,5 +14,5 @@ def test_dit_training_steps_with_triton_kernels_match_torch(tiny_task, digits, t
             torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-6)
         for (name, p), q in zip(ref.model.blocks[b].named_parameters(), fast.model.blocks[b].parameters()):
             # Adam divides by sqrt(v): a gradient that is ~0 in fp32 noise can move a weight by up to lr
-            torch.testing.assert_close(q, p, rtol=0, atol=2 * 2 * ref.config.lr, msg=name)
+            torch.testing.assert_close(q, p, rtol=0, atol=2 * 2 * ref.config.optimizer.lr, msg=name)
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

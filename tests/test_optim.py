@@ -228,7 +228,10 @@ def test_trainer_gives_the_bits_of_torch_adamw(tiny_task, digits, tiny_config, m
         Trainer,
         "_optimizer",
         lambda self, block: torch.optim.AdamW(
-            block.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+            block.parameters(),
+            lr=cfg.optimizer.lr,
+            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
+            weight_decay=cfg.optimizer.weight_decay,
         ),
     )
     _, torch_state = fit()

@@ -105,7 +105,7 @@ def test_host_and_disk_tiers_train_the_same_bits_as_resident(
             {f"{b}/{k}": v for b in range(3) for k, v in _read(tmp_path / tier, b).items()},
             {f"{b}/{k}": v for b in range(3) for k, v in _read(tmp_path / "none", b).items()},
         )
-    host = runs["host"].store
+    host = runs["host"].storage
     size = 4 * host.blocks[0].size  # bytes of a block's flat buffer
     if schedule == "sequential":
         assert host.bytes_in == 3 * size  # each block paged in once, prefetched before its turn
@@ -120,7 +120,7 @@ def _read(run, b):
 
 def test_disk_tier_holds_no_block_in_memory_and_says_where_they_are(tiny_task, digits, tiny_config, tmp_path):
     t = dbf.Trainer(tiny_task, digits, tiny_config(offload="disk", out_dir=str(tmp_path / "run")))
-    assert all(blk.host is None for blk in t.store.blocks.values())
+    assert all(blk.host is None for blk in t.storage.blocks.values())
     assert sorted(p.name for p in (tmp_path / "run" / "paged").iterdir()) == [
         f"paged-block{b:03d}.safetensors" for b in range(3)
     ]
@@ -161,13 +161,12 @@ def test_resume_in_the_middle_of_a_block_is_exact_in_every_tier(
 
 
 def test_paged_storage_round_trips_and_a_failed_write_keeps_the_last_copy(tiny_task, tmp_path, monkeypatch):
-    from dblocks_fast import checkpoint
-    from dblocks_fast.paging import BlockStore
+    from dblocks_fast import checkpoint, storage
 
     block = _model(tiny_task, [3]).blocks[0]
     opt = torch.optim.AdamW(block.parameters())
     before = {f"param/{n}": p.detach().clone() for n, p in block.named_parameters()}
-    store = BlockStore("disk", torch.device("cpu"), tmp_path)
+    store = storage.create("disk", torch.device("cpu"), folder=tmp_path)
     store.add(0, block, opt)
     got = store.tensors(0)
     for k, v in before.items():
@@ -192,26 +191,26 @@ def test_paged_storage_round_trips_and_a_failed_write_keeps_the_last_copy(tiny_t
 
 
 def test_preflight_refuses_what_does_not_fit_with_the_numbers(monkeypatch):
-    from dblocks_fast import paging
+    from dblocks_fast import storage
 
     numels = [250_000_000] * 4  # 1B parameters in 4 blocks: 12 GB of weights and moments
     # the training block's gradients and their flat copy for the fused step: 8 bytes a parameter
-    assert paging.needs("none", numels)["device"] == 12 * 10**9 + 8 * 250_000_000
-    assert paging.needs("host", numels) == {"device": 8 * 10**9, "host": 12 * 10**9, "disk": 0}
-    assert paging.needs("disk", numels) == {"device": 8 * 10**9, "host": 6 * 10**9, "disk": 15 * 10**9}
-    monkeypatch.setattr(paging, "_host_available", lambda: 8 * 10**9)
+    assert storage.needs("none", numels)["device"] == 12 * 10**9 + 8 * 250_000_000
+    assert storage.needs("host", numels) == {"device": 8 * 10**9, "host": 12 * 10**9, "disk": 0}
+    assert storage.needs("disk", numels) == {"device": 8 * 10**9, "host": 6 * 10**9, "disk": 15 * 10**9}
+    monkeypatch.setattr(storage, "_host_available", lambda: 8 * 10**9)
     with pytest.raises(MemoryError, match=r"offload='host' does not fit 4 blocks \(1000.0M parameters") as e:
-        paging.preflight("host", numels, torch.device("cpu"), None)
+        storage.preflight("host", numels, torch.device("cpu"), None)
     assert "host: needs 20.00 GB, 8.00 GB free" in str(e.value) and "offload='disk' needs" in str(e.value)
-    assert paging.preflight("host", [1000] * 4, torch.device("cpu"), None)["host"] > 0
+    assert storage.preflight("host", [1000] * 4, torch.device("cpu"), None)["host"] > 0
 
 
 def test_preflight_stops_training_before_anything_is_built(
     tiny_task, digits, tiny_config, tmp_path, monkeypatch
 ):
-    from dblocks_fast import paging
+    from dblocks_fast import storage
 
-    monkeypatch.setattr(paging, "_host_available", lambda: 1000)
+    monkeypatch.setattr(storage, "_host_available", lambda: 1000)
     with pytest.raises(MemoryError, match="does not fit"):
         dbf.Trainer(tiny_task, digits, tiny_config(offload="host", out_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
@@ -228,9 +227,9 @@ def test_paged_training_on_cuda_equals_resident(tiny_task, digits, tiny_config, 
     ref = _tensors(runs["none"])
     for tier in ("host", "disk"):
         _assert_same(_tensors(runs[tier]), ref)
-    host, disk = runs["host"].store, runs["disk"].store
+    host, disk = runs["host"].storage, runs["disk"].storage
     assert host.pinned and all(blk.host.is_pinned() for blk in host.blocks.values())
-    assert len(disk._registered) == 1  # the disk tier pins its staging buffer only, never a passing one
+    assert len(disk.copier.registered) == 1  # the disk tier pins its staging buffer only, never a passing one
 
 
 def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny_config):
@@ -241,15 +240,17 @@ def test_prefetch_off_pages_on_demand_with_the_same_bits(tiny_task, digits, tiny
     _assert_same(_tensors(lazy), _tensors(ref))
     eager = dbf.Trainer(tiny_task, digits, tiny_config(offload="host", schedule="sequential"))
     eager.fit()
-    size = 4 * eager.store.blocks[0].size  # bytes of a block's flat buffer
-    assert eager.store.bytes_in == 3 * size < lazy.store.bytes_in  # random order: paged in again and again
+    size = 4 * eager.storage.blocks[0].size  # bytes of a block's flat buffer
+    assert (
+        eager.storage.bytes_in == 3 * size < lazy.storage.bytes_in
+    )  # random order: paged in again and again
 
 
 def test_a_cut_short_paged_file_is_an_error_not_garbage(tiny_task, tmp_path):
+    from dblocks_fast import storage
     from dblocks_fast.checkpoint import CheckpointError
-    from dblocks_fast.paging import BlockStore
 
-    store = BlockStore("disk", torch.device("cpu"), tmp_path)
+    store = storage.create("disk", torch.device("cpu"), folder=tmp_path)
     for b in range(2):
         block = _model(tiny_task, [3]).blocks[0]
         store.add(b, block, torch.optim.AdamW(block.parameters()))
@@ -261,9 +262,9 @@ def test_a_cut_short_paged_file_is_an_error_not_garbage(tiny_task, tmp_path):
 
 
 def test_on_demand_paging_evicts_the_least_recently_active_block(tiny_task):
-    from dblocks_fast.paging import BlockStore
+    from dblocks_fast import storage
 
-    store = BlockStore("host", torch.device("cpu"))
+    store = storage.create("host", torch.device("cpu"))
     for b in range(3):
         block = _model(tiny_task, [3]).blocks[0]
         store.add(b, block, torch.optim.AdamW(block.parameters()))
@@ -296,14 +297,13 @@ def test_a_failed_pin_warns_and_leaves_cuda_usable():
 def test_a_block_of_odd_size_pages_with_aligned_parts_and_the_same_bits(tier, tmp_path):
     import copy
 
-    from dblocks_fast import checkpoint, optim
-    from dblocks_fast.paging import BlockStore
+    from dblocks_fast import checkpoint, optim, storage
 
     torch.manual_seed(0)
     ref = torch.nn.Linear(5, 3)  # 18 parameters: the parts of its buffer are padded to 20 elements
     paged = copy.deepcopy(ref)
     ref_opt, opt = optim.AdamW(ref.parameters()), optim.AdamW(paged.parameters(), pack=False)
-    store = BlockStore(tier, torch.device("cpu"), tmp_path)
+    store = storage.create(tier, torch.device("cpu"), folder=tmp_path)
     store.add(0, paged, opt)
     assert (store.blocks[0].numel, store.blocks[0].stride, store.blocks[0].size) == (18, 20, 60)
     x = torch.randn(4, 5)

@@ -28,19 +28,19 @@ def train_end_to_end(
     from ..train import lr_at  # train imports tasks; import here to keep the package import order simple
 
     config.validate()
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
+    device = config.runtime.device
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     n, bs = len(data), config.batch_size
     if bs > n:
         raise ValueError(
             f"batch_size {bs} is larger than the training set ({n} examples); lower --batch-size"
         )
+    o = config.optimizer
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng.derive_seed(config.seed, rng.INIT, 0))
         model = make_model().to(dev)
     opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay
     )
     per_epoch = n // bs
     perm_epoch, perm = None, None
@@ -58,6 +58,6 @@ def train_end_to_end(
         loss = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or math.inf)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
         opt.step()
     return model.eval()

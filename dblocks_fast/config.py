@@ -1,0 +1,248 @@
+"""TrainConfig: every setting of a training run, one field a line with its unit and meaning.
+
+The settings are grouped by what they decide:
+
+  TrainConfig  what is trained: blocks, layers, steps, batch, seed, block order, which blocks here
+  .noise       the noise levels each block trains on (NoiseConfig)
+  .optimizer   AdamW, learning-rate schedule, gradient clipping (OptimConfig)
+  .runtime     precision, device, kernels, processes (RuntimeConfig)
+  .storage     where blocks wait while others train (StorageConfig)
+  .io          run folder, metric lines, checkpoints, progress (IOConfig)
+
+A setting's name is unique across the groups, so a config can also be written flat, as the command line
+and run folders before this grouping do: `TrainConfig(num_blocks=3, lr=2e-3, offload="disk")` puts `lr` in
+`.optimizer` and `offload` in `.storage`. `TrainConfig.from_dict` reads both the nested form that run
+folders now hold and the flat form of older ones. Each field's help is its `metadata["help"]`, which the CLI
+shows; nothing parses this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = [
+    "GROUPS",
+    "IOConfig",
+    "NoiseConfig",
+    "OptimConfig",
+    "RESUME_FREE",
+    "RuntimeConfig",
+    "StorageConfig",
+    "TrainConfig",
+]
+
+KERNELS = ("auto", "cuda", "triton", "torch")  # as ops.KERNELS (not imported: config imports nothing heavy)
+
+
+def _f(default, help: str, **kw):
+    """A field with its help text (shown by `dblocks-fast train --help`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class NoiseConfig:
+    """The EDM noise levels and their partition into the blocks' intervals (schedule.NoiseSchedule)."""
+
+    partition: str = _f(
+        "equiprob", "noise partition: 'equiprob' (equal probability mass) or 'uniform' (in ln sigma)"
+    )
+    gamma: float = _f(0.05, "overlap: each block's interval widened by gamma x its log-width on both sides")
+    sigma_min: float = _f(0.002, "lowest noise level")
+    sigma_max: float = _f(80.0, "highest noise level")
+    p_mean: float = _f(-1.2, "mean of ln sigma during training")
+    p_std: float = _f(1.2, "std of ln sigma during training")
+
+
+@dataclass
+class OptimConfig:
+    """Each block's AdamW and its learning-rate schedule, counted in the block's own steps."""
+
+    lr: float = _f(1e-3, "peak AdamW learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
+    warmup: int = _f(100, "steps of linear warm-up, counted in each block's own steps")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    grad_clip: float | None = _f(1.0, "max gradient norm of a block; None = no clipping")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the numbers are computed and where: none of these but precision changes a block's numbers."""
+
+    precision: str = _f("fp32", "'fp32', or 'bf16' autocast (weights and optimizer state stay fp32)")
+    device: str = _f("auto", "torch device; 'auto' = cuda if available, else cpu")
+    kernels: str = _f("auto", "op implementations: 'auto', 'cuda', 'triton' or 'torch'")
+    distributed: str = _f("auto", "'auto': block-parallel under torchrun (WORLD_SIZE > 1); 'on'; 'off'")
+
+
+@dataclass
+class StorageConfig:
+    """Where blocks and their AdamW moments wait while other blocks train (storage.create)."""
+
+    offload: str = _f("none", "where blocks wait while others train: 'none' (device), 'host' or 'disk'")
+    prefetch: bool = _f(True, "with offload: copy the next block in while the current one trains")
+
+
+@dataclass
+class IOConfig:
+    """What a run writes and shows."""
+
+    out_dir: str | None = _f(None, "run folder for checkpoints and metrics; None = keep nothing on disk")
+    log_every: int = _f(50, "block steps between metric lines (each one costs a host-device sync)")
+    ckpt_every: int = _f(500, "total steps between checkpoints; 0 = only at the end (and on Ctrl-C)")
+    progress: bool = _f(True, "show a tqdm progress bar")
+
+
+GROUPS = {
+    "noise": NoiseConfig,
+    "optimizer": OptimConfig,
+    "runtime": RuntimeConfig,
+    "storage": StorageConfig,
+    "io": IOConfig,
+}
+
+
+@dataclass(init=False)
+class TrainConfig:
+    """Every setting of `dblocks_fast.train`; see the module docstring for the groups and the flat form."""
+
+    num_blocks: int = _f(
+        3, "B, the number of independently trained blocks; 1 = the end-to-end diffusion baseline"
+    )
+    layers: list[int] | None = _f(None, "layers per block, summing to the model's L; None = L / B each")
+    steps_per_block: int = _f(
+        1000, "optimizer steps each block takes (what the end-to-end baseline takes in all)"
+    )
+    batch_size: int = _f(128, "examples per step")
+    seed: int = _f(0, "seeds initialisation, data order, noise and the block order")
+    schedule: str = _f("random", "block order: 'random' (seeded interleaving), 'sequential', 'chunked'")
+    chunk_steps: int = _f(50, "schedule='chunked': a block takes this many steps before another block's turn")
+    only_blocks: list[int] | None = _f(
+        None, "train just these blocks here; None = all (see dblocks-fast merge)"
+    )
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+
+    def __init__(self, **settings):
+        """Settings by name: top-level fields, whole groups (a group's dataclass or a dict of its fields), or
+        any group's field by its own name (flat)."""
+        for f in dataclasses.fields(self):
+            if f.name in GROUPS:
+                given = settings.pop(f.name, None)
+                group = GROUPS[f.name]
+                if isinstance(given, dict):
+                    given = group(**given)
+                elif given is not None and not isinstance(given, group):
+                    raise TypeError(
+                        f"TrainConfig.{f.name} must be a {group.__name__} or a dict, not {given!r}"
+                    )
+                setattr(self, f.name, copy.copy(given) if given is not None else group())
+            elif f.name in settings:
+                setattr(self, f.name, settings.pop(f.name))
+            else:
+                setattr(self, f.name, f.default_factory() if callable(f.default_factory) else f.default)
+        for name in list(settings):
+            group = _GROUP_OF.get(name)
+            if group is None:
+                raise TypeError(
+                    f"TrainConfig has no setting {name!r}; the settings are: {', '.join(self.flat_names())}"
+                )
+            setattr(getattr(self, group), name, settings.pop(name))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """A config from `dataclasses.asdict` of one (nested), or from an older run folder's flat dict."""
+        return cls(**d)
+
+    @staticmethod
+    def flat_names() -> list[str]:
+        """Every setting's name, in field order, groups' fields in their place."""
+        return [f.name for _, f in TrainConfig.fields()]
+
+    @staticmethod
+    def fields() -> list[tuple[str | None, dataclasses.Field]]:
+        """(group or None, field) for every setting, in order: what the CLI turns into flags."""
+        out = []
+        for f in dataclasses.fields(TrainConfig):
+            if f.name in GROUPS:
+                out += [(f.name, g) for g in dataclasses.fields(GROUPS[f.name])]
+            else:
+                out.append((None, f))
+        return out
+
+    def flat(self) -> dict:
+        """{setting: value} for every setting, ungrouped (for comparing runs and for messages)."""
+        return {f.name: getattr(getattr(self, g) if g else self, f.name) for g, f in self.fields()}
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        o, r, s, io = self.optimizer, self.runtime, self.storage, self.io
+        need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
+        need(self.steps_per_block >= 1, f"steps_per_block must be >= 1, got {self.steps_per_block}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(o.lr > 0 and o.min_lr >= 0, f"need lr > 0 and min_lr >= 0, got {o.lr}, {o.min_lr}")
+        need(o.warmup >= 0, f"warmup must be >= 0, got {o.warmup}")
+        need(o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}")
+        need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"betas must be in [0, 1), got {o.beta1}, {o.beta2}")
+        need(o.grad_clip is None or o.grad_clip > 0, f"grad_clip must be > 0 or None, got {o.grad_clip}")
+        need(
+            self.schedule in ("random", "sequential", "chunked"),
+            f"schedule must be 'random', 'sequential' or 'chunked', not {self.schedule!r}",
+        )
+        need(self.chunk_steps >= 1, f"chunk_steps must be >= 1, got {self.chunk_steps}")
+        need(r.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {r.precision!r}")
+        need(r.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {r.kernels!r}")
+        need(io.log_every >= 1, f"log_every must be >= 1, got {io.log_every}")
+        need(io.ckpt_every >= 0, f"ckpt_every must be >= 0, got {io.ckpt_every}")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(
+            s.offload in ("none", "host", "disk"),
+            f"offload must be 'none', 'host' or 'disk', got {s.offload!r}",
+        )
+        need(
+            r.distributed in ("auto", "on", "off"),
+            f"distributed must be 'auto', 'on' or 'off', got {r.distributed!r}",
+        )
+        if self.only_blocks is not None:
+            blocks = list(self.only_blocks)
+            need(len(blocks) > 0, "only_blocks is empty; give at least one block, or None for all")
+            need(len(set(blocks)) == len(blocks), f"only_blocks {blocks} names a block twice")
+            bad = [b for b in blocks if not 0 <= b < self.num_blocks]
+            need(not bad, f"only_blocks {blocks}: {bad} not in 0..{self.num_blocks - 1}")
+
+    def blocks_to_train(self) -> list[int]:
+        return sorted(self.only_blocks) if self.only_blocks is not None else list(range(self.num_blocks))
+
+
+_GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+# Settings that may differ when a run is resumed, or between runs that are merged: they change where and
+# how a run reports, which process trains which block and in what order, never a block's numbers (every
+# draw is keyed by (seed, block, block step); DESIGN.md section 3).
+RESUME_FREE = frozenset(
+    {
+        "out_dir",
+        "log_every",
+        "ckpt_every",
+        "progress",
+        "device",
+        "kernels",
+        "only_blocks",
+        "distributed",
+        "schedule",
+        "chunk_steps",
+        "offload",
+        "prefetch",
+    }
+)
