@@ -1,9 +1,9 @@
 """The CUDA C++ kernels of csrc/ (module dblocks_fast._C) as torch custom ops with autograd.
 
-`dblocks_fast.ops` registers these as the "cuda" implementation of adaln_modulate, gated_residual_adaln and
-edm_l2_loss (kernels="cuda"); `dblocks_fast.optim` calls `fused_adamw_`. The C library takes contiguous rows
-of one dtype per role; the launchers here bring inputs to that form (casting mixed dtypes to their
-promotion, copying only what is not already contiguous) and launch on the current stream.
+`dblocks_fast.ops` registers these as the "cuda" implementation of adaln_modulate, gated_residual_adaln,
+edm_l2_loss and adamw_ (kernels="cuda"; of these, "auto" picks only the AdamW step, see ops). The C library
+takes contiguous rows of one dtype per role; the launchers here bring inputs to that form (casting mixed
+dtypes to their promotion, copying only what is not already contiguous) and launch on the current stream.
 Each op is a `dblocks::cuda_*` torch.library custom op built by `kernels._custom_op` from the definition the
 Triton op has too (`kernels._opdefs`): only the forward and backward launchers differ, the schema, fake and
 autograd are the same code.
@@ -273,7 +273,7 @@ def fused_adamw_(
     found_inf: torch.Tensor | None = None,
     param_bf16: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step in place over flat contiguous float32 CUDA buffers, in one kernel (see optim.AdamW).
+    """One AdamW step in place over flat contiguous float32 CUDA buffers, in one kernel (see ops.adamw_).
 
     grad_scale / found_inf: optional one-element float32 tensors on the device (grad is divided by the
     scale; a nonzero flag skips the update). param_bf16: optional bfloat16 buffer that receives the new param.
