@@ -126,6 +126,25 @@ def test_every_op_is_built_by_the_helper_and_triton_and_cuda_share_one_definitio
         assert n.removesuffix("_backward") in _custom_op.BUILT, f"{n} was not built by kernels/_custom_op.py"
 
 
+def test_opcheck_of_the_triton_adaln_ops_with_mixed_dtypes():
+    """Schemas, fakes and autograd of the ops built from _opdefs; the backward ops' fakes and real outputs
+    agree on every gradient's dtype (the Triton dscale once came in shift's dtype, its fake in scale's)."""
+    dev = device()
+    x, y = (torch.randn(2, 3, 16, device=dev, requires_grad=True) for _ in range(2))
+    gate, shift = (torch.randn(2, 16, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    scale = torch.randn(2, 16, device=dev, requires_grad=True)  # another dtype than shift's
+    ops = torch.ops.dblocks
+    torch.library.opcheck(ops.adaln_modulate.default, (x, shift, scale, 1e-6))
+    torch.library.opcheck(ops.gated_residual_adaln.default, (x, y, gate, shift, scale, 1e-6))
+    x, y, gate, shift, scale = (t.detach() for t in (x, y, gate, shift, scale))  # no double backward
+    h, mean, rstd = ops.adaln_modulate(x, shift, scale, 1e-6)
+    dtypes = (x.dtype, shift.dtype, scale.dtype)
+    torch.library.opcheck(ops.adaln_modulate_backward.default, (x, scale, mean, rstd, h, *dtypes))
+    bf16, f32 = torch.bfloat16, torch.float32  # dx in bf16 and no dy wanted: a placeholder
+    args = (x, y, gate, scale, mean, rstd, None, h, bf16, None, bf16, bf16, f32)
+    torch.library.opcheck(ops.gated_residual_adaln_backward.default, args)
+
+
 def _gated_grads(fn, inputs, used, w):
     x_new, h = fn(**inputs)
     loss = ((x_new if used == "x_new" else h) * w).sum()
