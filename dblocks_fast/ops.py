@@ -7,8 +7,8 @@ Models and the optimizer call these functions, never a kernel directly. Each op 
 
   kernels="auto"   the first of cuda, triton, torch that may be picked on the inputs' device: today Triton
                    on CUDA (the CUDA C++ ops are opt-in until a GPU run has checked and timed them; the AdamW
-                   step is the exception, see adamw_), else the torch implementation; a fast path that cannot
-                   run on a CUDA device falls back with one warning.
+                   step is the exception, for the reason given where it is registered), else the torch
+                   implementation; a fast path that cannot run on a CUDA device falls back with one warning.
   kernels="torch"  the reference (for adamw_ on CUDA: torch._fused_adamw_).
   kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run.
 

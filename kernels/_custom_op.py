@@ -86,6 +86,7 @@ class OpDef:
         return f"({', '.join(args)}) -> ({', '.join('Tensor' for _ in self.grad_inputs)})"
 
     def backward_fake(self, *args):
+        """The backward launcher's outputs without data: each gradient shaped like its grad_like tensor."""
         saved = dict(zip(self._saved(tensors=True), args))
         dtypes = args[len(args) - len(self.grad_inputs) :]
         return tuple(
