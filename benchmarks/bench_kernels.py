@@ -33,7 +33,7 @@ if not torch.cuda.is_available():  # before triton is imported: the CPU runs ker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from dblocks_fast import _C_loader, cuda_ops, kernels, ops, optim  # noqa: E402
+from dblocks_fast import _C_loader, cuda_ops, kernels, ops  # noqa: E402
 
 GPU_SIZES = {
     "DiT-XL/2 layer": dict(n=32, t=256, d=1152),
@@ -164,14 +164,14 @@ def _adamw_size(n: int, device: torch.device, copy_gbs: float | None) -> list[di
     p, g, m, v = (torch.randn(n, device=device, generator=gen) * s for s in (1.0, 1e-2, 1e-3, 1e-6))
     v = v.abs()
     if device.type != "cuda":  # smoke: the CPU path runs; no figure
-        optim.adamw_step_(p, g, m, v, **ADAMW)
+        ops.adamw_(p, g, m, v, **ADAMW)
         return [{"parameters": n, "impl": "reference (CPU)", "status": "ran; GPU figures pending"}]
     copy = torch.empty(n, dtype=torch.bfloat16, device=device)
     impls = {}
     if cuda_ops.available(device):
-        impls["ours (CUDA)"] = (lambda: optim.adamw_step_(p, g, m, v, **ADAMW, backend="cuda"), 28)
+        impls["ours (CUDA)"] = (lambda: ops.adamw_(p, g, m, v, **ADAMW, kernels="cuda"), 28)
         impls["ours (CUDA) + bf16 copy"] = (
-            lambda: optim.adamw_step_(p, g, m, v, **ADAMW, param_bf16=copy, backend="cuda"),
+            lambda: ops.adamw_(p, g, m, v, **ADAMW, param_bf16=copy, kernels="cuda"),
             30,
         )
     for name, kw in (

@@ -1,20 +1,20 @@
 """The CUDA C++ kernels of csrc/ (module dblocks_fast._C) as torch custom ops with autograd.
 
-`dblocks_fast.ops` registers these as the "cuda" implementation of adaln_modulate, gated_residual_adaln and
-edm_l2_loss (kernels="cuda", or "auto" where _C is built and the tensors are on CUDA); `dblocks_fast.optim`
-calls `fused_adamw_`. The C library takes contiguous rows of one dtype per role; the wrappers here bring
-inputs to that form (casting mixed dtypes to their promotion, copying only what is not already contiguous)
-and launch on the current stream. Each op is a `dblocks::cuda_*` torch.library custom op with a fake
-implementation, so it composes with autograd and torch.compile.
+`dblocks_fast.ops` registers these as the "cuda" implementation of adaln_modulate, gated_residual_adaln,
+edm_l2_loss and adamw_ (kernels="cuda"; of these, "auto" picks only the AdamW step, see ops). The C library
+takes contiguous rows of one dtype per role; the launchers here bring inputs to that form (casting mixed
+dtypes to their promotion, copying only what is not already contiguous) and launch on the current stream.
+Each op is a `dblocks::cuda_*` torch.library custom op built by `kernels._custom_op` from the definition the
+Triton op has too (`kernels._opdefs`): only the forward and backward launchers differ, the schema, fake and
+autograd are the same code.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _C_loader
+from .kernels import _custom_op, _opdefs
 
 __all__ = ["available", "adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "fused_adamw_"]
 
@@ -123,19 +123,23 @@ def _adaln_forward(x, y, gate, shift, scale, eps):
     return x_new, h, mean, rstd
 
 
-def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd, shift_dtype):
-    """(dx, dy, dgate, dshift, dscale); x is the forward's x, or its x_new when gated (y given).
+def _adaln_backward(x, y, gate, scale, mean, rstd, dx_new, dh, *dtypes):
+    """(dx, dy, dgate, dshift, dscale) in `dtypes` (see `kernels._opdefs.build_adaln`); x is the forward's
+    x, or its x_new when gated (y given).
 
-    The kernel writes the modulation gradients in the modulation dtype, chosen to hold shift's dtype too: a
+    The kernel writes the modulation gradients in the modulation dtype, chosen to hold dshift's dtype too: a
     float32 shift beside bf16 scale gets a float32 dshift, not a bf16 one cast up."""
     n, t, d = x.shape
     gated = y is not None
     act = x.dtype
+    # None: that output did not reach the loss. The kernel reads dh, and takes a NULL dx_new as zero.
+    dh = torch.zeros_like(x) if dh is None else dh
     x = x.contiguous()
     dh = dh.to(act).contiguous()
     dx_new = dx_new.to(act).contiguous() if dx_new is not None else None
     y = y.to(act).contiguous() if gated else None  # the kernel reads y in x_new's dtype (e.g. bf16 y, fp32 x)
-    mods, stride = _modulation(act, scale, *([gate] if gated else []), also=(shift_dtype,))
+    also = (dtypes[3],) if dtypes[3] is not None else ()
+    mods, stride = _modulation(act, scale, *([gate] if gated else []), also=also)
     mod = mods[0].dtype
     dx = torch.empty((n, t, d), dtype=act, device=x.device)
     dy = torch.empty_like(dx) if gated else None
@@ -153,105 +157,11 @@ def _adaln_backward(dh, dx_new, x, y, gate, scale, mean, rstd, shift_dtype):
             _ptr(dshift), _ptr(dscale), _ptr(dgate), _ptr(workspace), n, t, d, stride, _code(act), _code(mod),
             _stream(x.device),
         )  # fmt: skip
-    return dx, dy, dgate, dshift, dscale
+    return _custom_op.as_requested((dx, dy, dgate, dshift, dscale), dtypes)
 
 
-@torch.library.custom_op("dblocks::cuda_adaln_modulate", mutates_args=())
-def _adaln_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, h, mean, rstd = _adaln_forward(x, None, None, shift, scale, eps)
-    return h, mean, rstd
-
-
-@_adaln_op.register_fake
-def _(x, shift, scale, eps):
-    n, t, d = x.shape
-    return x.new_empty((n, t, d)), *(x.new_empty((n * t,), dtype=torch.float32) for _ in range(2))
-
-
-@torch.library.custom_op("dblocks::cuda_adaln_modulate_backward", mutates_args=())
-def _adaln_bwd_op(
-    dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, _, _, dshift, dscale = _adaln_backward(
-        dh, None, x.contiguous(), None, None, scale, mean, rstd, shift_dtype
-    )
-    return dx, dshift.to(shift_dtype), dscale.to(scale.dtype)
-
-
-@_adaln_bwd_op.register_fake
-def _(dh, x, scale, mean, rstd, shift_dtype):
-    n, _, d = x.shape
-    return x.new_empty(x.shape), scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d))
-
-
-def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd)
-    ctx.shift_dtype = shift.dtype
-
-
-def _adaln_grad(ctx, dh, _dmean, _drstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _adaln_bwd_op(dh, x, scale, mean, rstd, ctx.shift_dtype)
-    return dx, dshift, dscale, None
-
-
-_adaln_op.register_autograd(_adaln_grad, setup_context=_adaln_setup)
-
-
-@torch.library.custom_op("dblocks::cuda_gated_residual_adaln", mutates_args=())
-def _gated_op(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _adaln_forward(x, y, gate, shift, scale, eps)
-
-
-@_gated_op.register_fake
-def _(x, y, gate, shift, scale, eps):
-    n, t, d = x.shape
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-    stats = [x.new_empty((n * t,), dtype=torch.float32) for _ in range(2)]
-    return x.new_empty((n, t, d), dtype=dtype), x.new_empty((n, t, d), dtype=dtype), *stats
-
-
-@torch.library.custom_op("dblocks::cuda_gated_residual_adaln_backward", mutates_args=())
-def _gated_bwd_op(
-    dxnew: Optional[torch.Tensor], dh: torch.Tensor, xnew: torch.Tensor, y: torch.Tensor,  # noqa: UP045
-    gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, dy, dgate, dshift, dscale = _adaln_backward(dh, dxnew, xnew, y, gate, scale, mean, rstd, shift_dtype)
-    return dx, dy.to(y.dtype), dgate.to(gate.dtype), dshift.to(shift_dtype), dscale.to(scale.dtype)
-
-
-@_gated_bwd_op.register_fake
-def _(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype):
-    n, _, d = xnew.shape
-    return (
-        xnew.new_empty(xnew.shape), y.new_empty(xnew.shape), gate.new_empty((n, d)),
-        scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d)),
-    )  # fmt: skip
-
-
-def _gated_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, _ = inputs
-    xnew, _, mean, rstd = output
-    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
-    ctx.dtypes = (x.dtype, shift.dtype)
-
-
-def _gated_grad(ctx, dxnew, dh, _dmean, _drstd):
-    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
-    dh = torch.zeros_like(xnew) if dh is None else dh  # an unused h: zero gradient (None dxnew is zero in C)
-    x_dtype, shift_dtype = ctx.dtypes
-    dx, dy, dgate, dshift, dscale = _gated_bwd_op(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype)
-    return dx.to(x_dtype), dy, dgate, dshift, dscale, None
-
-
-_gated_op.register_autograd(_gated_grad, setup_context=_gated_setup)
+# custom ops with the schemas, fakes and autograd of kernels/_opdefs.py (the Triton ops' too)
+_adaln_op, _gated_op = _opdefs.build_adaln("dblocks::cuda_", _adaln_forward, _adaln_backward)
 
 
 def adaln_modulate(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
@@ -291,10 +201,8 @@ def _common(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-@torch.library.custom_op("dblocks::cuda_edm_l2_loss", mutates_args=())
-def _loss_op(
-    z: torch.Tensor, f: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, sigma_data: float, save_r: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _loss_forward(z, f, y, sigma, sigma_data: float, save_r: bool):
+    """(loss, per_sample, r); r = 2 w (D - y) / M of f's shape when save_r, else an empty placeholder."""
     n = f.shape[0]
     m = f.numel() // n
     dtype = _common(z, f, y)
@@ -313,27 +221,9 @@ def _loss_op(
     return loss, per, r
 
 
-@_loss_op.register_fake
-def _(z, f, y, sigma, sigma_data, save_r):
-    return (
-        f.new_empty((), dtype=torch.float32),
-        f.new_empty((f.shape[0],), dtype=torch.float32),
-        f.new_empty(f.shape if save_r else (0,), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("dblocks::cuda_edm_l2_loss_backward", mutates_args=())
-def _loss_bwd_op(
-    r: torch.Tensor,
-    sigma: torch.Tensor,
-    g_loss: Optional[torch.Tensor],  # noqa: UP045  (the schema inference reads typing.Optional)
-    g_per: Optional[torch.Tensor],  # noqa: UP045
-    sigma_data: float,
-    dz_dtype: Optional[torch.dtype],  # noqa: UP045  (None: z needs no gradient)
-    df_dtype: Optional[torch.dtype],  # noqa: UP045
-    dy_dtype: Optional[torch.dtype],  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dz, df, dy) in the inputs' dtypes, an empty placeholder for each not asked for; one pass per dtype."""
+def _loss_backward(r, sigma, g_loss, g_per, sigma_data: float, dz_dtype, df_dtype, dy_dtype):
+    """(dz, df, dy) in the dtypes asked for, a placeholder for each one not asked for; one pass per dtype.
+    A None g_loss or g_per is zero (a NULL pointer to the kernel)."""
     n = r.shape[0]
     m = r.numel() // n
     dtypes = (dz_dtype, df_dtype, dy_dtype)
@@ -355,34 +245,7 @@ def _loss_bwd_op(
     return tuple(grads)
 
 
-@_loss_bwd_op.register_fake
-def _(r, sigma, g_loss, g_per, sigma_data, dz_dtype, df_dtype, dy_dtype):
-    return tuple(
-        r.new_empty(r.shape if dt is not None else (0,), dtype=dt or torch.float32)
-        for dt in (dz_dtype, df_dtype, dy_dtype)
-    )
-
-
-def _loss_setup(ctx, inputs, output):
-    z, f, y, sigma, sigma_data, _ = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[2], sigma)
-    ctx.sigma_data = sigma_data
-    ctx.dtypes = (z.dtype, f.dtype, y.dtype)
-
-
-def _loss_grad(ctx, g_loss, g_per, _g_r):
-    need = ctx.needs_input_grad[:3]
-    if not any(need) or (g_loss is None and g_per is None):
-        return None, None, None, None, None, None
-    r, sigma = ctx.saved_tensors
-    dtypes = [dt if needed else None for dt, needed in zip(ctx.dtypes, need)]
-    dz, df, dy = _loss_bwd_op(r, sigma, g_loss, g_per, ctx.sigma_data, *dtypes)
-    return (dz if need[0] else None), (df if need[1] else None), (dy if need[2] else None), None, None, None
-
-
-_loss_op.register_autograd(_loss_grad, setup_context=_loss_setup)
+_loss_op = _custom_op.build("dblocks::cuda_edm_l2_loss", _opdefs.EDM_L2_LOSS, _loss_forward, _loss_backward)
 
 
 def edm_l2_loss(z, f, y, sigma, sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +273,7 @@ def fused_adamw_(
     found_inf: torch.Tensor | None = None,
     param_bf16: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step in place over flat contiguous float32 CUDA buffers, in one kernel (see optim.AdamW).
+    """One AdamW step in place over flat contiguous float32 CUDA buffers, in one kernel (see ops.adamw_).
 
     grad_scale / found_inf: optional one-element float32 tensors on the device (grad is divided by the
     scale; a nonzero flag skips the update). param_bf16: optional bfloat16 buffer that receives the new param.

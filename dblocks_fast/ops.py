@@ -1,13 +1,15 @@
 """One entry per fusable op, and the one function that picks its implementation.
 
-Models call these functions, never a kernel directly. Each op has a torch reference here (the fallback, the
-test oracle and the benchmark baseline); fast implementations (Triton in `dblocks_fast.kernels`, CUDA in
-`dblocks_fast._C`) register themselves with `register` and are chosen by `select`:
+Models and the optimizer call these functions, never a kernel directly. Each op has a torch reference here
+(the fallback, the test oracle and the benchmark baseline); fast implementations (Triton in
+`dblocks_fast.kernels`, CUDA in `dblocks_fast.cuda_ops`, both custom ops built by one helper,
+`kernels/_custom_op.py`) register themselves with `register` and are chosen by `select`:
 
   kernels="auto"   the first of cuda, triton, torch that may be picked on the inputs' device: today Triton
-                   on CUDA (the CUDA C++ ops are opt-in until a GPU run has checked and timed them), else
-                   the reference; a Triton path that cannot run on a CUDA device falls back with one warning.
-  kernels="torch"  the reference.
+                   on CUDA (the CUDA C++ ops are opt-in until a GPU run has checked and timed them; the AdamW
+                   step is the exception, for the reason given where it is registered), else the torch
+                   implementation; a fast path that cannot run on a CUDA device falls back with one warning.
+  kernels="torch"  the reference (for adamw_ on CUDA: torch._fused_adamw_).
   kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run.
 
 Env flags DBLOCKS_DISABLE_TRITON=1 / DBLOCKS_DISABLE_CUDA=1 take a backend out of "auto" (for bisecting).
@@ -16,6 +18,7 @@ Env flags DBLOCKS_DISABLE_TRITON=1 / DBLOCKS_DISABLE_CUDA=1 take a backend out o
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -39,6 +42,8 @@ __all__ = [
     "edm_l2_loss_ref",
     "weighted_linear_cross_entropy",
     "weighted_linear_cross_entropy_ref",
+    "adamw_",
+    "adamw_ref_",
 ]
 
 KERNELS = ("auto", "cuda", "triton", "torch")
@@ -50,6 +55,7 @@ class _Impl:
     fn: Callable
     usable: Callable[[torch.device], bool]  # can this implementation run on tensors of that device?
     auto: Callable[[torch.device], bool]  # may kernels="auto" pick it there? (not the Triton interpreter)
+    needs: str  # what it needs to run, for the error of an explicit request that cannot be met
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
@@ -62,11 +68,13 @@ def register(
     fn: Callable,
     usable: Callable[[torch.device], bool],
     auto: Callable[[torch.device], bool] | None = None,
+    needs: str = "",
 ) -> None:
-    """Make `fn` the `backend` implementation of `op`; `auto`: where "auto" may pick it (default: usable)."""
+    """Make `fn` the `backend` implementation of `op`; `auto`: where "auto" may pick it (default: usable);
+    `needs`: what it needs to run, said when it is asked for where it cannot."""
     if backend not in _PREFERENCE:
         raise ValueError(f"unknown backend {backend!r}; expected one of {_PREFERENCE}")
-    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, usable, auto or usable)
+    _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, usable, auto or usable, needs)
 
 
 def available(op: str) -> tuple[str, ...]:
@@ -91,20 +99,23 @@ def select(op: str, kernels: str, device: torch.device) -> Callable:
                 f"of it (registered: {', '.join(available(op))}). Use kernels='auto' or 'torch'."
             )
         if not impl.usable(device):
-            raise RuntimeError(f"the {kernels} implementation of {op} cannot run on device {device}.")
+            needs = f": it needs {impl.needs}" if impl.needs else ""
+            raise RuntimeError(f"the {kernels} implementation of {op} cannot run on device {device}{needs}.")
         return impl.fn
+    skipped = None  # a fast path "auto" would have taken on this device, had it been able to run
     for backend in _PREFERENCE:
         impl = impls.get(backend)
         if impl is None or _disabled(backend):
             continue
         if impl.auto(device):
+            if skipped is not None and (op, skipped) not in _WARNED:
+                _WARNED.add((op, skipped))
+                msg = f"{op}: the {skipped} kernel is unavailable on {device}; using the {backend} one."
+                warnings.warn(msg, stacklevel=3)
             return impl.fn
-        if impl.usable(device) or impl.auto is _not_auto:
-            continue  # usable but not for "auto", or never an "auto" candidate: nothing to warn about
-        if backend != "torch" and (op, backend) not in _WARNED and device.type == "cuda":
-            _WARNED.add((op, backend))
-            msg = f"{op}: the {backend} kernel is unavailable on {device}; using the torch reference."
-            warnings.warn(msg, stacklevel=3)
+        # usable but not for "auto" (the Triton interpreter), or never an "auto" candidate: nothing to say
+        if not impl.usable(device) and impl.auto is not _not_auto and device.type == "cuda":
+            skipped = skipped or backend
     raise AssertionError(f"{op} has no usable implementation")  # the torch reference is always usable
 
 
@@ -208,6 +219,53 @@ def weighted_linear_cross_entropy(h, weight, target, row_weight=None, kernels: s
     return select("weighted_linear_cross_entropy", kernels, h.device)(h, weight, target, row_weight)
 
 
+# --- adamw_ -----------------------------------------------------------------------------------------------
+def adamw_ref_(param, grad, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """One AdamW step in place: torch.optim.AdamW's single-tensor update (torch 2.x), operation for operation.
+
+    step is the step being taken (1 for the first). Python floats meet the tensors as torch's do.
+    """
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _adamw_torch_(
+    param, grad, exp_avg, exp_avg_sq, *, grad_scale=None, found_inf=None, param_bf16=None, **hp
+):
+    """kernels="torch": torch._fused_adamw_ on CUDA; elsewhere the reference, whose result is bit for bit
+    torch.optim.AdamW's (torch's fused CPU kernel differs in the last bit)."""
+    if param.device.type == "cuda":
+        steps = torch.full((), float(hp.pop("step")), device=param.device)
+        torch._fused_adamw_(
+            [param], [grad], [exp_avg], [exp_avg_sq], [], [steps], **hp, amsgrad=False, maximize=False,
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+    elif found_inf is not None and bool(found_inf.item()):
+        return
+    else:
+        adamw_ref_(param, grad if grad_scale is None else grad / grad_scale, exp_avg, exp_avg_sq, **hp)
+    if param_bf16 is not None:
+        param_bf16.copy_(param)
+
+
+def adamw_(param, grad, exp_avg, exp_avg_sq, *, kernels: str = "auto", **hyper) -> None:
+    """One AdamW step in place over flat float32 buffers (the update of optim.AdamW).
+
+    Args:
+        param, grad, exp_avg, exp_avg_sq: float32 tensors of one shape on one device (contiguous for "cuda").
+        hyper: lr, beta1, beta2, eps, weight_decay and step (the step being taken, 1 for the first), as in
+            adamw_ref_; optional grad_scale (a one-element tensor: the gradient is grad / grad_scale),
+            found_inf (a one-element tensor: when nonzero nothing changes, and the caller should not count
+            the step) and param_bf16 (a bfloat16 buffer that receives the new weights).
+    """
+    select("adamw_", kernels, param.device)(param, grad, exp_avg, exp_avg_sq, **hyper)
+
+
 # --- registration ---------------------------------------------------------------------------------------
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -224,10 +282,10 @@ def _triton_auto(device: torch.device) -> bool:
 def _triton(name: str) -> Callable:
     """The Triton op `name`, imported on first use so `import dblocks_fast` never imports triton."""
 
-    def call(*args):
+    def call(*args, **kwargs):
         from . import kernels
 
-        return getattr(kernels, name)(*args)
+        return getattr(kernels, name)(*args, **kwargs)
 
     call.__name__ = f"triton_{name}"
     return call
@@ -240,8 +298,10 @@ for _op, _ref in [
     ("weighted_linear_cross_entropy", weighted_linear_cross_entropy_ref),
 ]:
     register(_op, "torch", _ref, _any_device)
+register("adamw_", "torch", _adamw_torch_, _any_device)
+_TRITON_NEEDS = "CUDA tensors (or TRITON_INTERPRET=1 on the CPU) and triton installed"
 for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"):
-    register(_op, "triton", _triton(_op), _triton_usable, _triton_auto)
+    register(_op, "triton", _triton(_op), _triton_usable, _triton_auto, _TRITON_NEEDS)
 
 
 def _cuda_usable(device: torch.device) -> bool:
@@ -253,16 +313,21 @@ def _cuda_usable(device: torch.device) -> bool:
 def _cuda(name: str) -> Callable:
     """The csrc/ op `name` (dblocks_fast.cuda_ops), imported on first use."""
 
-    def call(*args):
+    def call(*args, **kwargs):
         from . import cuda_ops
 
-        return getattr(cuda_ops, name)(*args)
+        return getattr(cuda_ops, name)(*args, **kwargs)
 
     call.__name__ = f"cuda_{name}"
     return call
 
 
+_CUDA_NEEDS = "CUDA tensors and a built dblocks_fast._C"
 # The CUDA ops are not picked by "auto" until a GPU run has checked them and timed them against Triton (the
 # GPU tests and benchmarks/bench_kernels.py); kernels="cuda" selects them.
 for _op in ("adaln_modulate", "gated_residual_adaln", "edm_l2_loss"):
-    register(_op, "cuda", _cuda(_op), _cuda_usable, _not_auto)
+    register(_op, "cuda", _cuda(_op), _cuda_usable, _not_auto, _CUDA_NEEDS)
+# AdamW's "auto" takes the CUDA kernel wherever _C is built, as optim.AdamW always did: there is no Triton
+# AdamW for it to be timed against, and torch._fused_adamw_ (the fallback) cannot write the bf16 copy of the
+# weights in the same pass.
+register("adamw_", "cuda", _cuda("fused_adamw_"), _cuda_usable, needs=_CUDA_NEEDS)

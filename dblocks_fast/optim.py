@@ -5,38 +5,30 @@
 every parameter and its `state[p]["exp_avg"]`, `state[p]["exp_avg_sq"]` a view into it. Each part starts
 `part_stride(numel)` elements after the last, a multiple of 4, so all three are 16-byte aligned and the
 fused kernel takes its vector path whatever the block's size. A step gathers the
-gradients into one flat buffer and updates all of it at once, by the first of these that can run:
+gradients into one flat buffer and updates all of it at once through `ops.adamw_`, whose implementation
+`ops.select` picks from the same `kernels` vocabulary as every op:
 
-  "cuda"       dblocks_fast._C's fused_adamw (csrc/fused_adamw.cu): one read and one write of each buffer,
-               optionally writing a bfloat16 copy of the new weights in the same pass; CUDA tensors, _C built.
-  "torch"      torch._fused_adamw_ on the flat buffers; CUDA tensors.
-  "reference"  `adamw_reference_`: torch.optim.AdamW's single-tensor update, op for op. On the CPU this is
-               the path, because its result is bit for bit torch.optim.AdamW's (torch's own fused CPU kernel
-               differs in the last bit), so a run's weights do not depend on which optimizer trained them.
+  "cuda"   dblocks_fast._C's fused_adamw (csrc/fused_adamw.cu): one read and one write of each buffer,
+           optionally writing a bfloat16 copy of the new weights in the same pass; CUDA tensors, _C built.
+  "torch"  on CUDA torch._fused_adamw_ on the flat buffers; elsewhere `ops.adamw_ref_`, torch.optim.AdamW's
+           single-tensor update op for op, because its result is bit for bit torch.optim.AdamW's (torch's
+           own fused CPU kernel differs in the last bit), so a run's weights do not depend on which
+           optimizer trained them.
+  "auto"   "cuda" where it can run, else "torch" (unlike the other ops, see ops.py).
 
 On the GPU the fused paths agree with the reference to float32 rounding (they contract multiply-adds).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Iterable
 
 import torch
 
-from . import cuda_ops
+from . import ops
 
-__all__ = [
-    "BACKENDS",
-    "AdamW",
-    "FlatLayout",
-    "adamw_reference_",
-    "adamw_step_",
-    "part_stride",
-    "pick_backend",
-]
-
-BACKENDS = ("auto", "cuda", "torch", "reference")
+__all__ = ["AdamW", "FlatLayout", "part_stride"]
 
 
 def part_stride(numel: int) -> int:
@@ -139,103 +131,6 @@ class FlatLayout:
         return self.fill(out, lambda k, i: tensors.get(f"{self.PARTS[k]}/{self.names[i]}"))
 
 
-def adamw_reference_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """One AdamW step in place: torch.optim.AdamW's single-tensor update (torch 2.x), operation for operation.
-
-    step is the step being taken (1 for the first). Python floats meet the tensors as torch's do.
-    """
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
-
-
-def pick_backend(backend: str, device: torch.device) -> str:
-    """The backend `adamw_step_` uses for `backend` on `device` (see the module docstring)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if cuda_ops.available(device):
-            return "cuda"
-        return "torch" if device.type == "cuda" else "reference"
-    if backend == "cuda" and not cuda_ops.available(device):
-        from . import _C_loader
-
-        raise RuntimeError(
-            f"backend='cuda' needs CUDA tensors and a built dblocks_fast._C (tensors on {device}; _C: "
-            f"{_C_loader.why_unavailable() or 'built'}). Use backend='auto'."
-        )
-    if backend == "torch" and device.type != "cuda":
-        raise RuntimeError(
-            "backend='torch' (torch._fused_adamw_) is for CUDA tensors: on the CPU it differs from "
-            "torch.optim.AdamW in the last bit. Use backend='auto' or 'reference'."
-        )
-    return backend
-
-
-def adamw_step_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    param_bf16: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> str:
-    """One AdamW step in place over flat float32 buffers; returns the backend that ran.
-
-    grad_scale: optional one-element tensor; the gradient is grad / grad_scale (loss scaling).
-    found_inf: optional one-element tensor; when nonzero nothing changes (the caller should not count the
-    step). param_bf16: optional bfloat16 buffer that receives the updated weights.
-    """
-    used = pick_backend(backend, param.device)
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if used == "cuda":
-        cuda_ops.fused_adamw_(
-            param, grad, exp_avg, exp_avg_sq, **hp, step=step, grad_scale=grad_scale, found_inf=found_inf,
-            param_bf16=param_bf16,
-        )  # fmt: skip
-        return used
-    if used == "torch":
-        steps = torch.full((), float(step), device=param.device)
-        torch._fused_adamw_(
-            [param], [grad], [exp_avg], [exp_avg_sq], [], [steps], **hp, amsgrad=False, maximize=False,
-            grad_scale=grad_scale, found_inf=found_inf,
-        )  # fmt: skip
-    else:
-        if found_inf is not None and bool(found_inf.item()):
-            return used
-        if grad_scale is not None:
-            grad = grad / grad_scale
-        adamw_reference_(param, grad, exp_avg, exp_avg_sq, **hp, step=step)
-    if param_bf16 is not None:
-        param_bf16.copy_(param)
-    return used
-
-
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The tensors as one flat view if they lie back to back in one storage, in order; else None."""
     first = tensors[0]
@@ -263,7 +158,9 @@ class AdamW(torch.optim.Optimizer):
     Args:
         params: the block's parameters: float32, one device, one group.
         lr, betas, eps, weight_decay: as torch.optim.AdamW. The group's "lr" may change between steps.
-        backend: "auto", "cuda", "torch" or "reference" (see the module docstring).
+        kernels: "auto", "cuda", "triton" or "torch", as every op of `ops` (see the module docstring; there is
+            no Triton AdamW). `backend=` is its old name, deprecated; its "reference" is now "torch", which
+            is the same update on the CPU and torch._fused_adamw_ on CUDA.
         bf16_copy: keep `param_bf16`, a flat bfloat16 copy of the weights written by each step (on the cuda
             backend in the same pass), for bf16 compute without a separate cast.
         pack: False leaves the tensors where they are, for a caller that lays them out itself (paging).
@@ -277,16 +174,19 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        backend: str = "auto",
+        kernels: str = "auto",
         bf16_copy: bool = False,
         pack: bool = True,
+        backend: str | None = None,
     ):
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0):
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend is not None:
+            kernels = _kernels_of_backend(backend)
+        if kernels not in ops.KERNELS:
+            raise ValueError(f"kernels must be one of {ops.KERNELS}, got {kernels!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError("AdamW takes one parameter group (one block's parameters)")
@@ -298,7 +198,7 @@ class AdamW(torch.optim.Optimizer):
                 f"AdamW needs float32 parameters on one device, got {sorted(map(str, dtypes))} on "
                 f"{sorted(map(str, devices))}"
             )
-        self.backend = backend
+        self.kernels = kernels
         self.layout = FlatLayout([p.shape for p in self.params])
         self.numel, self.stride = self.layout.numel, self.layout.stride
         self.param_bf16: torch.Tensor | None = None
@@ -336,7 +236,7 @@ class AdamW(torch.optim.Optimizer):
     def step(
         self, closure=None, *, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None
     ):
-        """One update of every parameter that has a gradient. grad_scale / found_inf: see `adamw_step_`."""
+        """One update of every parameter that has a gradient. grad_scale / found_inf: see `ops.adamw_`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -363,16 +263,30 @@ class AdamW(torch.optim.Optimizer):
         flat = self.flat() if len(with_grad) == len(self.params) and len(steps) == 1 else None
         if flat is not None:
             grad = torch.cat([p.grad.reshape(-1) for p in self.params])
-            adamw_step_(
+            ops.adamw_(
                 flat[0], grad, flat[1], flat[2], **hp, step=steps.pop(), grad_scale=grad_scale,
-                param_bf16=self.param_bf16, backend=self.backend,
+                param_bf16=self.param_bf16, kernels=self.kernels,
             )  # fmt: skip
         else:  # not laid out flat, or some parameters without a gradient: one tensor at a time
             for p in with_grad:
                 state = self.state[p]
                 g = p.grad if grad_scale is None else p.grad / grad_scale
                 step = int(state["step"].item())
-                adamw_reference_(p.data, g, state["exp_avg"], state["exp_avg_sq"], **hp, step=step)
+                ops.adamw_ref_(p.data, g, state["exp_avg"], state["exp_avg_sq"], **hp, step=step)
             if self.param_bf16 is not None:
                 self.param_bf16.copy_(torch.cat([p.data.reshape(-1) for p in self.params]))
         return loss
+
+
+def _kernels_of_backend(backend: str) -> str:
+    """AdamW(backend=...), the name before the ops' `kernels` vocabulary, as a `kernels` value."""
+    old = {"auto": "auto", "cuda": "cuda", "torch": "torch", "reference": "torch"}
+    if backend not in old:
+        raise ValueError(f"backend must be one of {tuple(old)}, got {backend!r} (and is now named kernels)")
+    warnings.warn(
+        f"AdamW(backend={backend!r}) is deprecated: pass kernels={old[backend]!r} (the ops' vocabulary; "
+        "'torch' is the reference on the CPU and torch._fused_adamw_ on CUDA).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old[backend]

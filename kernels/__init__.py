@@ -1,12 +1,19 @@
 """Triton kernels of dblocks_fast, usable on their own: this package imports only torch and triton.
 
-Each op is a PyTorch custom op (namespace `dblocks::`) with autograd and a fake implementation, so it
-composes with torch.compile; dblocks_fast.ops chooses between these and the torch references.
-On a machine without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, small shapes only).
+Each op is a PyTorch custom op (namespace `dblocks::`) with autograd and a fake implementation, built by
+`_custom_op.build` from the op's definition in `_opdefs`, so it composes with torch.compile;
+dblocks_fast.ops chooses between these and the torch references. On a machine without a GPU they run under
+Triton's interpreter (TRITON_INTERPRET=1, small shapes only).
+
+`_custom_op` and `_opdefs` import only torch: the CUDA ops of dblocks_fast build on them too, also where
+triton is not installed (then this package holds only those two).
 """
 
-from .adaln import adaln_modulate, gated_residual_adaln
-from .edm_loss import edm_l2_loss
-from .linear_cross_entropy import weighted_linear_cross_entropy
+import importlib.util
 
-__all__ = ["adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"]
+if importlib.util.find_spec("triton") is not None:
+    from .adaln import adaln_modulate, gated_residual_adaln
+    from .edm_loss import edm_l2_loss
+    from .linear_cross_entropy import weighted_linear_cross_entropy
+
+    __all__ = ["adaln_modulate", "gated_residual_adaln", "edm_l2_loss", "weighted_linear_cross_entropy"]

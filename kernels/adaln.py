@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _custom_op, _opdefs, _utils
 
 __all__ = ["adaln_modulate", "gated_residual_adaln"]
 
@@ -171,15 +171,20 @@ def _forward(x, y, gate, shift, scale, eps):
     return xnew, h, mean, rstd
 
 
-def _backward(dh, dxnew, x, y, gate, scale, mean, rstd, shift_dtype):
+def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
+    """(dx, dy, dgate, dshift, dscale) in `dtypes` (see `_opdefs.build_adaln`); x is the forward's x, or its
+    x_new when gated (y given). dx is written in its own dtype, not x_new's (one rounding, not two)."""
     n, t, d = x.shape
     gated = y is not None
+    # None: that output did not reach the loss. The kernel reads both gradients, so it reads zeros.
+    dh = torch.zeros_like(x) if dh is None else dh
+    dxnew = torch.zeros_like(x) if gated and dxnew is None else dxnew
     block_d, block_r, warps = _block_sizes(d)
     # a few programs per SM in all, each owning whole rows of one sample
     chunks = max(1, min(triton.cdiv(t, block_r), triton.cdiv(4 * _utils.num_sms(x.device), n)))
     rows_per_prog = triton.cdiv(triton.cdiv(t, chunks), block_r) * block_r
     chunks = triton.cdiv(t, rows_per_prog)
-    dx = _utils.empty((n, t, d), x.dtype if not gated else dxnew.dtype, x.device)
+    dx = _utils.empty((n, t, d), dtypes[0] or x.dtype, x.device)
     dy = _utils.empty((n, t, d), y.dtype, x.device) if gated else dx
     parts = [_utils.empty((n, chunks, d), torch.float32, x.device) for _ in range(3 if gated else 2)]
     _bwd_kernel[(n, chunks)](
@@ -189,109 +194,12 @@ def _backward(dh, dxnew, x, y, gate, scale, mean, rstd, shift_dtype):
         *_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(scale),
         GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    dshift, dscale = (p.sum(1).to(shift_dtype) for p in parts[:2])
-    dgate = parts[2].sum(1).to(gate.dtype) if gated else None
-    return dx, dy, dgate, dshift, dscale
+    dgate = parts[2].sum(1) if gated else None
+    return _custom_op.as_requested((dx, dy, dgate, parts[0].sum(1), parts[1].sum(1)), dtypes)
 
 
-# --- custom ops and autograd --------------------------------------------------------------------------------
-@torch.library.custom_op("dblocks::adaln_modulate", mutates_args=())
-def _adaln_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, h, mean, rstd = _forward(x, None, None, shift, scale, eps)
-    return h, mean, rstd
-
-
-@_adaln_op.register_fake
-def _(x, shift, scale, eps):
-    n, t, d = x.shape
-    stats = [x.new_empty((n * t,), dtype=torch.float32) for _ in range(2)]
-    return (x.new_empty((n, t, d)), *stats)
-
-
-@torch.library.custom_op("dblocks::adaln_modulate_backward", mutates_args=())
-def _adaln_bwd_op(
-    dh: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, _, _, dshift, dscale = _backward(dh, None, x, None, None, scale, mean, rstd, shift_dtype)
-    return dx, dshift, dscale
-
-
-@_adaln_bwd_op.register_fake
-def _(dh, x, scale, mean, rstd, shift_dtype):
-    n, _, d = x.shape
-    return x.new_empty(x.shape), scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d))
-
-
-def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, scale, mean, rstd)
-    ctx.shift_dtype = shift.dtype
-
-
-def _adaln_grad(ctx, dh, _dmean, _drstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _adaln_bwd_op(dh, x, scale, mean, rstd, ctx.shift_dtype)
-    return dx, dshift, dscale, None
-
-
-_adaln_op.register_autograd(_adaln_grad, setup_context=_adaln_setup)
-
-
-@torch.library.custom_op("dblocks::gated_residual_adaln", mutates_args=())
-def _gated_op(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, y, gate, shift, scale, eps)
-
-
-@_gated_op.register_fake
-def _(x, y, gate, shift, scale, eps):
-    n, t, d = x.shape
-    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-    stats = [x.new_empty((n * t,), dtype=torch.float32) for _ in range(2)]
-    return (x.new_empty((n, t, d), dtype=dtype), x.new_empty((n, t, d), dtype=dtype), *stats)
-
-
-@torch.library.custom_op("dblocks::gated_residual_adaln_backward", mutates_args=())
-def _gated_bwd_op(
-    dxnew: torch.Tensor, dh: torch.Tensor, xnew: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-    scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, shift_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    dx, dy, dgate, dshift, dscale = _backward(dh, dxnew, xnew, y, gate, scale, mean, rstd, shift_dtype)
-    return dx, dy, dgate, dshift, dscale
-
-
-@_gated_bwd_op.register_fake
-def _(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype):
-    n, _, d = xnew.shape
-    return (
-        dxnew.new_empty(xnew.shape), y.new_empty(xnew.shape), gate.new_empty((n, d)),
-        scale.new_empty((n, d), dtype=shift_dtype), scale.new_empty((n, d)),
-    )  # fmt: skip
-
-
-def _gated_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, _ = inputs
-    xnew, _, mean, rstd = output
-    ctx.save_for_backward(xnew, y, gate, scale, mean, rstd)
-    ctx.dtypes = (x.dtype, shift.dtype)
-
-
-def _gated_grad(ctx, dxnew, dh, _dmean, _drstd):
-    xnew, y, gate, scale, mean, rstd = ctx.saved_tensors
-    # an output nobody used has no gradient: treat it as zero
-    dxnew = torch.zeros_like(xnew) if dxnew is None else dxnew
-    dh = torch.zeros_like(xnew) if dh is None else dh
-    x_dtype, shift_dtype = ctx.dtypes
-    dx, dy, dgate, dshift, dscale = _gated_bwd_op(dxnew, dh, xnew, y, gate, scale, mean, rstd, shift_dtype)
-    return dx.to(x_dtype), dy, dgate, dshift, dscale, None
-
-
-_gated_op.register_autograd(_gated_grad, setup_context=_gated_setup)
+# custom ops with the schemas, fakes and autograd of kernels/_opdefs.py (the CUDA ops' too)
+_adaln_op, _gated_op = _opdefs.build_adaln("dblocks::", _forward, _backward)
 
 
 # --- public functions ---------------------------------------------------------------------------------------

@@ -13,17 +13,16 @@ deterministic). The backward is a scale of r: dD = (g_loss / N + g_per[n]) r, th
 dz = c_skip dD, dy = -dD, written in one pass for the inputs that need them. sigma is a constant: it gets
 no gradient.
 
-Both directions are torch.library custom ops (`dblocks::edm_l2_loss`, `dblocks::edm_l2_loss_backward`)
-with fake implementations, so the op composes with autograd and traces under torch.compile.
+Both directions are torch.library custom ops (`dblocks::edm_l2_loss`, `dblocks::edm_l2_loss_backward`),
+built by `_custom_op` from the op's definition in `_opdefs` (which the CUDA op shares), so the op composes
+with autograd and traces under torch.compile.
 """
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _custom_op, _opdefs, _utils
 
 __all__ = ["edm_l2_loss"]
 
@@ -212,6 +211,7 @@ def _block(m: int) -> tuple[int, int]:
 
 
 def _forward(z, f, y, sigma, sigma_data: float, save_r: bool):
+    """(loss, per_sample, r); r = 2 w (D - y) / M of f's shape when save_r, else an empty placeholder."""
     device = _check_inputs(z, f, y, sigma, sigma_data)
     n = z.shape[0]
     m = z.numel() // n
@@ -239,6 +239,7 @@ def _forward(z, f, y, sigma, sigma_data: float, save_r: bool):
 
 
 def _backward(r, sigma, g_loss, g_per, sigma_data: float, dz_dtype, df_dtype, dy_dtype):
+    """(dz, df, dy) in the dtypes asked for; a placeholder for each one not asked for. None g_*: zero."""
     device = r.device
     n = r.shape[0]
     m = r.numel() // n
@@ -263,68 +264,8 @@ def _backward(r, sigma, g_loss, g_per, sigma_data: float, dz_dtype, df_dtype, dy
     return tuple(grads)
 
 
-# --- custom ops and autograd ------------------------------------------------------------------------------
-@torch.library.custom_op("dblocks::edm_l2_loss", mutates_args=())
-def _edm_l2_loss_op(
-    z: torch.Tensor, f: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, sigma_data: float, save_r: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per_sample, r); r = 2 w (D - y) / M of f's shape when save_r, else an empty placeholder."""
-    return _forward(z, f, y, sigma, sigma_data, save_r)
-
-
-@_edm_l2_loss_op.register_fake
-def _(z, f, y, sigma, sigma_data, save_r):
-    _check_inputs(z, f, y, sigma, sigma_data)
-    return (
-        f.new_empty((), dtype=torch.float32),
-        f.new_empty((f.shape[0],), dtype=torch.float32),
-        f.new_empty(f.shape if save_r else (0,), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("dblocks::edm_l2_loss_backward", mutates_args=())
-def _edm_l2_loss_backward_op(
-    r: torch.Tensor,
-    sigma: torch.Tensor,
-    g_loss: Optional[torch.Tensor],  # noqa: UP045  (the schema inference reads typing.Optional)
-    g_per: Optional[torch.Tensor],  # noqa: UP045
-    sigma_data: float,
-    dz_dtype: Optional[torch.dtype],  # noqa: UP045  (None: z needs no gradient)
-    df_dtype: Optional[torch.dtype],  # noqa: UP045
-    dy_dtype: Optional[torch.dtype],  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dz, df, dy) in the inputs' dtypes; an empty placeholder for each one not asked for."""
-    return _backward(r, sigma, g_loss, g_per, sigma_data, dz_dtype, df_dtype, dy_dtype)
-
-
-@_edm_l2_loss_backward_op.register_fake
-def _(r, sigma, g_loss, g_per, sigma_data, dz_dtype, df_dtype, dy_dtype):
-    return tuple(
-        r.new_empty(r.shape if dt is not None else (0,), dtype=dt or torch.float32)
-        for dt in (dz_dtype, df_dtype, dy_dtype)
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    z, f, y, sigma, sigma_data, _ = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.set_materialize_grads(False)  # no (N, M) zeros for r's gradient, nor zeros for an unused output
-    ctx.save_for_backward(output[2], sigma)
-    ctx.sigma_data = sigma_data
-    ctx.dtypes = (z.dtype, f.dtype, y.dtype)
-
-
-def _backward_autograd(ctx, g_loss, g_per, _g_r):
-    need = ctx.needs_input_grad[:3]
-    if not any(need) or (g_loss is None and g_per is None):
-        return None, None, None, None, None, None
-    r, sigma = ctx.saved_tensors
-    dtypes = [dt if needed else None for dt, needed in zip(ctx.dtypes, need)]
-    dz, df, dy = _edm_l2_loss_backward_op(r, sigma, g_loss, g_per, ctx.sigma_data, *dtypes)
-    return (dz if need[0] else None), (df if need[1] else None), (dy if need[2] else None), None, None, None
-
-
-_edm_l2_loss_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+# --- custom ops (kernels/_custom_op.py: the schema, fake and autograd come from kernels/_opdefs.py) -------
+_edm_l2_loss_op = _custom_op.build("dblocks::edm_l2_loss", _opdefs.EDM_L2_LOSS, _forward, _backward)
 
 
 def edm_l2_loss(
@@ -347,6 +288,7 @@ def edm_l2_loss(
     Returns:
         (loss, per_sample): loss a 0-d float32 tensor, per_sample the (N,) float32 per-example values.
     """
+    _check_inputs(z, f, y, sigma, sigma_data)  # here too: under torch.compile the fake runs, not _forward
     save_r = torch.is_grad_enabled() and (z.requires_grad or f.requires_grad or y.requires_grad)
     loss, per_sample, _ = _edm_l2_loss_op(z, f, y, sigma, float(sigma_data), save_r)
     return loss, per_sample

@@ -15,9 +15,9 @@ The forward therefore does all the work; the backward multiplies the saved dh an
 scalar gradient. The 1/R of the mean is applied as the GEMMs' alpha instead of in step 2, so that float16
 gradients of large batches (softmax / R ~ 1e-9) do not underflow before the fp32 accumulation.
 
-row_weight is treated as a constant (no gradient), target has none. The op is registered with torch.library
-(`dblocks::weighted_linear_cross_entropy`, with a fake implementation and autograd), so it composes with
-autograd and traces under torch.compile(fullgraph=True).
+row_weight is treated as a constant (no gradient), target has none. The op is a torch.library custom op
+(`dblocks::weighted_linear_cross_entropy` and its `_backward`), built by `_custom_op` from the op's
+definition in `_opdefs`, so it composes with autograd and traces under torch.compile(fullgraph=True).
 """
 
 import math
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _utils
+from . import _custom_op, _opdefs, _utils
 
 __all__ = ["weighted_linear_cross_entropy", "default_chunk"]
 
@@ -172,43 +172,14 @@ def _launch(
     return loss, dh, dweight
 
 
-@torch.library.custom_op("dblocks::weighted_linear_cross_entropy", mutates_args=())
-def _lce_op(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    row_weight: torch.Tensor | None,
-    chunk: int,
-    need_dh: bool,
-    need_dweight: bool,
-    check_targets: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch(h, weight, target, row_weight, chunk, need_dh, need_dweight, check_targets)
+def _scale_saved_grads(grad_h, grad_weight, g_loss, dh_dtype, dweight_dtype):
+    """The backward: the forward's gradients times the upstream one (constants: no double backward)."""
+    grads = [g * g_loss.to(g.dtype) for g in (grad_h, grad_weight)]  # an unneeded one is (0,): stays so
+    return _custom_op.as_requested(grads, (dh_dtype, dweight_dtype))
 
 
-@_lce_op.register_fake
-def _lce_fake(h, weight, target, row_weight, chunk, need_dh, need_dweight, check_targets):
-    loss = h.new_empty((), dtype=torch.float32)
-    dh = h.new_empty(tuple(h.shape) if need_dh else (0,))
-    dweight = weight.new_empty(tuple(weight.shape) if need_dweight else (0,))
-    return loss, dh, dweight
-
-
-def _setup_context(ctx, inputs, output):
-    _, dh, dweight = output
-    ctx.save_for_backward(dh, dweight)
-    ctx.need_dh, ctx.need_dweight = inputs[5], inputs[6]
-
-
-def _backward(ctx, grad_loss, _grad_dh, _grad_dweight):
-    # dh and dweight are the forward's by-products, treated as constants (no double backward).
-    dh, dweight = ctx.saved_tensors
-    grad_h = dh * grad_loss.to(dh.dtype) if ctx.need_dh else None
-    grad_weight = dweight * grad_loss.to(dweight.dtype) if ctx.need_dweight else None
-    return grad_h, grad_weight, None, None, None, None, None, None
-
-
-_lce_op.register_autograd(_backward, setup_context=_setup_context)
+_OPDEF = _opdefs.WEIGHTED_LINEAR_CROSS_ENTROPY
+_lce_op = _custom_op.build(f"dblocks::{_OP}", _OPDEF, _launch, _scale_saved_grads)
 
 
 def _check_inputs(h, weight, target, row_weight, chunk) -> None:

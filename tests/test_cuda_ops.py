@@ -172,7 +172,7 @@ def test_opcheck_of_every_cuda_op():
 SANITIZED = textwrap.dedent(
     """
     import torch
-    from dblocks_fast import cuda_ops, optim
+    from dblocks_fast import cuda_ops, ops
     torch.manual_seed(0)
     for n, t, d in [(2, 5, 37), (3, 40, 1152), (1, 2, 8200)]:
         x, y = (torch.randn(n, t, d, device="cuda", requires_grad=True) for _ in range(2))
@@ -184,13 +184,13 @@ SANITIZED = textwrap.dedent(
         (loss + per.sum()).backward()
     for n in (1, 4099, 1 << 16):
         p, gr, m, v = (torch.rand(n + 1, device="cuda")[1:] for _ in range(4))  # unaligned: scalar path
-        optim.adamw_step_(p, gr, m, v, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2,
-                          backend="cuda")
+        ops.adamw_(p, gr, m, v, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2,
+                   kernels="cuda")
         p, gr, m, v = (torch.rand(n, device="cuda") for _ in range(4))
-        optim.adamw_step_(p, gr, m, v, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2,
-                          param_bf16=torch.empty(n, device="cuda", dtype=torch.bfloat16),
-                          grad_scale=torch.ones(1, device="cuda"), found_inf=torch.zeros(1, device="cuda"),
-                          backend="cuda")
+        ops.adamw_(p, gr, m, v, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=2,
+                   param_bf16=torch.empty(n, device="cuda", dtype=torch.bfloat16),
+                   grad_scale=torch.ones(1, device="cuda"), found_inf=torch.zeros(1, device="cuda"),
+                   kernels="cuda")
     torch.cuda.synchronize()
     print("sanitized run done")
     """

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dblocks_fast import _C_loader, optim
+from dblocks_fast import _C_loader, ops, optim
 
 SHAPES = [(7, 3), (33,), (1,), (5, 13, 2), (1001,)]  # odd sizes: vector bodies and scalar tails both run
 
@@ -182,19 +182,29 @@ def test_reference_function_matches_torch_on_one_tensor():
         g = torch.randn(257)
         q.grad = g.clone()
         ref.step()
-        optim.adamw_reference_(
-            p, g, m, v, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.2, step=step
-        )
+        ops.adamw_ref_(p, g, m, v, lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.2, step=step)
     assert torch.equal(p, q.detach()) and torch.equal(m, ref.state[q]["exp_avg"])
 
 
 def test_backend_choice_and_bad_input():
     cpu = torch.device("cpu")
-    assert optim.pick_backend("auto", cpu) == "reference"
+    # on the CPU "auto" and "torch" both run the reference, never torch's fused kernel (last bit differs)
+    assert ops.select("adamw_", "auto", cpu) is ops.select("adamw_", "torch", cpu)
+    p, g = torch.randn(37), torch.randn(37)
+    want = [p.clone(), torch.zeros(37), torch.zeros(37)]
+    got = [p.clone(), torch.zeros(37), torch.zeros(37)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=1)
+    ops.adamw_ref_(want[0], g, want[1], want[2], **hp)
+    ops.adamw_(got[0], g, got[1], got[2], **hp, kernels="auto")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        optim.pick_backend("cuda", cpu)
-    with pytest.raises(RuntimeError, match="last bit"):
-        optim.pick_backend("torch", cpu)
+        ops.select("adamw_", "cuda", cpu)
+    with pytest.raises(RuntimeError, match="no triton implementation"):
+        ops.select("adamw_", "triton", cpu)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        optim.AdamW(make_params(0), kernels="fast")
+    with pytest.warns(DeprecationWarning, match="kernels='torch'"):
+        assert optim.AdamW(make_params(0), backend="reference").kernels == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         optim.AdamW(make_params(0), backend="fast")
     with pytest.raises(ValueError, match="float32 parameters on one device"):
@@ -252,7 +262,7 @@ def test_fused_matches_torch_adamw_on_gpu_over_100_steps(backend):
         pytest.fail(f"dblocks_fast._C is not built: {_C_loader.why_unavailable()}")
     params = make_params(7, "cuda")
     ref_params = clone(params)
-    ours = optim.AdamW(params, weight_decay=0.1, backend=backend)
+    ours = optim.AdamW(params, weight_decay=0.1, kernels=backend)
     ref = torch.optim.AdamW(ref_params, weight_decay=0.1, foreach=False)
     run(ours, params, 100, clip=1.0)
     run(ref, ref_params, 100, clip=1.0)
@@ -272,8 +282,8 @@ def test_cuda_kernel_grad_scale_found_inf_bf16_copy_and_alignment():
         want = [t.double().clone() for t in (p, g, m, v)]
         copy = torch.empty(n, dtype=torch.bfloat16, device="cuda")
         scale = torch.tensor([8.0], device="cuda")
-        optim.adamw_step_(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3,
-                          grad_scale=scale, param_bf16=copy, backend="cuda")  # fmt: skip
+        ops.adamw_(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=3,
+                   grad_scale=scale, param_bf16=copy, kernels="cuda")  # fmt: skip
         wp, wg, wm, wv = want
         wg = wg / 8.0
         wp *= 1 - 1e-2 * 0.1
@@ -285,7 +295,7 @@ def test_cuda_kernel_grad_scale_found_inf_bf16_copy_and_alignment():
         torch.testing.assert_close(v.double(), wv, rtol=2e-6, atol=1e-12)
         assert torch.equal(copy, p.to(torch.bfloat16))
         before = [t.clone() for t in (p, m, v)]
-        optim.adamw_step_(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=4,
-                          found_inf=torch.ones(1, device="cuda"), backend="cuda")  # fmt: skip
+        ops.adamw_(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=4,
+                   found_inf=torch.ones(1, device="cuda"), kernels="cuda")  # fmt: skip
         for a, b in zip((p, m, v), before):
             assert torch.equal(a, b)
