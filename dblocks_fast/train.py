@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__, checkpoint, distributed, optim, rng
+from .lr import lr_at
 from .model import BlockModel, split_layers
 from .ops import KERNELS
 from .schedule import NoiseSchedule
@@ -149,14 +150,6 @@ def block_order(
         ]
         order = np.concatenate([runs[i] for i in gen.permutation(len(runs))])
     return order
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at a block's own step: linear warm-up to lr, then cosine decay to min_lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps_per_block - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class _Window:
