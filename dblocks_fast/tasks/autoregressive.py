@@ -16,7 +16,7 @@ embedding (the AdaLN conditioning of every token) and its L/B AdaLN-Zero layers,
 token to 256 logits. The loss is w(sigma) (clamped) times the mean over positions of CE(logits_i, s_i); the
 denoiser output between blocks at inference is D = softmax(logits) @ E, as in classification.
 
-Inference takes one Euler step per block (classification.inference_sigmas, "middle"): `token_logits` for all
+Inference takes one Euler step per block (base.inference_sigmas, "middle"): `token_logits` for all
 positions of a window at once (teacher forcing, `bits_per_byte`), and `generate`, which keeps, per step, the
 keys and values of the clean tokens computed at that step's fixed sigma, so a new byte costs one one-token
 pass per block. The end-to-end baseline (`ARBaselineLM`, `train_baseline`) is the same transformer on the
@@ -39,8 +39,9 @@ from torch import nn
 from .. import ops, precond, rng
 from ..data import VOCAB_BYTES
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, attention, init_linears_
+from .base import DiscreteTargetTask, euler_step, resolve_sigmas, validate_target_fields
 from .baseline import train_end_to_end
-from .classification import DiscreteTargetTask, inference_sigmas, validate_target_fields
+from .text import check_generation, check_tokens, eval_windows, next_byte_bits, pick_next, require_text
 
 __all__ = [
     "ARConfig",
@@ -195,6 +196,77 @@ class ARBaselineLM(_ARStem):
         return self.head(h, c)
 
 
+# --- the key/value cache of generation --------------------------------------------------------------------
+def cached_layer_forward(
+    layer: AdaLNZeroLayer,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
+):
+    """AdaLNZeroLayer.forward for new tokens x (N, t, D) that attend to cached keys and values.
+
+    Built from the layer's own submodules and ops in the order of AdaLNZeroLayer.forward; equal to it (to
+    rounding) on the whole sequence when `past` holds the earlier tokens' keys/values of this layer.
+
+    Args:
+        c: (N, D) conditioning. past: (keys, values), each (N, heads, S, D/heads), or None (S = 0).
+        mask: (t, S + t) boolean, True = attend, over [past | new]; None = attend to everything.
+    Returns:
+        (out (N, t, D), (keys, values)): the past and the new tokens' keys/values concatenated (S + t), what
+        the cache holds next if the new tokens are kept.
+    """
+    n, t, d = x.shape
+    attn = layer.attn
+    shift1, scale1, gate1, shift2, scale2, gate2 = layer.modulation(F.silu(c)).chunk(6, dim=-1)
+    h = ops.adaln_modulate(x, shift1, scale1, layer.eps, layer.kernels)
+    q, k, v = attn.qkv(h).view(n, t, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    a = attn.proj(attention(q, k, v, mask).transpose(1, 2).reshape(n, t, d))
+    x, h = ops.gated_residual_adaln(x, a, gate1, shift2, scale2, layer.eps, layer.kernels)
+    return x + gate2[:, None] * layer.mlp(h), (k, v)
+
+
+class StepCache:
+    """The clean stream of one inference step (one block at one fixed sigma): its conditioning and each
+    layer's keys/values of the clean tokens so far. It holds no block: a paged model may move the block
+    between uses, so the caller passes the module it just got from model._block_module."""
+
+    def __init__(self, sigma: float, sigma_data: float, num_layers: int):
+        self.sigma = sigma
+        self.c_in = float(precond.c_in(torch.tensor(sigma, dtype=torch.float32), sigma_data))
+        self.c: torch.Tensor | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.length = 0
+
+    def _cond(self, block: ARBlock, n: int, device: torch.device) -> torch.Tensor:
+        if self.c is None:
+            s = torch.full((n,), self.sigma, dtype=torch.float32, device=device)
+            self.c = block.sigma_embed(precond.c_noise(s))
+        return self.c
+
+    def append(self, block: ARBlock, tokens: torch.Tensor) -> None:
+        """Clean tokens (N, t) at positions length..length+t-1: one pass, keys/values appended."""
+        t, start = tokens.shape[1], self.length
+        c = self._cond(block, tokens.shape[0], tokens.device)
+        h = block.embed_clean(tokens, start)
+        # the new tokens see every cached one and each other causally
+        mask = None if t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=h.device).tril(start)
+        for i, layer in enumerate(block.layers):
+            h, self.kv[i] = cached_layer_forward(layer, h, c, self.kv[i], mask)
+        self.length += t
+
+    def noisy_logits(self, block: ARBlock, z: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 256) of the noisy token at position `length` (z: (N, emb_dim)): it attends to all
+        cached clean tokens (positions < length) and to itself, and is not cached."""
+        c = self._cond(block, z.shape[0], z.device)
+        h = block.embed_noisy((self.c_in * z)[:, None], self.length)
+        for i, layer in enumerate(block.layers):
+            h, _ = cached_layer_forward(layer, h, c, self.kv[i])
+        return block.head(h, c)[:, 0]
+
+
 class AutoregressiveLM(DiscreteTargetTask):
     """The task: y_i = E[s_i] (frozen byte embedding), x = the clean window; w(sigma)-weighted CE of every
     noisy position's logits."""
@@ -208,14 +280,14 @@ class AutoregressiveLM(DiscreteTargetTask):
     @classmethod
     def for_data(cls, data, **overrides) -> AutoregressiveLM:
         """A task whose seq_len is read off `data` (a TextData)."""
-        _require_text(data)
+        require_text(data)
         return cls(ARConfig(**{"seq_len": data.seq_len, **overrides}))
 
     def build_block(self, index: int, num_layers: int) -> ARBlock:
         return ARBlock(self.config, num_layers)
 
     def check_data(self, data) -> None:
-        _require_text(data, self.config.seq_len)
+        require_text(data, self.config.seq_len)
 
     def sample_shape(self, n: int) -> tuple[int, ...]:
         """The shape of the noisy targets z of n windows: (n, seq_len, emb_dim)."""
@@ -223,7 +295,7 @@ class AutoregressiveLM(DiscreteTargetTask):
 
     def check_cond(self, tokens: torch.Tensor) -> None:
         """The conditioning of inference is a batch of byte windows (N, t), 1 <= t <= seq_len, in 0..255."""
-        _check_tokens(tokens, self.config.seq_len, "tokens")
+        check_tokens(tokens, self.config.seq_len, "tokens")
 
     def null_cond(self, tokens: torch.Tensor) -> torch.Tensor:
         """Not defined: the LM has no unconditional mode, so there is no classifier-free guidance."""
@@ -272,55 +344,11 @@ class AutoregressiveLM(DiscreteTargetTask):
         return probs @ self.label_table(z.device)
 
 
-def _require_text(data, seq_len: int | None = None) -> None:
-    if not all(hasattr(data, a) for a in ("seq_len", "batch", "__len__")):
-        raise ValueError(
-            f"the autoregressive language model needs a byte dataset with windows of seq_len bytes "
-            f"(dblocks_fast.data.TextData, e.g. load_pystdlib or load_text), got {type(data).__name__}"
-        )
-    if getattr(data, "vocab_size", VOCAB) != VOCAB:
-        raise ValueError(
-            f"{getattr(data, 'name', 'data')}: vocab_size {data.vocab_size}; this model reads bytes"
-        )
-    if seq_len is not None and data.seq_len != seq_len:
-        raise ValueError(
-            f"{getattr(data, 'name', 'data')}: windows of {data.seq_len} bytes, the model has seq_len="
-            f"{seq_len}; load the data with seq_len={seq_len} (or data.with_seq_len({seq_len})), or build "
-            f"the task with AutoregressiveLM.for_data(data)"
-        )
-
-
-def _check_tokens(tokens: torch.Tensor, seq_len: int, what: str, min_len: int = 1) -> None:
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.shape[0] == 0:
-        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise ValueError(f"{what} must be a (N, length) tensor of bytes with N >= 1, got {shape}")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"{what} must be integer bytes 0..255, got dtype {tokens.dtype}")
-    if not min_len <= tokens.shape[1] <= seq_len:
-        raise ValueError(f"{what} has {tokens.shape[1]} positions; the model takes {min_len}..{seq_len}")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB):
-        raise ValueError(f"{what} must hold bytes 0..255, found [{int(tokens.min())}, {int(tokens.max())}]")
-
-
-# --- inference ----------------------------------------------------------------------------------------------
-def _resolve_sigmas(schedule, sigmas, num_steps) -> torch.Tensor:
-    if isinstance(sigmas, str):
-        sigmas = inference_sigmas(schedule, sigmas, num_steps)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must decrease and end in 0, got {sigmas.tolist()}")
-    return sigmas
-
-
-def _start_noise(task: AutoregressiveLM, n: int, sigma: float, seed: int) -> torch.Tensor:
+def start_noise(task: AutoregressiveLM, n: int, sigma: float, seed: int) -> torch.Tensor:
     """z ~ N(0, sigma^2) for all seq_len positions of n windows (CPU, seeded): position i's start noise does
     not depend on how many positions are evaluated, so `generate` and `token_logits` start alike."""
     g = rng.generator("cpu", seed, rng.SAMPLE)
     return torch.randn(task.sample_shape(n), generator=g) * sigma
-
-
-def _euler(z: torch.Tensor, d: torch.Tensor, s: float, s_next: float) -> torch.Tensor:
-    return d if s_next == 0 else z + (s_next - s) * ((z - d) / s)
 
 
 @torch.no_grad()
@@ -339,9 +367,9 @@ def token_logits(model, tokens: torch.Tensor, sigmas="middle", num_steps: int | 
     tokens = torch.as_tensor(tokens)
     task.check_cond(tokens)
     tokens = tokens.to(dev, torch.int64)
-    sigmas = _resolve_sigmas(sch, sigmas, num_steps)
+    sigmas = resolve_sigmas(sch, sigmas, num_steps)
     n, t = tokens.shape
-    z = _start_noise(task, n, float(sigmas[0]), seed)[:, :t].to(dev)
+    z = start_noise(task, n, float(sigmas[0]), seed)[:, :t].to(dev)
     table = task.label_table(dev)
     model.eval()
     for i in range(len(sigmas) - 1):
@@ -350,19 +378,8 @@ def token_logits(model, tokens: torch.Tensor, sigmas="middle", num_steps: int | 
         # the hooks BlockModel.denoise uses, so a paging.StreamedBlockModel streams its blocks here too
         logits = task.logits(model._block_module(blk), z, torch.full((n,), s, device=dev), tokens)
         model._after_use(blk)
-        z = _euler(z, logits.float().softmax(-1) @ table, s, s_next)
+        z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
     return logits.float()
-
-
-def _windows(data, max_windows: int | None) -> torch.Tensor:
-    """Window indices for evaluation: all, or max_windows spread evenly over the data (its files are
-    concatenated in order, so the first windows would all come from a few files)."""
-    n = len(data)
-    if max_windows is None or max_windows >= n:
-        return torch.arange(n)
-    if max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None (all), got {max_windows}")
-    return torch.linspace(0, n - 1, max_windows, dtype=torch.float64).round().long()
 
 
 @torch.no_grad()
@@ -389,110 +406,40 @@ def bits_per_byte(
     4.3 for block 0 alone (sigmas=[sigma_max, 0]: the context-only predictor) and 3.6 for the baseline.
     """
     model.task.check_data(data)
-    dev = model.device
-    total, count = 0.0, 0
-    idx = _windows(data, max_windows)
-    for k, lo in enumerate(range(0, len(idx), batch_size)):
-        tokens = data.batch(idx[lo : lo + batch_size])["tokens"].to(dev)
-        logits = token_logits(model, tokens, sigmas, num_steps, seed=rng.derive_seed(seed, k))
-        total += float(
-            F.cross_entropy(logits[:, 1:].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="sum")
-        )
-        count += tokens[:, 1:].numel()
-    return total / count / math.log(2)
+
+    def logits_of(tokens, k):
+        return token_logits(model, tokens, sigmas, num_steps, seed=rng.derive_seed(seed, k))[:, 1:]
+
+    return next_byte_bits(data, max_windows, batch_size, model.device, logits_of)
 
 
-def cached_layer_forward(
-    layer: AdaLNZeroLayer,
-    x: torch.Tensor,
-    c: torch.Tensor,
-    past: tuple[torch.Tensor, torch.Tensor] | None = None,
-    mask: torch.Tensor | None = None,
-):
-    """AdaLNZeroLayer.forward for new tokens x (N, t, D) that attend to cached keys and values.
+# --- the end-to-end baseline --------------------------------------------------------------------------------
+def train_baseline(task: AutoregressiveLM, data, config) -> ARBaselineLM:
+    """The plain causal transformer (all task.num_layers layers) trained end to end with next-byte CE for
+    config.steps_per_block steps: what one block of a DiffusionBlocks run takes, so total layer evaluations
+    are equal (B blocks x steps x L/B layers = L x steps; the blocks' sequences are twice as long). The loop
+    is tasks.baseline.train_end_to_end (batch size, AdamW, learning-rate schedule, clipping and seed of
+    `config`; batches drawn as the Trainer draws block 0's)."""
+    task.check_data(data)
 
-    Built from the layer's own submodules and ops in the order of AdaLNZeroLayer.forward; equal to it (to
-    rounding) on the whole sequence when `past` holds the earlier tokens' keys/values of this layer.
+    def loss(model, batch):
+        tokens = batch["tokens"]
+        logits = model(tokens)[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
-    Args:
-        c: (N, D) conditioning. past: (keys, values), each (N, heads, S, D/heads), or None (S = 0).
-        mask: (t, S + t) boolean, True = attend, over [past | new]; None = attend to everything.
-    Returns:
-        (out (N, t, D), (keys, values)): the past and the new tokens' keys/values concatenated (S + t), what
-        the cache holds next if the new tokens are kept.
-    """
-    n, t, d = x.shape
-    attn = layer.attn
-    shift1, scale1, gate1, shift2, scale2, gate2 = layer.modulation(F.silu(c)).chunk(6, dim=-1)
-    h = ops.adaln_modulate(x, shift1, scale1, layer.eps, layer.kernels)
-    q, k, v = attn.qkv(h).view(n, t, 3, attn.heads, d // attn.heads).permute(2, 0, 3, 1, 4)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    a = attn.proj(attention(q, k, v, mask).transpose(1, 2).reshape(n, t, d))
-    x, h = ops.gated_residual_adaln(x, a, gate1, shift2, scale2, layer.eps, layer.kernels)
-    return x + gate2[:, None] * layer.mlp(h), (k, v)
+    return train_end_to_end(lambda: ARBaselineLM(task.config), data, config, loss)
 
 
-class _StepCache:
-    """The clean stream of one inference step (one block at one fixed sigma): its conditioning and each
-    layer's keys/values of the clean tokens so far. It holds no block: a paged model may move the block
-    between uses, so the caller passes the module it just got from model._block_module."""
-
-    def __init__(self, sigma: float, sigma_data: float, num_layers: int):
-        self.sigma = sigma
-        self.c_in = float(precond.c_in(torch.tensor(sigma, dtype=torch.float32), sigma_data))
-        self.c: torch.Tensor | None = None
-        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-        self.length = 0
-
-    def _cond(self, block: ARBlock, n: int, device: torch.device) -> torch.Tensor:
-        if self.c is None:
-            s = torch.full((n,), self.sigma, dtype=torch.float32, device=device)
-            self.c = block.sigma_embed(precond.c_noise(s))
-        return self.c
-
-    def append(self, block: ARBlock, tokens: torch.Tensor) -> None:
-        """Clean tokens (N, t) at positions length..length+t-1: one pass, keys/values appended."""
-        t, start = tokens.shape[1], self.length
-        c = self._cond(block, tokens.shape[0], tokens.device)
-        h = block.embed_clean(tokens, start)
-        # the new tokens see every cached one and each other causally
-        mask = None if t == 1 else torch.ones(t, start + t, dtype=torch.bool, device=h.device).tril(start)
-        for i, layer in enumerate(block.layers):
-            h, self.kv[i] = cached_layer_forward(layer, h, c, self.kv[i], mask)
-        self.length += t
-
-    def noisy_logits(self, block: ARBlock, z: torch.Tensor) -> torch.Tensor:
-        """Logits (N, 256) of the noisy token at position `length` (z: (N, emb_dim)): it attends to all
-        cached clean tokens (positions < length) and to itself, and is not cached."""
-        c = self._cond(block, z.shape[0], z.device)
-        h = block.embed_noisy((self.c_in * z)[:, None], self.length)
-        for i, layer in enumerate(block.layers):
-            h, _ = cached_layer_forward(layer, h, c, self.kv[i])
-        return block.head(h, c)[:, 0]
-
-
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """The next bytes (N,) from logits (N, 256): argmax at temperature 0, else a sample (CPU generator)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = (logits.float().cpu() / temperature).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
-
-
-def _check_generation(prompt, num_new: int, temperature: float, seq_len: int, min_prompt: int):
-    prompt = torch.as_tensor(prompt)
-    if not isinstance(num_new, int) or num_new < 0:
-        raise ValueError(f"num_new must be an integer >= 0, got {num_new!r}")
-    if prompt.ndim == 2 and prompt.shape[1] + num_new > seq_len:
-        raise ValueError(
-            f"a prompt of {prompt.shape[1]} bytes plus num_new={num_new} exceeds the model's seq_len "
-            f"{seq_len}; shorten the prompt (keep its last bytes) or generate fewer bytes"
-        )
-    _check_tokens(prompt, seq_len, "prompt", min_len=min_prompt)
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    return prompt.to(torch.int64)
+@torch.no_grad()
+def baseline_bits_per_byte(
+    model: ARBaselineLM, data, max_windows: int | None = None, batch_size: int = 64
+) -> float:
+    """Bits per byte of the baseline on `data` over the bytes bits_per_byte scores: s_1..s_{T-1} of each
+    window given their prefixes (the same windows for the same max_windows)."""
+    require_text(data, model.cfg.seq_len)
+    model.eval()
+    dev = next(model.parameters()).device
+    return next_byte_bits(data, max_windows, batch_size, dev, lambda tokens, k: model(tokens)[:, :-1])
 
 
 @torch.no_grad()
@@ -526,13 +473,13 @@ def generate(
     """
     task, dev, sch = model.task, model.device, model.schedule
     cfg = task.config
-    prompt = _check_generation(prompt, num_new, temperature, cfg.seq_len, min_prompt=0).to(dev)
-    sigmas = _resolve_sigmas(sch, sigmas, num_steps)
+    prompt = check_generation(prompt, num_new, temperature, cfg.seq_len, min_prompt=0).to(dev)
+    sigmas = resolve_sigmas(sch, sigmas, num_steps)
     steps = [(float(sigmas[k]), float(sigmas[k + 1])) for k in range(len(sigmas) - 1)]
     n, p = prompt.shape
     blocks = [sch.block_of(s) for s, _ in steps]
-    caches = [_StepCache(s, cfg.sigma_data, model.layers[b]) for (s, _), b in zip(steps, blocks)]
-    z0 = _start_noise(task, n, steps[0][0], seed).to(dev)
+    caches = [StepCache(s, cfg.sigma_data, model.layers[b]) for (s, _), b in zip(steps, blocks)]
+    z0 = start_noise(task, n, steps[0][0], seed).to(dev)
     table = task.label_table(dev)
     pick = rng.generator("cpu", seed, rng.SAMPLE, 1)
     out, new_logits = prompt, []
@@ -545,54 +492,13 @@ def generate(
                 cache.append(blk, out[:, cache.length : i])
             logits = cache.noisy_logits(blk, z).float()
             model._after_use(b)
-            z = _euler(z, logits.softmax(-1) @ table, s, s_next)
+            z = euler_step(z, logits.softmax(-1) @ table, s, s_next)
         new_logits.append(logits)
-        out = torch.cat([out, _pick(logits, temperature, pick)[:, None]], dim=1)
+        out = torch.cat([out, pick_next(logits, temperature, pick)[:, None]], dim=1)
     if not return_logits:
         return out
     empty = torch.zeros(n, 0, VOCAB, device=dev)
     return out, (torch.stack(new_logits, dim=1) if new_logits else empty)
-
-
-# --- the end-to-end baseline --------------------------------------------------------------------------------
-def train_baseline(task: AutoregressiveLM, data, config) -> ARBaselineLM:
-    """The plain causal transformer (all task.num_layers layers) trained end to end with next-byte CE for
-    config.steps_per_block steps: what one block of a DiffusionBlocks run takes, so total layer evaluations
-    are equal (B blocks x steps x L/B layers = L x steps; the blocks' sequences are twice as long). The loop
-    is tasks.baseline.train_end_to_end (batch size, AdamW, learning-rate schedule, clipping and seed of
-    `config`; batches drawn as the Trainer draws block 0's)."""
-    task.check_data(data)
-
-    def loss(model, batch):
-        tokens = batch["tokens"]
-        logits = model(tokens)[:, :-1].float()
-        return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-
-    return train_end_to_end(lambda: ARBaselineLM(task.config), data, config, loss)
-
-
-def _next_byte_ce_sum(model: ARBaselineLM, tokens: torch.Tensor, first: int) -> torch.Tensor:
-    """Sum of CE of bytes tokens[:, first:] given their prefixes, under the baseline (first >= 1)."""
-    logits = model(tokens)[:, first - 1 : -1].float()
-    return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, first:].reshape(-1), reduction="sum")
-
-
-@torch.no_grad()
-def baseline_bits_per_byte(
-    model: ARBaselineLM, data, max_windows: int | None = None, batch_size: int = 64
-) -> float:
-    """Bits per byte of the baseline on `data` over the bytes bits_per_byte scores: s_1..s_{T-1} of each
-    window given their prefixes (the same windows for the same max_windows)."""
-    _require_text(data, model.cfg.seq_len)
-    dev = next(model.parameters()).device
-    model.eval()
-    total, count = 0.0, 0
-    idx = _windows(data, max_windows)
-    for lo in range(0, len(idx), batch_size):
-        tokens = data.batch(idx[lo : lo + batch_size])["tokens"].to(dev)
-        total += float(_next_byte_ce_sum(model, tokens, 1))
-        count += tokens[:, 1:].numel()
-    return total / count / math.log(2)
 
 
 @torch.no_grad()
@@ -602,11 +508,11 @@ def baseline_generate(
     """Continue byte prompts (N, P), P >= 1, with the baseline (recomputing the prefix for every byte);
     greedy at temperature 0, else sampled as `generate` samples. Returns (N, P + num_new) int64."""
     dev = next(model.parameters()).device
-    out = _check_generation(prompt, num_new, temperature, model.cfg.seq_len, min_prompt=1).to(dev)
+    out = check_generation(prompt, num_new, temperature, model.cfg.seq_len, min_prompt=1).to(dev)
     pick = rng.generator("cpu", seed, rng.SAMPLE, 1)
     model.eval()
     for _ in range(num_new):
-        out = torch.cat([out, _pick(model(out)[:, -1].float(), temperature, pick)[:, None]], dim=1)
+        out = torch.cat([out, pick_next(model(out)[:, -1].float(), temperature, pick)[:, None]], dim=1)
     return out
 
 
@@ -718,7 +624,7 @@ def generative_score(
     BlockModel's inference steps (see `generate`).
     """
     seq_len = baseline.cfg.seq_len
-    _require_text(data)
+    require_text(data)
     prompt_len = seq_len // 2 if prompt_len is None else prompt_len
     new_len = seq_len - prompt_len if new_len is None else new_len
     if prompt_len < 1 or new_len < 1 or prompt_len + new_len > min(seq_len, data.seq_len):
@@ -728,7 +634,7 @@ def generative_score(
         )
     if num < 1:
         raise ValueError(f"num (prompts to continue) must be >= 1, got {num}")
-    windows = data.batch(_windows(data, num))["tokens"]
+    windows = data.batch(eval_windows(data, num))["tokens"]
     prompts = windows[:, :prompt_len]
     if model is None:
         cont = windows[:, prompt_len : prompt_len + new_len]
@@ -743,5 +649,7 @@ def generative_score(
     dev = next(baseline.parameters()).device
     full = torch.cat([prompts.to(dev), cont.to(dev)], dim=1)
     baseline.eval()
-    bits = float(_next_byte_ce_sum(baseline, full, prompt_len)) / cont.numel() / math.log(2)
+    logits = baseline(full)[:, prompt_len - 1 : -1].float()
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), full[:, prompt_len:].reshape(-1), reduction="sum")
+    bits = float(ce) / cont.numel() / math.log(2)
     return {"bits_per_byte_under_baseline": bits, "tokenize_fraction": tokenize_fraction(prompts, cont)}
