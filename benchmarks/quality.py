@@ -68,13 +68,9 @@ def _config(preset, args, seed: int, device: torch.device, quick_overrides: dict
 
 
 def run_ar(args, device: torch.device) -> dict:
+    from dblocks_fast.quality import generative_score
     from dblocks_fast.tasks import PRESETS
-    from dblocks_fast.tasks.autoregressive import (
-        baseline_bits_per_byte,
-        bits_per_byte,
-        generative_score,
-        train_baseline,
-    )
+    from dblocks_fast.tasks.autoregressive import baseline_bits_per_byte, bits_per_byte, train_baseline
 
     preset = PRESETS["pystdlib-ar"]
     train_data, val_data = preset.load_data(None, "train"), preset.load_data(None, "test")
