@@ -68,13 +68,9 @@ def _config(preset, args, seed: int, device: torch.device, quick_overrides: dict
 
 
 def run_ar(args, device: torch.device) -> dict:
+    from dblocks_fast.quality import generative_score
     from dblocks_fast.tasks import PRESETS
-    from dblocks_fast.tasks.autoregressive import (
-        baseline_bits_per_byte,
-        bits_per_byte,
-        generative_score,
-        train_baseline,
-    )
+    from dblocks_fast.tasks.autoregressive import baseline_bits_per_byte, bits_per_byte, train_baseline
 
     preset = PRESETS["pystdlib-ar"]
     train_data, val_data = preset.load_data(None, "train"), preset.load_data(None, "test")
@@ -98,7 +94,9 @@ def run_ar(args, device: torch.device) -> dict:
         blocks_bpb = bits_per_byte(model, val_data, max_windows=windows, seed=seed)
         eval_s = time.perf_counter() - t0
         # block 0 alone at sigma_max: its logits are a predictive distribution given the context only
-        first_bpb = bits_per_byte(model, val_data, max_windows=windows, seed=seed, sigmas=[cfg.noise.sigma_max, 0])
+        first_bpb = bits_per_byte(
+            model, val_data, max_windows=windows, seed=seed, sigmas=[cfg.noise.sigma_max, 0]
+        )
         generative = {
             "data (reference)": generative_score(None, baseline, val_data, seed=seed, **gen),
             "end to end, greedy": generative_score(baseline, baseline, val_data, seed=seed, **gen),
@@ -180,7 +178,9 @@ def run_recurrent(args, device: torch.device) -> dict:
         base_bpb = recurrent_bits_per_byte(baseline, val_data, k, max_windows=windows, seed=seed)
         # the denoiser's first step from pure noise at sigma_max is its predictive distribution given the
         # context (a likelihood); after K steps along the sigmas it is a sampler (see the ar row)
-        first = bits_per_byte(model, val_data, max_windows=windows, seed=seed, sigmas=[cfg.noise.sigma_max, 0])
+        first = bits_per_byte(
+            model, val_data, max_windows=windows, seed=seed, sigmas=[cfg.noise.sigma_max, 0]
+        )
         last = bits_per_byte(model, val_data, max_windows=windows, seed=seed, sigmas="boundary", num_steps=k)
         ours = diffusion_layer_evaluations(task.num_layers, cfg.steps_per_block, task.config.seq_len)
         theirs = baseline.layer_evaluations

@@ -1,31 +1,51 @@
-"""Quality of class-conditional samples, judged by a small classifier trained on the real training images.
+"""How good a model's outputs are, judged from outside the model.
 
-Two figures, in the spirit of Inception Score / FID at the scale of 8x8 digits:
+Class-conditional images, judged by a small classifier trained on the real training images. Two figures, in
+the spirit of Inception Score / FID at the scale of 8x8 digits:
 - sample accuracy: how often the classifier assigns a generated image to the label it was generated for;
 - Frechet distance between the classifier's penultimate features of generated images and of held-out real
   images (Heusel et al. 2017). `real_frechet` is the same distance for as many real *training* images: the
   floor a perfect generator would reach at this sample size.
 The classifier is trained on the CPU from a fixed seed, so every run scores with the same judge.
+
+Continuations of Python source bytes (the autoregressive LM and its baseline), judged by the end-to-end
+model and by Python's tokenizer (`generative_score`, `tokenizes`, `tokenize_fraction`). A model's own
+likelihood figures (bits per byte, the MDM's ELBO) stay with its task: they run its inference.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import tokenize
 import zlib
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import rng
 from .checkpoint import atomic_write
 from .data import ImageData
+from .tasks.autoregressive import VOCAB, ARBaselineLM, baseline_generate, generate
+from .tasks.text import eval_windows, require_text
 
-__all__ = ["FeatureClassifier", "train_classifier", "cached_classifier", "frechet_distance", "evaluate"]
+__all__ = [
+    "FeatureClassifier",
+    "train_classifier",
+    "cached_classifier",
+    "frechet_distance",
+    "evaluate",
+    "tokenizes",
+    "tokenize_fraction",
+    "generative_score",
+]
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -136,7 +156,8 @@ def evaluate(
 
     classifier: the judge to use; None = the one cached in run_dir (trained on train_data if absent).
     """
-    from .sample import sample  # late: sample imports the task registry, which is heavier than this module
+    # looked up at call time, so a test can stand a fake generator in for dblocks_fast.sample.sample
+    from .sample import sample
 
     clf = classifier if classifier is not None else cached_classifier(run_dir, train_data)
     test_feats, test_pred = _score(clf, test_data.images)
@@ -163,3 +184,142 @@ def evaluate(
         on_disk = {k: v for k, v in result.items() if k != "samples"}
         atomic_write(Path(run_dir) / "eval.json", json.dumps(on_disk, indent=1).encode())
     return result
+
+
+# --- text: continuations of Python source ------------------------------------------------------------------
+def _indent_column(line: str) -> int:
+    """The column tokenize gives a line's indentation (tabs to multiples of 8, form feed resets)."""
+    col = 0
+    for ch in line:
+        if ch == " ":
+            col += 1
+        elif ch == "\t":
+            col = (col // 8 + 1) * 8
+        elif ch == "\f":
+            col = 0
+        else:
+            break
+    return col
+
+
+def _quote_error(tok: tokenize.TokenInfo) -> bool:
+    return tok.type == tokenize.ERRORTOKEN and tok.string in ("'", '"')
+
+
+def tokenizes(fragment: bytes | str) -> bool:
+    """Whether Python's `tokenize` reads a fragment cut out of a source file without error.
+
+    The bytes are decoded as utf-8 with errors="replace" (an invalid byte becomes U+FFFD, which no Python
+    token accepts). A window is cut at both ends, so these artefacts of the cut are forgiven:
+      - indentation: the lines that opened the enclosing blocks are not in the window, so the fragment is
+        read inside blocks opened at every column up to its deepest indentation, and its first (partial)
+        line is put deeper than all of them; a dedent is an error only if it is inconsistent within the
+        fragment;
+      - the end: tokenize.TokenError "EOF in multi-line string" / "EOF in multi-line statement" (an open
+        triple-quoted string, bracket or backslash continuation running to the end), and an unterminated
+        single-quoted string on the last line when that line has no newline (the cut fell inside it);
+      - the start: a lone quote on the first line with no quote before it (the window began inside a
+        string).
+    Failure: any other tokenize.TokenError, IndentationError or SyntaxError, and any ERRORTOKEN other than
+    the forgiven quotes and the whitespace tokenize emits in front of an error (a character no token takes,
+    such as $, ?, a lone !, a stray backslash, NUL or U+FFFD, or a lone quote elsewhere). A window that
+    closes a bracket it never opened is read, as tokenize reads it, as one statement continued to the end.
+    The rules are those of the pure-Python tokenizer (Python <= 3.11); Python 3.12's C tokenizer raises
+    TokenError instead of emitting ERRORTOKEN, which the rules map where they can (an unterminated
+    string on the last line), so compare scores on one Python version.
+    """
+    text = fragment.decode("utf-8", errors="replace") if isinstance(fragment, bytes | bytearray) else fragment
+    lines = text.split("\n")
+    deepest = max((_indent_column(line) for line in lines[1:]), default=0)
+    header = "".join(" " * col + "if 1:\n" for col in range(deepest + 1))
+    first_line, last_line = deepest + 2, deepest + 1 + len(lines)  # 1-based, as tokenize counts
+    body = "\n".join([" " * (deepest + 1) + lines[0].lstrip(" \t\f"), *lines[1:]])
+    source = header + body + ("" if body.endswith("\n") else "\n")
+    partial_end = not text.endswith("\n")
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type != tokenize.ERRORTOKEN or not tok.string.strip():
+                continue
+            row, col = tok.start
+            if _quote_error(tok) and row == last_line and partial_end:
+                return True  # the rest of the fragment is inside the string the cut left open
+            if _quote_error(tok) and row == first_line and not any(q in tok.line[:col] for q in "'\""):
+                continue
+            return False
+    except tokenize.TokenError as e:
+        msg, (row, _) = e.args[0], e.args[1]
+        if "EOF in multi-line" in msg:
+            return True
+        return "unterminated string literal" in msg and row == last_line and partial_end
+    except SyntaxError:  # IndentationError included
+        return False
+    return True
+
+
+def tokenize_fraction(prompts: torch.Tensor, continuations: torch.Tensor) -> float:
+    """The fraction of rows whose prompt + continuation bytes `tokenizes` accepts."""
+    if len(prompts) != len(continuations) or len(prompts) == 0:
+        raise ValueError(
+            f"need as many prompts as continuations (>= 1), got {len(prompts)}, {len(continuations)}"
+        )
+    ok = [
+        tokenizes(bytes(p.tolist() + c.tolist()))
+        for p, c in zip(torch.as_tensor(prompts).cpu(), continuations.cpu())
+    ]
+    return sum(ok) / len(ok)
+
+
+@torch.no_grad()
+def generative_score(
+    model,
+    baseline: ARBaselineLM,
+    data,
+    num: int = 64,
+    prompt_len: int | None = None,
+    new_len: int | None = None,
+    seed: int = 0,
+    temperature: float = 0.0,
+    sigmas="middle",
+    num_steps: int | None = None,
+) -> dict:
+    """Scores of continuations of `num` prompts, the first prompt_len bytes of windows spread evenly over
+    `data` (validation text).
+
+    model: a BlockModel of an AutoregressiveLM (continued with `generate`), an ARBaselineLM (with
+    `baseline_generate`), or None: the data's own continuation, the reference for both scores.
+    Returns {"bits_per_byte_under_baseline": mean CE / ln 2 of the new_len continuation bytes under
+    `baseline` given their prompts (lower: more plausible to the baseline; greedy text scores low by
+    construction), "tokenize_fraction": the fraction of prompt + continuation fragments that `tokenizes`
+    accepts}. Defaults: prompt_len = seq_len // 2, new_len = seq_len - prompt_len. sigmas, num_steps: the
+    BlockModel's inference steps (see `generate`).
+    """
+    seq_len = baseline.cfg.seq_len
+    require_text(data)
+    prompt_len = seq_len // 2 if prompt_len is None else prompt_len
+    new_len = seq_len - prompt_len if new_len is None else new_len
+    if prompt_len < 1 or new_len < 1 or prompt_len + new_len > min(seq_len, data.seq_len):
+        raise ValueError(
+            f"need prompt_len >= 1, new_len >= 1 and prompt_len + new_len <= seq_len ({seq_len}) and <= the "
+            f"data's windows ({data.seq_len}); got prompt_len={prompt_len}, new_len={new_len}"
+        )
+    if num < 1:
+        raise ValueError(f"num (prompts to continue) must be >= 1, got {num}")
+    windows = data.batch(eval_windows(data, num))["tokens"]
+    prompts = windows[:, :prompt_len]
+    if model is None:
+        cont = windows[:, prompt_len : prompt_len + new_len]
+    elif isinstance(model, ARBaselineLM):
+        cont = baseline_generate(model, prompts, new_len, temperature, seed)[:, prompt_len:]
+    else:
+        if model.task.config.seq_len != seq_len:
+            raise ValueError(
+                f"the model's seq_len {model.task.config.seq_len} differs from the baseline's {seq_len}"
+            )
+        cont = generate(model, prompts, new_len, temperature, seed, sigmas, num_steps)[:, prompt_len:]
+    dev = next(baseline.parameters()).device
+    full = torch.cat([prompts.to(dev), cont.to(dev)], dim=1)
+    baseline.eval()
+    logits = baseline(full)[:, prompt_len - 1 : -1].float()
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), full[:, prompt_len:].reshape(-1), reduction="sum")
+    bits = float(ce) / cont.numel() / math.log(2)
+    return {"bits_per_byte_under_baseline": bits, "tokenize_fraction": tokenize_fraction(prompts, cont)}

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed, optim, rng, storage
 from .checkpoint import FORMAT, RunFolder
 from .config import TrainConfig
+from .lr import lr_at
 from .model import AbsentBlock, BlockModel, build_block, split_layers
 from .schedule import NoiseSchedule
 
@@ -52,15 +53,6 @@ def block_order(
         ]
         order = np.concatenate([runs[i] for i in gen.permutation(len(runs))])
     return order
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate at a block's own step: linear warm-up to lr, then cosine decay to min_lr."""
-    o = cfg.optimizer
-    if step < o.warmup:
-        return o.lr * (step + 1) / o.warmup
-    progress = (step - o.warmup) / max(1, cfg.steps_per_block - o.warmup)
-    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class _Window:

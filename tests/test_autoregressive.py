@@ -10,6 +10,7 @@ from dblocks_fast import TrainConfig
 from dblocks_fast.data import TextData
 from dblocks_fast.model import BlockModel
 from dblocks_fast.nn import AdaLNZeroLayer
+from dblocks_fast.quality import generative_score, tokenize_fraction, tokenizes
 from dblocks_fast.schedule import NoiseSchedule
 from dblocks_fast.tasks.autoregressive import (
     ARBaselineLM,
@@ -20,10 +21,7 @@ from dblocks_fast.tasks.autoregressive import (
     bits_per_byte,
     cached_layer_forward,
     generate,
-    generative_score,
     token_logits,
-    tokenize_fraction,
-    tokenizes,
     train_baseline,
 )
 from dblocks_fast.tasks.classification import label_table

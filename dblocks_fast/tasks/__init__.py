@@ -1,11 +1,12 @@
 """Tasks (what y and x are, the block network, the loss) and the presets the CLI trains.
 
-A task object provides: `kind`, `num_layers`, `to_dict()`, `build_block(index, num_layers)`,
-`check_data(data)`, `loss(block, batch, sigma, generator, rows=None) -> (loss, per_sample)`,
-`denoise(block, z, sigma, cond)` and `null_cond(cond)` (classification has no guidance: it refuses).
-A task with its own noise process (masked diffusion: a masking level t, not an EDM sigma) also provides
-`sample_noise(schedule, b, n, generator, device)`, which the trainer then calls instead of
-`schedule.sample_sigma`, and `interval(schedule, b)` (the metric lines' sigma_lo, sigma_hi are then its t).
+One module (or package) a task: image_generation (DiT), classification (ViT), autoregressive (the byte LM
+as a package: model, task, generation), masked_diffusion (MD4) and recurrent (the recurrent-depth
+baseline). What a task must provide is the `Task` protocol in tasks.base, written down there once, with the
+optional noise hooks (`OwnNoiseLevels`) and the discrete-target base class both ViT and AR LM build on.
+tasks.text holds the checks and evaluation loop the byte LMs share, tasks.baseline the end-to-end
+baselines' training loop. No task imports another task's private names, and nothing here imports the
+trainer (the learning-rate schedule is dblocks_fast.lr).
 """
 
 from __future__ import annotations

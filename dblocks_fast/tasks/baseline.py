@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import rng
+from ..lr import lr_at
 
 __all__ = ["train_end_to_end"]
 
@@ -25,8 +26,6 @@ def train_end_to_end(
     """Build make_model() from the seed of block 0's initialisation and train it for config.steps_per_block
     steps of loss_fn(model, batch) (batch: data.batch(indices), already on the device); returns it in eval
     mode."""
-    from ..train import lr_at  # train imports tasks; import here to keep the package import order simple
-
     config.validate()
     device = config.runtime.device
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)

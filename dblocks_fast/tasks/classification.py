@@ -9,7 +9,8 @@ Every block owns its whole network F: patch embedding, position table, sigma emb
 the noisy label token c_in z (which takes the CLS slot), its L/B AdaLN-Zero layers conditioned on the sigma
 embedding, and a head from the CLS token's final state to class logits. The loss is the w(sigma)-weighted
 cross-entropy of those logits (DESIGN.md section 2, discrete targets); the denoiser output used between
-blocks at inference is D = softmax(logits) @ E, a point of the target space.
+blocks at inference is D = softmax(logits) @ E, a point of the target space. The table, the weighted CE
+and the inference sigmas are what the autoregressive LM shares with this task: they live in tasks.base.
 
 The end-to-end baseline (`ViTClassifier`, `train_baseline`) is the same ViT with a learned CLS token and a
 learned constant in place of the sigma embedding, trained with plain cross-entropy and ordinary backprop.
@@ -17,8 +18,7 @@ learned constant in place of the sigma embedding, trained with plain cross-entro
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,14 @@ from torch import nn
 from .. import precond, rng
 from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
+from .base import (
+    DiscreteTargetTask,
+    euler_step,
+    inference_sigmas,
+    label_table,
+    resolve_sigmas,
+    validate_target_fields,
+)
 from .baseline import train_end_to_end
 from .image_generation import patchify
 
@@ -34,7 +42,6 @@ __all__ = [
     "ViTConfig",
     "ViTBlock",
     "ViTClassifier",
-    "DiscreteTargetTask",
     "ImageClassification",
     "label_table",
     "inference_sigmas",
@@ -80,15 +87,6 @@ class ViTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
         validate_target_fields(self)
-
-
-def label_table(num_classes: int, emb_dim: int, seed: int) -> torch.Tensor:
-    """E: (num_classes, emb_dim) float32 rows ~ N(0, I) normalised to unit L2 norm, from a CPU generator
-    seeded with `seed` alone, so it is bit-identical on every device, process and block."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    e = torch.randn(num_classes, emb_dim, generator=g, dtype=torch.float64)
-    return (e / e.norm(dim=1, keepdim=True)).to(torch.float32)
 
 
 class _ViTStem(nn.Module):
@@ -157,60 +155,6 @@ class ViTClassifier(_ViTStem):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n = images.shape[0]
         return self._encode(images, self.cls_token.expand(n, -1), self.cond.expand(n, -1))
-
-
-def validate_target_fields(cfg) -> None:
-    """The checks every DiscreteTargetTask config shares: the transformer's width and heads, the frozen target
-    table (label_seed, label_scale) and the loss (max_weight, sigma_data)."""
-    if cfg.hidden % cfg.heads:
-        raise ValueError(f"heads {cfg.heads} must divide hidden {cfg.hidden}")
-    if cfg.mlp_ratio <= 0:
-        raise ValueError(f"mlp_ratio must be positive, got {cfg.mlp_ratio}")
-    if cfg.label_seed < 0:
-        raise ValueError(f"label_seed must be >= 0, got {cfg.label_seed}")
-    if cfg.max_weight is not None and not cfg.max_weight > 0:
-        raise ValueError(f"max_weight must be positive or None (no clamp), got {cfg.max_weight}")
-    if not (cfg.label_scale > 0 and math.isfinite(cfg.label_scale)):
-        raise ValueError(f"label_scale must be a finite value > 0, got {cfg.label_scale}")
-    if cfg.sigma_data <= 0:
-        raise ValueError(f"sigma_data must be positive, got {cfg.sigma_data}")
-
-
-class DiscreteTargetTask:
-    """What the tasks with discrete targets share (classification, the autoregressive LM): y is a row of the
-    frozen, seeded table E (num_targets x emb_dim, rows of length config.label_scale), the same for every
-    block; the loss is the w(sigma)-weighted CE with w clamped at config.max_weight. A subclass sets `kind`
-    and `num_targets` and gives `config` the fields num_layers, emb_dim, label_seed, label_scale, max_weight
-    and sigma_data."""
-
-    kind: str
-    num_targets: int
-
-    def __init__(self, config):
-        self.config = config
-        self.config.validate()
-        self._tables: dict[torch.device, torch.Tensor] = {}  # E per device, made once
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "config": asdict(self.config)}
-
-    def label_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The frozen target table E on `device` (no gradient; not part of any block)."""
-        device = torch.device(device)
-        if device not in self._tables:
-            cfg = self.config
-            table = label_table(self.num_targets, cfg.emb_dim, cfg.label_seed) * cfg.label_scale
-            self._tables[device] = table.to(device)
-        return self._tables[device]
-
-    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
-        """w(sigma) = 1 / c_out^2, clamped at config.max_weight (if set)."""
-        w = precond.loss_weight(sigma, self.config.sigma_data)
-        return w if self.config.max_weight is None else w.clamp(max=self.config.max_weight)
 
 
 class ImageClassification(DiscreteTargetTask):
@@ -328,27 +272,6 @@ def _require_images(data) -> None:
 
 
 # --- inference ----------------------------------------------------------------------------------------------
-def inference_sigmas(schedule, mode: str = "middle", num_steps: int | None = None) -> torch.Tensor:
-    """The evaluation sigmas of `predict` (float64, decreasing, ending in 0).
-
-    "middle": one per block: block 0 at sigma_max (where z starts), block b >= 1 at the geometric middle of
-    its interval, sqrt(boundaries[b+1] * boundaries[b]). "boundary": NoiseSchedule.sampling_sigmas(num_steps)
-    (num_steps / B steps a block from its upper boundary down, as dblocks_fast.sample uses; default B).
-    On digits (hidden 32, 6 layers, B=3, 300 steps a block) "middle" scored 0.65 +- 0.02 test accuracy over
-    5 noise seeds against 0.54 for "boundary" with one step a block and 0.62 with 4: at the boundary a later
-    block trusts the noisy label token most and sees the previous block's uncertain mixture D as a label.
-    """
-    if mode == "boundary":
-        return schedule.sampling_sigmas(schedule.num_blocks if num_steps is None else num_steps)
-    if mode != "middle":
-        raise ValueError(f"sigmas must be 'middle', 'boundary' or a sequence of sigmas, got {mode!r}")
-    if num_steps not in (None, schedule.num_blocks):
-        raise ValueError(f"sigmas='middle' takes one step per block ({schedule.num_blocks}), got {num_steps}")
-    bounds = schedule.boundaries
-    mids = [math.sqrt(bounds[b] * bounds[b + 1]) for b in range(1, schedule.num_blocks)]
-    return torch.tensor([schedule.sigma_max, *mids, 0.0], dtype=torch.float64)
-
-
 @torch.no_grad()
 def predict(
     model,
@@ -375,11 +298,7 @@ def predict(
     task, dev, sch = model.task, model.device, model.schedule
     images = torch.as_tensor(images).to(dev, torch.float32)
     task.check_cond(images)
-    if isinstance(sigmas, str):
-        sigmas = inference_sigmas(sch, sigmas, num_steps)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
-        raise ValueError(f"sigmas must decrease and end in 0, got {sigmas.tolist()}")
+    sigmas = resolve_sigmas(sch, sigmas, num_steps)
     g = rng.generator("cpu", seed, rng.SAMPLE)
     z = (torch.randn(task.sample_shape(images.shape[0]), generator=g) * float(sigmas[0])).to(dev)
     table = task.label_table(dev)
@@ -390,8 +309,7 @@ def predict(
         # the hooks BlockModel.denoise uses, so a paging.StreamedBlockModel streams its blocks here too
         logits = task.logits(model._block_module(blk), z, torch.full((z.shape[0],), s, device=dev), images)
         model._after_use(blk)
-        d = logits.float().softmax(-1) @ table
-        z = d if s_next == 0 else z + (s_next - s) * ((z - d) / s)
+        z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
     return logits.float() if return_logits else logits.argmax(-1)
 
 

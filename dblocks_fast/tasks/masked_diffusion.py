@@ -36,6 +36,7 @@ from torch import nn
 from .. import rng
 from ..data import TextData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
+from .text import eval_windows
 
 __all__ = [
     "MASK",
@@ -289,12 +290,7 @@ def elbo_bits_per_byte(
     task.check_data(data)
     if num_levels < 1 or batch_size < 1:
         raise ValueError(f"num_levels and batch_size must be >= 1, got {num_levels} and {batch_size}")
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"max_windows must be >= 1 or None (all windows), got {max_windows}")
-    n = len(data)
-    windows = torch.arange(n)
-    if max_windows is not None and max_windows < n:
-        windows = torch.linspace(0, n - 1, max_windows, dtype=torch.float64).round().long()
+    windows = eval_windows(data, max_windows)
     length = task.config.seq_len
     total, count = 0.0, 0
     model.eval()

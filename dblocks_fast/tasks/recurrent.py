@@ -33,8 +33,8 @@ from torch import nn
 from .. import rng
 from ..data import VOCAB_BYTES
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, init_linears_
-from .autoregressive import _check_generation, _check_tokens, _pick, _require_text, _windows
 from .baseline import train_end_to_end
+from .text import check_generation, check_tokens, next_byte_bits, pick_next, require_text
 
 __all__ = [
     "RecurrentConfig",
@@ -137,7 +137,7 @@ class RecurrentDepthLM(nn.Module):
     # the three parts, public so a test or a study can run the recurrence by hand
     def encode(self, tokens: torch.Tensor):
         """Bytes (N, t) -> (e (N, t, hidden), conditioning c (N, hidden), causal mask (t, t))."""
-        _check_tokens(tokens, self.cfg.seq_len, "tokens")
+        check_tokens(tokens, self.cfg.seq_len, "tokens")
         n, t = tokens.shape
         h = self.tok_embed(tokens) + self.pos_embed[:t]
         c = self.cond.expand(n, -1)
@@ -264,7 +264,7 @@ def train_recurrent_baseline(cfg: RecurrentConfig, data, train_config) -> Recurr
     list of those K.
     """
     cfg.validate()
-    _require_text(data, cfg.seq_len)
+    require_text(data, cfg.seq_len)
     drawn: list[int] = []
 
     def loss(model: RecurrentDepthLM, batch: dict) -> torch.Tensor:
@@ -293,18 +293,13 @@ def recurrent_bits_per_byte(
     their prefixes (the positions autoregressive.baseline_bits_per_byte scores, the same windows for the
     same max_windows). Batch b draws its initial state from rng.generator("cpu", seed, rng.EVAL, b)."""
     _check_iterations(iterations)
-    _require_text(data, model.cfg.seq_len)
-    dev = model.pos_embed.device
+    require_text(data, model.cfg.seq_len)
     model.eval()
-    total, count = 0.0, 0
-    idx = _windows(data, max_windows)
-    for b, lo in enumerate(range(0, len(idx), batch_size)):
-        tokens = data.batch(idx[lo : lo + batch_size])["tokens"].to(dev)
-        g = rng.generator("cpu", seed, rng.EVAL, b)
-        logits = model(tokens, iterations, generator=g)[:, :-1].float()
-        total += float(F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="sum"))
-        count += tokens[:, 1:].numel()
-    return total / count / math.log(2)
+
+    def logits_of(tokens, b):
+        return model(tokens, iterations, generator=rng.generator("cpu", seed, rng.EVAL, b))[:, :-1]
+
+    return next_byte_bits(data, max_windows, batch_size, model.pos_embed.device, logits_of)
 
 
 @torch.no_grad()
@@ -323,11 +318,11 @@ def recurrent_generate(
     Returns (N, P + num_new) int64 on the model's device, prompt first."""
     _check_iterations(iterations)
     dev = model.pos_embed.device
-    out = _check_generation(prompt, num_new, temperature, model.cfg.seq_len, min_prompt=1).to(dev)
+    out = check_generation(prompt, num_new, temperature, model.cfg.seq_len, min_prompt=1).to(dev)
     pick = rng.generator("cpu", seed, rng.SAMPLE, 1)
     model.eval()
     for _ in range(num_new):
         g = rng.generator("cpu", seed, rng.SAMPLE, 0)
         logits = model(out, iterations, generator=g)[:, -1].float()
-        out = torch.cat([out, _pick(logits, temperature, pick)[:, None]], dim=1)
+        out = torch.cat([out, pick_next(logits, temperature, pick)[:, None]], dim=1)
     return out
