@@ -21,17 +21,16 @@ import math
 import os
 import tokenize
 import zlib
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import rng
-from .checkpoint import atomic_write
+from .checkpoint import RunFolder, atomic_save
 from .data import ImageData
 from .tasks.autoregressive import VOCAB, ARBaselineLM, baseline_generate, generate
 from .tasks.text import eval_windows, require_text
@@ -47,7 +46,6 @@ __all__ = [
     "generative_score",
 ]
 
-CLASSIFIER_FILE = "classifier.safetensors"
 
 
 class FeatureClassifier(nn.Module):
@@ -102,7 +100,7 @@ def _fingerprint(data: ImageData) -> str:
 
 def cached_classifier(run_dir: str | os.PathLike | None, data: ImageData) -> FeatureClassifier:
     """The judge for `data`: loaded from run_dir/classifier.safetensors if it was trained on the same data."""
-    path = Path(run_dir) / CLASSIFIER_FILE if run_dir is not None else None
+    path = RunFolder(run_dir) / RunFolder.CLASSIFIER if run_dir is not None else None
     fp = _fingerprint(data)
     if path is not None and path.is_file():
         clf = FeatureClassifier(data.image_shape, data.num_classes)
@@ -116,9 +114,7 @@ def cached_classifier(run_dir: str | os.PathLike | None, data: ImageData) -> Fea
     clf = train_classifier(data)
     if path is not None:
         meta = torch.frombuffer(bytearray(json.dumps({"data": fp}).encode()), dtype=torch.uint8)
-        tmp = path.with_suffix(".tmp")
-        save_file({**clf.state_dict(), "__meta__": meta}, tmp)
-        os.replace(tmp, path)
+        atomic_save(path, {**clf.state_dict(), "__meta__": meta}, scratch=True)  # a cache: no fsync
     return clf
 
 
@@ -182,7 +178,7 @@ def evaluate(
     }
     if run_dir is not None:
         on_disk = {k: v for k, v in result.items() if k != "samples"}
-        atomic_write(Path(run_dir) / "eval.json", json.dumps(on_disk, indent=1).encode())
+        RunFolder(run_dir).write_json(RunFolder.EVAL, on_disk)
     return result
 
 
