@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 
-
 class FeatureClassifier(nn.Module):
     """flatten -> 256 -> `feature_dim` (the features) -> classes; a plain MLP is enough for 8x8 digits."""
 
