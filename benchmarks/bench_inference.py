@@ -34,7 +34,7 @@ import dblocks_fast as dbf  # noqa: E402
 from benchmarks import common  # noqa: E402
 from dblocks_fast.model import BlockModel  # noqa: E402
 from dblocks_fast.paging import StreamedBlockModel  # noqa: E402
-from dblocks_fast.schedule import NoiseSchedule  # noqa: E402
+from dblocks_fast.schedule import EDM  # noqa: E402
 from dblocks_fast.tasks import DiTConfig, ImageGeneration  # noqa: E402
 
 MODELS = {
@@ -66,7 +66,7 @@ def parse_args(argv=None):
 def build(model_name: str, num_blocks: int, device: torch.device) -> BlockModel:
     task = ImageGeneration(DiTConfig(**MODELS[model_name]))
     layers = [task.num_layers // num_blocks] * num_blocks
-    return BlockModel.create(task, NoiseSchedule(num_blocks), layers, seed=0).to(device).eval()
+    return BlockModel.create(task, EDM(num_blocks), layers, seed=0).to(device).eval()
 
 
 def time_sampling(model: BlockModel, batch: int, num_steps: int, device: torch.device) -> float:

@@ -14,13 +14,17 @@ from . import data, ops, precond, tasks  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .model import BlockModel  # noqa: E402
 from .sample import load, sample  # noqa: E402
-from .schedule import NoiseSchedule  # noqa: E402
+from .schedule import EDM, FlowMatching, Masking, NoiseProcess, NoiseSchedule  # noqa: E402
 from .train import TrainConfig, Trainer, TrainingDiverged, train  # noqa: E402
 
 __all__ = [
     "__version__",
     "BlockModel",
     "CheckpointError",
+    "EDM",
+    "FlowMatching",
+    "Masking",
+    "NoiseProcess",
     "NoiseSchedule",
     "TrainConfig",
     "Trainer",

@@ -381,13 +381,14 @@ def versions() -> dict:
 
 def comparable(manifest: dict) -> dict:
     """What must be equal for two runs' blocks to belong to one model: every setting but RESUME_FREE's
-    (flat, whatever the format that wrote it), the task, the layers and the noise schedule."""
+    (flat, whatever the format that wrote it), the task and the layers. The noise process is not compared
+    on its own: the task makes it from the settings (and older runs recorded an EDM schedule even for the
+    masked-diffusion LM, whose process is its masking)."""
     train = TrainConfig.from_dict(manifest["train"]).flat()
     return {
         "train": {k: v for k, v in train.items() if k not in RESUME_FREE},
         "task": manifest["task"],
         "layers": manifest["layers"],
-        "schedule": manifest["schedule"],
     }
 
 

@@ -52,6 +52,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=_int_list, help=h + " (e.g. 2,4,2)", **kw)
         elif f.name == "only_blocks":
             p.add_argument(flag, type=_int_list, help=h + " (e.g. 0,2)", **kw)
+        elif f.name == "process":
+            p.add_argument(
+                "--noise", "--process", dest="process", choices=("auto", "edm", "flow"), help=h, **kw
+            )
         elif f.name == "distributed":
             p.add_argument(flag, choices=("auto", "on", "off"), help=h, **kw)
         elif f.name == "grad_clip":

@@ -45,16 +45,28 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class NoiseConfig:
-    """The EDM noise levels and their partition into the blocks' intervals (schedule.NoiseSchedule)."""
+    """The noise process and the partition of its levels into the blocks' intervals (schedule.py)."""
 
-    partition: str = _f(
-        "equiprob", "noise partition: 'equiprob' (equal probability mass) or 'uniform' (in ln sigma)"
+    process: str = _f(
+        "auto",
+        "noise process: 'edm', 'flow' (rectified flow, as SD3 and Flux train), or 'auto', the task's own "
+        "(EDM; the masked-diffusion LM's masking)",
     )
-    gamma: float = _f(0.05, "overlap: each block's interval widened by gamma x its log-width on both sides")
-    sigma_min: float = _f(0.002, "lowest noise level")
-    sigma_max: float = _f(80.0, "highest noise level")
-    p_mean: float = _f(-1.2, "mean of ln sigma during training")
-    p_std: float = _f(1.2, "std of ln sigma during training")
+    partition: str = _f(
+        "equiprob", "noise partition: 'equiprob' (equal probability mass) or 'uniform' (in ln sigma, or in t)"
+    )
+    gamma: float = _f(
+        0.05, "overlap: each block's interval widened by gamma x its width (in ln sigma, logit t)"
+    )
+    sigma_min: float = _f(0.002, "EDM: lowest noise level")
+    sigma_max: float = _f(80.0, "EDM: highest noise level")
+    p_mean: float = _f(-1.2, "EDM: mean of ln sigma during training")
+    p_std: float = _f(1.2, "EDM: std of ln sigma during training")
+    flow_density: str = _f("logit-normal", "flow: density of t, 'logit-normal' or 'uniform'")
+    flow_mean: float = _f(0.0, "flow: mean of logit(t) under the logit-normal density (SD3: 0)")
+    flow_std: float = _f(1.0, "flow: std of logit(t) under the logit-normal density (SD3: 1)")
+    shift: float = _f(1.0, "flow: resolution shift k, t -> k t / (1 + (k - 1) t); 1 = none")
+    prediction: str = _f("velocity", "flow: what the network outputs: 'velocity', 'epsilon' or 'x0'")
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from . import rng
 from .nn import set_kernels
-from .schedule import NoiseSchedule
+from .schedule import NoiseProcess
 
 __all__ = ["AbsentBlock", "BlockModel", "PagedOutBlock", "split_layers", "build_block"]
 
@@ -83,9 +85,10 @@ class PagedOutBlock(AbsentBlock):
 
 
 class BlockModel(nn.Module):
-    """The B blocks with their schedule; `denoise` routes each sigma to the block that owns it."""
+    """The B blocks with their noise process (`schedule`, a schedule.NoiseProcess); `denoise` routes each
+    noise level to the block that owns it, and `block(b)` lends block b's module for a while."""
 
-    def __init__(self, task, schedule: NoiseSchedule, layers: list[int], blocks: list[nn.Module]):
+    def __init__(self, task, schedule: NoiseProcess, layers: list[int], blocks: list[nn.Module]):
         super().__init__()
         if len(blocks) != schedule.num_blocks or len(layers) != schedule.num_blocks:
             raise ValueError(
@@ -97,7 +100,7 @@ class BlockModel(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     @classmethod
-    def create(cls, task, schedule: NoiseSchedule, layers: list[int], seed: int, only=None) -> BlockModel:
+    def create(cls, task, schedule: NoiseProcess, layers: list[int], seed: int, only=None) -> BlockModel:
         """The B blocks, each from its own seed; with `only`, the other blocks are AbsentBlock placeholders
         (never built, so they cost no memory and no time)."""
         blocks = [
@@ -115,37 +118,35 @@ class BlockModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def denoise(self, z: torch.Tensor, sigma: torch.Tensor, cond, block: int | None = None) -> torch.Tensor:
-        """D(z, sigma, cond) by the block owning sigma (all of sigma in one block), or by `block`.
+    def denoise(self, z: torch.Tensor, level: torch.Tensor, cond, block: int | None = None) -> torch.Tensor:
+        """D(z, level, cond) by the block owning the noise levels (N,) (all of them in one block), or by
+        `block`.
 
-        Give sigma as a float64 CPU tensor (the samplers do): the block is then chosen without a device sync.
+        Give the levels as a float64 CPU tensor (the samplers do): the block is then chosen without a device
+        sync.
         """
         if block is None:
-            # block_of is monotone in sigma, so the extremes tell whether one block owns them all
-            ends = torch.stack([sigma.max(), sigma.min()]).detach().double().cpu()
-            # a task with its own noise levels (masked diffusion: t) says which block owns them
-            owner = getattr(self.task, "block_of", None)
-            first, last = (
-                self.schedule.block_of(ends) if owner is None else owner(self.schedule, ends)
-            ).tolist()
+            # block_of is monotone in the level, so the extremes tell whether one block owns them all
+            ends = torch.stack([level.max(), level.min()]).detach().double().cpu()
+            first, last = self.schedule.block_of(ends).tolist()
             if first != last:
-                raise ValueError(f"sigmas span blocks {first}..{last}; denoise one block's sigmas at a time")
+                raise ValueError(f"levels span blocks {first}..{last}; denoise one block's levels at a time")
             block = first
-        out = self.task.denoise(self._block_module(block), z, sigma.to(z.device), cond)
-        self._after_use(block)
-        return out
+        with self.block(block) as module:
+            return self.task.denoise(module, z, level.to(z.device), cond, process=self.schedule)
+
+    @contextlib.contextmanager
+    def block(self, b: int):
+        """`with model.block(b) as module:` block b's module, on the model's device for the `with`. A model
+        that keeps its blocks elsewhere (paging.StreamedBlockModel) copies it in on entry and may reuse its
+        memory once the work queued inside has run; a task's own inference loops use this, never
+        model.blocks[b], so they stream too."""
+        yield self.blocks[b]
 
     @property
     def device(self) -> torch.device:
         """Where the blocks compute (the device of the first parameter)."""
         return next(self.parameters()).device
-
-    # hooks for models that keep blocks elsewhere (paging.StreamedBlockModel)
-    def _block_module(self, b: int) -> nn.Module:
-        return self.blocks[b]
-
-    def _after_use(self, b: int) -> None:
-        pass
 
     def extra_repr(self) -> str:
         return f"task={self.task.kind}, layers={self.layers}, schedule={self.schedule!r}"

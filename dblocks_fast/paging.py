@@ -9,6 +9,7 @@ while others train) is `storage.py`; both use the exact-size pinning here (`_pin
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 
@@ -172,7 +173,16 @@ class StreamedBlockModel(BlockModel):
         self.copies += 1
         return slot
 
-    def _block_module(self, b: int) -> nn.Module:
+    @contextlib.contextmanager
+    def block(self, b: int):
+        """Block b's slot module: copied in if it is not resident (waiting for that copy), the next block
+        prefetched into the other slot; on exit the slot is marked free once the work queued on it is done."""
+        try:
+            yield self._resident_module(b)
+        finally:
+            self._after_use(b)
+
+    def _resident_module(self, b: int) -> nn.Module:
         slot = self._load(b, avoid=None)
         if slot.ready is not None:
             torch.cuda.current_stream(self._device).wait_event(slot.ready)

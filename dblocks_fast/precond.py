@@ -15,7 +15,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["c_skip", "c_out", "c_in", "c_noise", "loss_weight", "coefficients", "denoise", "SIGMA_DATA"]
+__all__ = [
+    "c_skip",
+    "c_out",
+    "c_in",
+    "c_noise",
+    "loss_weight",
+    "coefficients",
+    "denoise",
+    "inputs",
+    "SIGMA_DATA",
+]
 
 SIGMA_DATA = 0.5
 
@@ -54,6 +64,13 @@ def coefficients(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
 def _expand(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample coefficient of shape (N,) broadcast against a (N, ...) tensor."""
     return c.reshape(c.shape + (1,) * (like.ndim - c.ndim)).to(like.dtype)
+
+
+def inputs(z: torch.Tensor, sigma: torch.Tensor, sigma_data: float = SIGMA_DATA):
+    """(c_in z, c_noise): what the network F is given, sigma (N,) cast to float32 as the networks compute
+    (every EDM task's prelude)."""
+    s = sigma.to(torch.float32)
+    return _expand(c_in(s, sigma_data), z) * z, c_noise(s)
 
 
 def denoise(

@@ -2,9 +2,12 @@
 
 Samplers share one signature, `sample_<name>(denoiser, x, sigmas, extra_args=None, callback=None)`, with
 `denoiser(x, sigma, **extra_args) -> D` and `sigmas` a decreasing float64 sequence ending in 0, so they swap
-freely (as in k-diffusion). The denoiser gets sigma as a float64 CPU tensor of shape (N,), whatever x's
-device: the block is chosen on the host without a device sync, and in float64, since a boundary sigma rounded
-to float32 could land in the wrong block. `sample()` wires a trained model, its schedule and guidance.
+freely (as in k-diffusion). They serve EDM and flow matching alike: with D the estimate of the clean y, EDM's
+ODE in sigma, dz/dsigma = (z - D) / sigma, and rectified flow's in t, dx/dt = v = (x - D) / t, are the same
+equation, and so is the form in 1/level that `sample_heun` integrates. The denoiser gets sigma as a float64
+CPU tensor of shape (N,), whatever x's device: the block is chosen on the host without a device sync, and in
+float64, since a boundary sigma rounded to float32 could land in the wrong block. `sample()` wires a trained
+model, its noise process and guidance.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import warnings
 import torch
 
 from . import checkpoint, rng
+from .config import TrainConfig
 from .model import BlockModel
-from .schedule import NoiseSchedule
 from .tasks import task_from_dict
 
 __all__ = ["sample_euler", "sample_heun", "SAMPLERS", "guided", "load", "sample"]
@@ -96,22 +99,23 @@ def _resolve_device(device) -> torch.device:
 
 def load(run_dir: str | os.PathLike, device=None, kernels: str = "auto") -> BlockModel:
     """The trained BlockModel saved in a run folder (every block's latest checkpoint)."""
-    manifest = checkpoint.read_manifest(run_dir)
+    run = checkpoint.RunFolder(run_dir)
+    manifest = run.read_manifest()
     task = task_from_dict(manifest["task"])
-    schedule = NoiseSchedule(**manifest["schedule"])
     layers = manifest["layers"]
+    # the task says which process its settings give (an older masked-diffusion run recorded an EDM schedule)
+    process = task.noise_process(TrainConfig.from_dict(manifest["train"]).noise, len(layers))
     blocks = []
     for b, n in enumerate(layers):
         block = task.build_block(b, n)
-        tensors = checkpoint.read_block(run_dir, manifest, b)
-        checkpoint.load_block_state(block, tensors)
+        checkpoint.load_block_state(block, run.read_block(b))
         blocks.append(block)
     if not manifest.get("complete"):
         steps = [e["steps"] for e in manifest["blocks"]]
         warnings.warn(
             f"{run_dir} is not finished (block steps {steps}); using its partly trained blocks", stacklevel=2
         )
-    model = BlockModel(task, schedule, layers, blocks).to(_resolve_device(device)).set_kernels(kernels)
+    model = BlockModel(task, process, layers, blocks).to(_resolve_device(device)).set_kernels(kernels)
     return model.eval()
 
 
@@ -133,7 +137,7 @@ def sample(
         num_steps: denoiser steps, a multiple of B (each block takes num_steps / B); None = 30 rounded up.
         sampler: "euler" or "heun" (Heun takes 2 * num_steps - 1 network calls).
         cfg_scale: classifier-free guidance scale; 1.0 = no guidance (one network call per step).
-        seed: seeds the initial noise z ~ N(0, sigma_max^2 I).
+        seed: seeds the initial noise (the process's prior: EDM's N(0, sigma_max^2 I), flow's N(0, I)).
     Returns:
         (N, ...) samples on the model's device, float32.
     """
@@ -149,8 +153,8 @@ def sample(
             f"labels must be a non-empty 1-D sequence of class indices, got shape {tuple(labels.shape)}"
         )
     model.task.check_cond(labels)
-    sigmas = model.schedule.sampling_sigmas(num_steps)
+    sigmas = model.schedule.grid(num_steps)
     g = rng.generator("cpu", seed, rng.SAMPLE)
-    x = torch.randn(model.task.sample_shape(labels.numel()), generator=g) * model.schedule.sigma_max
+    x = model.schedule.prior(model.task.sample_shape(labels.numel()), g)  # z at the noisiest level
     model.eval()
     return SAMPLERS[sampler](guided(model, cfg_scale), x.to(dev), sigmas, {"cond": labels}, callback)

@@ -15,7 +15,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -26,7 +25,6 @@ from .checkpoint import FORMAT, RunFolder
 from .config import TrainConfig
 from .lr import lr_at
 from .model import AbsentBlock, BlockModel, build_block, split_layers
-from .schedule import NoiseSchedule
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "block_order", "lr_at"]
 
@@ -100,7 +98,7 @@ class Trainer:
                 f"batch_size {config.batch_size} does not split evenly over the {group} ranks that share a "
                 f"block; use a multiple of {group}"
             )
-        self.schedule = NoiseSchedule(config.num_blocks, **asdict(config.noise))
+        self.schedule = task.noise_process(config.noise, config.num_blocks)  # EDM, flow matching, masking
         self.layers = split_layers(task.num_layers, config.num_blocks, config.layers)
         task.check_data(data)
         if config.batch_size > len(data):
@@ -182,18 +180,14 @@ class Trainer:
         indices = self._batch_indices(b, s)[lo:hi]
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(indices).items()}
         g = rng.generator(self.device, cfg.seed, rng.TRAIN, b, s)
-        if hasattr(self.task, "sample_noise"):  # its own noise process (masked diffusion: a masking level t)
-            level = self.task.sample_noise(self.schedule, b, cfg.batch_size, g, self.device)
-        else:
-            level = self.schedule.sample_sigma(b, cfg.batch_size, g, self.device)
-        sigma = level[lo:hi]
+        level = self.schedule.sample(b, cfg.batch_size, g, self.device)[lo:hi]
         for group in opt.param_groups:
             group["lr"] = lr_at(s, cfg)
         block.train()
         rows = {} if hi - lo == cfg.batch_size else {"rows": (lo, cfg.batch_size)}
         bf16 = cfg.runtime.precision == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = self.task.loss(block, batch, sigma, g, **rows)
+            loss, _ = self.task.loss(block, batch, level, g, **rows, process=self.schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         self.comm.average_grads(block.parameters())  # a no-op on one process
@@ -327,10 +321,7 @@ class Trainer:
         now, done = time.perf_counter(), sum(self.steps_done[i] for i in self.owned)
         step_ms = 1000 * (now - self._clock[0]) / max(1, done - self._clock[1])
         self._clock = (now, done)
-        if hasattr(self.task, "sample_noise"):  # its own noise levels (masked diffusion: t, not sigma)
-            lo, hi = self.task.interval(self.schedule, b)
-        else:
-            lo, hi = self.schedule.interval(b)
+        lo, hi = self.schedule.interval(b)
         rec = {
             "block": b,
             "step": self.steps_done[b],

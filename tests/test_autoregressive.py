@@ -11,7 +11,7 @@ from dblocks_fast.data import TextData
 from dblocks_fast.model import BlockModel
 from dblocks_fast.nn import AdaLNZeroLayer
 from dblocks_fast.quality import generative_score, tokenize_fraction, tokenizes
-from dblocks_fast.schedule import NoiseSchedule
+from dblocks_fast.schedule import EDM
 from dblocks_fast.tasks.autoregressive import (
     ARBaselineLM,
     ARConfig,
@@ -82,7 +82,7 @@ def _shake(module, seed=0, scale=0.3):
 
 def _model(task, num_blocks=2, shake=True):
     layers = [task.num_layers // num_blocks] * num_blocks
-    model = BlockModel.create(task, NoiseSchedule(num_blocks, gamma=0.1), layers, seed=0)
+    model = BlockModel.create(task, EDM(num_blocks, gamma=0.1), layers, seed=0)
     return _shake(model) if shake else model
 
 
@@ -159,9 +159,9 @@ def _fixed_loss(task, block, b, data, schedule):
     """Block b's loss on a fixed batch at fixed noise, for before/after comparisons."""
     g = torch.Generator().manual_seed(123)
     batch = data.batch(torch.arange(0, 64 * 5, 5))
-    sigma = schedule.sample_sigma(b, 64, g)
+    sigma = schedule.sample(b, 64, g)
     with torch.no_grad():
-        return float(task.loss(block, batch, sigma, g)[0])
+        return float(task.loss(block, batch, sigma, g, process=EDM(4))[0])
 
 
 def test_trainer_steps_lower_the_loss_of_every_block(source):
@@ -201,7 +201,7 @@ def test_rows_shards_give_the_full_batch_loss(source):
 
     def loss(rows=None, lo=0, hi=12):
         g = torch.Generator().manual_seed(5)
-        return task.loss(blk, {"tokens": batch["tokens"][lo:hi]}, sigma[lo:hi], g, rows=rows)
+        return task.loss(blk, {"tokens": batch["tokens"][lo:hi]}, sigma[lo:hi], g, rows=rows, process=EDM(4))
 
     full, per_sample = loss()
     a, pa = loss((0, 12), 0, 6)

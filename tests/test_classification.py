@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dblocks_fast.data import ImageData, load_digits
+from dblocks_fast.schedule import EDM
 from dblocks_fast.tasks.classification import (
     ImageClassification,
     ViTClassifier,
@@ -119,7 +120,7 @@ def test_rows_shards_give_the_full_batch_loss(tiny_vit, digits):
     def loss(rows=None, lo=0, hi=12):
         g = torch.Generator().manual_seed(5)
         part = {k: v[lo:hi] for k, v in batch.items()}
-        return tiny_vit.loss(blk, part, sigma[lo:hi], g, rows=rows)
+        return tiny_vit.loss(blk, part, sigma[lo:hi], g, rows=rows, process=EDM(3))
 
     full, per_sample = loss()
     a, pa = loss((0, 12), 0, 6)
@@ -211,7 +212,7 @@ def test_inference_sigmas_one_per_block(trained):
     mid = inference_sigmas(sch)
     assert mid[0] == sch.sigma_max and mid[-1] == 0 and len(mid) == sch.num_blocks + 1
     assert [sch.block_of(float(s)) for s in mid[:-1]] == list(range(sch.num_blocks))
-    torch.testing.assert_close(inference_sigmas(sch, "boundary"), sch.sampling_sigmas(sch.num_blocks))
+    torch.testing.assert_close(inference_sigmas(sch, "boundary"), sch.grid(sch.num_blocks))
 
 
 def test_cli_trains_and_scores_the_digits_vit_preset(tmp_path, capsys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dblocks_fast import NoiseSchedule, precond
+from dblocks_fast import EDM, precond
 from dblocks_fast.data import ImageData
 from dblocks_fast.model import BlockModel, split_layers
 from dblocks_fast.tasks import DiTConfig, ImageGeneration
@@ -35,7 +35,7 @@ def test_fresh_block_is_c_skip_times_input(tiny_task):
     block = tiny_task.build_block(0, 2)
     z = torch.randn(4, 1, 8, 8)
     sigma = torch.tensor([0.01, 0.3, 2.0, 50.0])
-    d = tiny_task.denoise(block, z, sigma, torch.tensor([0, 3, 9, 10]))
+    d = tiny_task.denoise(block, z, sigma, torch.tensor([0, 3, 9, 10]), process=EDM(3))
     torch.testing.assert_close(d, precond.c_skip(sigma).view(-1, 1, 1, 1) * z)
 
 
@@ -47,7 +47,7 @@ def test_loss_is_weighted_l2_and_label_dropout_uses_the_null_label(tiny_task):
     batch = {"y": y, "label": torch.zeros(256, dtype=torch.long)}
     g = torch.Generator().manual_seed(0)
     sigma = torch.full((256,), 0.5, dtype=torch.float64)
-    loss, per = tiny_task.loss(block, batch, sigma, g)
+    loss, per = tiny_task.loss(block, batch, sigma, g, process=EDM(3))
     dropped = (seen[0] == 10).float().mean().item()
     assert 0.04 < dropped < 0.17  # 10% label dropout
     assert set(seen[0].tolist()) <= {0, 10}
@@ -73,7 +73,7 @@ def test_config_and_data_errors(digits):
 
 
 def test_block_model_routes_sigma_to_its_block(tiny_task):
-    sched = NoiseSchedule(3)
+    sched = EDM(3)
     model = BlockModel.create(tiny_task, sched, [1, 1, 1], seed=0)
     calls = []
     for b, blk in enumerate(model.blocks):
@@ -89,8 +89,8 @@ def test_block_model_routes_sigma_to_its_block(tiny_task):
 def test_block_initialisation_depends_only_on_seed_index_and_depth(tiny_task):
     from dblocks_fast.model import build_block
 
-    a = BlockModel.create(tiny_task, NoiseSchedule(3), [1, 1, 1], seed=5)
-    b = BlockModel.create(tiny_task, NoiseSchedule(3), [1, 1, 1], seed=6)
+    a = BlockModel.create(tiny_task, EDM(3), [1, 1, 1], seed=5)
+    b = BlockModel.create(tiny_task, EDM(3), [1, 1, 1], seed=6)
     torch.manual_seed(123)  # whatever state the global RNG is in
     alone = build_block(tiny_task, 1, 1, seed=5)  # built alone, without blocks 0 and 2
     for p, q in zip(a.blocks[1].parameters(), alone.parameters()):

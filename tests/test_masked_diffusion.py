@@ -1,6 +1,7 @@
 """Byte-level masked diffusion LM (MD4) as DiffusionBlocks: training, independence, the masking levels, the
 loss against an exact enumeration of the ELBO, evaluation, generation and errors."""
 
+import contextlib
 import itertools
 import math
 
@@ -9,16 +10,15 @@ import pytest
 import torch
 
 from dblocks_fast import TrainConfig
+from dblocks_fast.config import NoiseConfig
 from dblocks_fast.data import ImageData, TextData
 from dblocks_fast.model import BlockModel
-from dblocks_fast.schedule import NoiseSchedule
+from dblocks_fast.schedule import Masking
 from dblocks_fast.tasks.masked_diffusion import (
     MASK,
     MaskedDiffusionLM,
     MDMBlock,
     MDMConfig,
-    block_interval,
-    block_of_t,
     elbo_bits_per_byte,
     generate,
 )
@@ -119,7 +119,7 @@ def test_rows_shards_give_the_full_batch_loss():
 
     def loss(rows=None, lo=0, hi=12):
         g = torch.Generator().manual_seed(5)
-        return task.loss(blk, {"tokens": batch["tokens"][lo:hi]}, t[lo:hi], g, rows=rows)
+        return task.loss(blk, {"tokens": batch["tokens"][lo:hi]}, t[lo:hi], g, rows=rows, process=Masking(1))
 
     full, per_sample = loss()
     a, pa = loss((0, 12), 0, 6)
@@ -130,17 +130,17 @@ def test_rows_shards_give_the_full_batch_loss():
 
 # --- masking levels -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_blocks, gamma", [(1, 0.05), (3, 0.1), (4, 0.0)])
-def test_sample_noise_stays_in_the_widened_interval(num_blocks, gamma):
+def test_masking_levels_stay_in_the_widened_interval(num_blocks, gamma):
     task = _tiny(_text(), t_min=1e-3)
-    sch = NoiseSchedule(num_blocks, gamma=gamma)
+    sch = task.noise_process(NoiseConfig(gamma=gamma), num_blocks)
+    assert sch.to_dict() == Masking(num_blocks, gamma, 1e-3).to_dict()
     highs = []
     for b in range(num_blocks):
-        lo, hi = task.interval(sch, b)
-        assert (lo, hi) == block_interval(b, num_blocks, gamma, 1e-3)
+        lo, hi = sch.interval(b)
         width = 1.0 / num_blocks
         assert lo == pytest.approx(max(1e-3, 1 - (b + 1) * width - gamma * width), abs=1e-15)
         assert hi == pytest.approx(min(1.0, 1 - b * width + gamma * width), abs=1e-15)
-        t = task.sample_noise(sch, b, 4000, torch.Generator().manual_seed(b))
+        t = sch.sample(b, 4000, torch.Generator().manual_seed(b))
         assert t.dtype == torch.float64 and t.shape == (4000,)
         assert float(t.min()) >= lo and float(t.max()) <= hi
         assert float(t.max() - t.min()) > 0.95 * (hi - lo)  # fills the interval
@@ -152,14 +152,15 @@ def test_sample_noise_stays_in_the_widened_interval(num_blocks, gamma):
 
 @pytest.mark.parametrize("num_blocks", [1, 2, 3, 5])
 def test_unwidened_intervals_tile_the_unit_interval(num_blocks):
-    ivs = [block_interval(b, num_blocks) for b in range(num_blocks)]
+    levels = Masking(num_blocks, gamma=0.0, t_min=0.0)
+    ivs = [levels.interval(b) for b in range(num_blocks)]
     assert ivs[0][1] == 1.0 and ivs[-1][0] == 0.0
     for (lo, _), (_, hi_next) in zip(ivs[:-1], ivs[1:]):
         assert lo == hi_next  # block b's bottom is block b+1's top
     assert sum(hi - lo for lo, hi in ivs) == pytest.approx(1.0)
     mids = torch.tensor([(lo + hi) / 2 for lo, hi in ivs], dtype=torch.float64)
-    assert block_of_t(mids, num_blocks).tolist() == list(range(num_blocks))
-    assert block_of_t(torch.tensor([1.0, 0.0]), num_blocks).tolist() == [0, num_blocks - 1]
+    assert levels.block_of(mids).tolist() == list(range(num_blocks))
+    assert levels.block_of(torch.tensor([1.0, 0.0])).tolist() == [0, num_blocks - 1]
 
 
 # --- the loss is the ELBO -----------------------------------------------------------------------------------
@@ -190,16 +191,16 @@ def test_the_loss_is_an_unbiased_estimate_of_the_exact_elbo():
     x = torch.tensor([104, 105, 33])  # "hi!"
     task = MaskedDiffusionLM(MDMConfig(seq_len=3, hidden=16, heads=2, num_layers=1, t_min=1e-3))
     blk = _random_block(task)
-    sch = NoiseSchedule(3, gamma=0.1)
+    sch = task.noise_process(NoiseConfig(gamma=0.1), 3)
     n = 20000
     for b in range(3):
-        lo, hi = task.interval(sch, b)
+        lo, hi = sch.interval(b)
         exact = _exact_expected_loss(blk, x, lo, hi)
         assert exact == pytest.approx(_exact_expected_loss(blk, x, lo, hi, panels=128), rel=1e-7)
         g = torch.Generator().manual_seed(10 + b)
-        t = task.sample_noise(sch, b, n, g)
+        t = sch.sample(b, n, g)
         with torch.no_grad():
-            loss, per_sample = task.loss(blk, {"tokens": x.expand(n, 3)}, t, g)
+            loss, per_sample = task.loss(blk, {"tokens": x.expand(n, 3)}, t, g, process=sch)
         se = float(per_sample.std()) / math.sqrt(n)
         assert float(loss) == pytest.approx(float(per_sample.mean()))
         assert se < 0.02 * exact  # the check below can tell a wrong weight apart
@@ -214,13 +215,12 @@ def test_block_values_sum_to_the_whole_elbo_and_the_evaluation_matches_it():
     task = MaskedDiffusionLM(MDMConfig(seq_len=3, hidden=16, heads=2, num_layers=1, t_min=t_min))
     blk = _random_block(task, seed=1)
     # gamma = 0: the blocks' expected losses, weighted by their widths, add up to B = 1's over [t_min, 1]
-    lo, hi = task.interval(NoiseSchedule(1, gamma=0.0), 0)
+    lo, hi = task.noise_process(NoiseConfig(gamma=0.0), 1).interval(0)
     assert (lo, hi) == (t_min, 1.0)
     whole = (hi - lo) * _exact_expected_loss(blk, x, lo, hi, panels=192)
-    sch = NoiseSchedule(3, gamma=0.0)
+    sch = task.noise_process(NoiseConfig(gamma=0.0), 3)
     parts = [
-        (hi - lo) * _exact_expected_loss(blk, x, lo, hi)
-        for lo, hi in (task.interval(sch, b) for b in range(3))
+        (hi - lo) * _exact_expected_loss(blk, x, lo, hi) for lo, hi in (sch.interval(b) for b in range(3))
     ]
     assert sum(parts) == pytest.approx(whole, rel=1e-7)
     # elbo_bits_per_byte estimates the integral over all of [0, 1], whatever B (the same network in every
@@ -228,7 +228,7 @@ def test_block_values_sum_to_the_whole_elbo_and_the_evaluation_matches_it():
     elbo = _exact_expected_loss(blk, x, 0.0, 1.0, panels=192) / math.log(2)
     data = TextData(x.to(torch.uint8), 3)
     for num_blocks in (1, 3):
-        model = BlockModel(task, NoiseSchedule(num_blocks), [1] * num_blocks, [blk] * num_blocks)
+        model = BlockModel(task, Masking(num_blocks), [1] * num_blocks, [blk] * num_blocks)
         # 0.02 bits is ~4 standard deviations of this estimate (0.005 over 34 seeds; mean error 0.002)
         est = elbo_bits_per_byte(model, data, num_levels=32768, batch_size=8192)
         assert abs(est - elbo) < 0.02, (num_blocks, est, elbo)
@@ -239,7 +239,7 @@ def test_block_values_sum_to_the_whole_elbo_and_the_evaluation_matches_it():
 def test_untrained_model_scores_exactly_eight_bits_and_generates_bytes():
     data = _text()
     task = _tiny(data)
-    model = BlockModel.create(task, NoiseSchedule(3), [1, 1, 1], seed=0)
+    model = BlockModel.create(task, Masking(3), [1, 1, 1], seed=0)
     bpb = elbo_bits_per_byte(model, data, num_levels=6, max_windows=10, batch_size=7)
     assert abs(bpb - math.log2(256)) < 1e-6
     out = generate(model, 5, num_steps=6, prompt=b"the")
@@ -256,15 +256,16 @@ class _Recording(BlockModel):
 
     calls: list
 
-    def _block_module(self, b):
-        blk = super()._block_module(b)
+    @contextlib.contextmanager
+    def block(self, b):
+        with super().block(b) as blk:
 
-        def forward(tokens, t):
-            self.calls.append((b, t.clone(), tokens.clone()))
-            return type(blk).forward(blk, tokens, t)
+            def forward(tokens, t):
+                self.calls.append((b, t.clone(), tokens.clone()))
+                return type(blk).forward(blk, tokens, t)
 
-        blk.forward = forward
-        return blk
+            blk.forward = forward
+            yield blk
 
 
 def test_generate_steps_down_a_uniform_grid_block_by_block_and_keeps_the_prompt():
@@ -273,7 +274,7 @@ def test_generate_steps_down_a_uniform_grid_block_by_block_and_keeps_the_prompt(
     blocks = [task.build_block(b, 1) for b in range(3)]
     for blk in blocks:  # every block certain of byte "x" (zero-init weights: the logits are the bias)
         blk.head.linear.bias.data[ord("x")] = 50.0
-    model = _Recording(task, NoiseSchedule(3), [1, 1, 1], blocks)
+    model = _Recording(task, Masking(3), [1, 1, 1], blocks)
     model.calls = []
     n, steps = 200, 6
     prompt = torch.arange(2 * n).view(n, 2) % 256
@@ -328,12 +329,14 @@ def test_bad_data_blocks_and_steps_are_rejected():
         task.check_data(images)
     with pytest.raises(ValueError, match="needs a byte-level text dataset"):
         MaskedDiffusionLM.for_data(images)
-    sch = NoiseSchedule(3)
+    sch = task.noise_process(NoiseConfig(), 3)
     for b in (3, -1):
         with pytest.raises(IndexError, match="out of range for 3 blocks"):
-            task.sample_noise(sch, b, 4)
+            sch.sample(b, 4)
     with pytest.raises(TypeError, match="must be an integer"):
-        task.sample_noise(sch, 1.0, 4)
+        sch.sample(1.0, 4)
+    with pytest.raises(ValueError, match="its own masking process, not 'flow'"):
+        task.noise_process(NoiseConfig(process="flow"), 3)
     model = BlockModel.create(task, sch, [1, 1, 1], seed=0)
     with pytest.raises(ValueError, match="multiple of the number of blocks"):
         generate(model, 2, num_steps=4)
@@ -353,7 +356,7 @@ def test_bad_data_blocks_and_steps_are_rejected():
 
 def test_block_model_denoise_routes_t_to_its_block():
     task = _tiny(_text())
-    sched = NoiseSchedule(3)
+    sched = Masking(3)
     model = BlockModel(task, sched, [1, 1, 1], [_random_block(task, seed=s) for s in range(3)])
     tokens = _text().batch(torch.arange(2))["tokens"]
     for t, b in ((0.95, 0), (0.5, 1), (0.1, 2)):  # block 0 owns the highest t, as in training

@@ -8,11 +8,11 @@ import torch
 import dblocks_fast as dbf
 from dblocks_fast.model import BlockModel
 from dblocks_fast.paging import StreamedBlockModel, flatten_module
-from dblocks_fast.schedule import NoiseSchedule
+from dblocks_fast.schedule import EDM
 
 
 def _model(task, layers, seed=0):
-    model = BlockModel.create(task, NoiseSchedule(len(layers)), layers, seed=seed)
+    model = BlockModel.create(task, EDM(len(layers)), layers, seed=seed)
     with torch.no_grad():  # zero-initialised heads would make every block's output the same; perturb them
         g = torch.Generator().manual_seed(seed)
         for p in model.parameters():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dblocks_fast as dbf
-from dblocks_fast import NoiseSchedule
+from dblocks_fast import EDM
 from dblocks_fast.model import BlockModel
 from dblocks_fast.sample import guided, sample_euler, sample_heun
 
@@ -13,7 +13,7 @@ from dblocks_fast.sample import guided, sample_euler, sample_heun
 def test_a_perfect_denoiser_returns_the_target(sampler):
     """Data that is one point y: the ideal denoiser is D = y at every sigma, and the ODE ends exactly at y."""
     y = torch.randn(3, 1, 4, 4)
-    sigmas = NoiseSchedule(3).sampling_sigmas(12)
+    sigmas = EDM(3).grid(12)
     x = torch.randn(3, 1, 4, 4) * 80.0
     out = sampler(lambda x, sigma, **_: y.clone(), x, sigmas)
     assert torch.equal(out, y)
@@ -22,7 +22,7 @@ def test_a_perfect_denoiser_returns_the_target(sampler):
 def _gaussian_ode_error(sampler, steps, s=0.7, smax=80.0, callback=None):
     """Gaussian data N(0, s^2): D = s^2 z / (s^2 + sigma^2) exactly, and the ODE maps z at sigma_max to
     z * sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2). Returns the relative error of the sampler's output."""
-    sigmas = NoiseSchedule(3, sigma_max=smax).sampling_sigmas(steps)
+    sigmas = EDM(3, sigma_max=smax).grid(steps)
     z0 = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * smax
     out = sampler(lambda x, sigma: s**2 * x / (s**2 + sigma**2), z0, sigmas, callback=callback)
     last = float(sigmas[-2])
@@ -36,7 +36,7 @@ def test_samplers_solve_the_probability_flow_ode(sampler, steps, tol):
     """A sign error in the step (the paper's misprint) or a wrong block of sigma' would not converge."""
     seen = []
     assert _gaussian_ode_error(sampler, steps, callback=lambda info: seen.append(float(info["sigma"]))) < tol
-    assert seen == NoiseSchedule(3).sampling_sigmas(steps)[:-1].tolist()
+    assert seen == EDM(3).grid(steps)[:-1].tolist()
 
 
 def test_euler_is_first_order_and_heun_second_order():
@@ -48,7 +48,7 @@ def test_euler_is_first_order_and_heun_second_order():
 
 
 def _model(task, b=3):
-    return BlockModel.create(task, NoiseSchedule(b), [1] * b, seed=0)
+    return BlockModel.create(task, EDM(b), [1] * b, seed=0)
 
 
 @pytest.mark.parametrize("name,calls_per_block", [("euler", [2, 2, 2]), ("heun", [3, 4, 4])])
@@ -67,7 +67,7 @@ def test_sampling_runs_one_block_per_step_and_uses_each_block(tiny_task, name, c
 def test_heun_correction_is_evaluated_by_the_block_of_sigma_next(tiny_task):
     model = _model(tiny_task)
     sched = model.schedule
-    sigmas = sched.sampling_sigmas(6)
+    sigmas = sched.grid(6)
     evaluated = []
     real = model.denoise
 

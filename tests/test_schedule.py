@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from dblocks_fast import NoiseSchedule
+from dblocks_fast import EDM
 
 REFERENCE = {  # DESIGN.md section 2
     2: [80.0, 0.3012, 0.002],
@@ -16,28 +16,28 @@ REFERENCE = {  # DESIGN.md section 2
 
 @pytest.mark.parametrize("b", sorted(REFERENCE))
 def test_boundaries_match_reference(b):
-    s = NoiseSchedule(b)
+    s = EDM(b)
     assert len(s.boundaries) == b + 1
     np.testing.assert_allclose(s.boundaries, REFERENCE[b], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("b", [1, 2, 3, 4, 6, 7])
 def test_equiprob_blocks_hold_equal_mass(b):
-    s = NoiseSchedule(b, gamma=0.0)
+    s = EDM(b, gamma=0.0)
     mass = [(s.cdf(s.interval(i)[1]) - s.cdf(s.interval(i)[0])) / (s.q_max - s.q_min) for i in range(b)]
     np.testing.assert_allclose(mass, [1 / b] * b, atol=1e-9, rtol=0)
     assert all(x > y for x, y in zip(s.boundaries, s.boundaries[1:]))  # descending: block 0 = highest noise
 
 
 def test_uniform_partition_has_equal_log_widths():
-    s = NoiseSchedule(5, partition="uniform", gamma=0.0)
+    s = EDM(5, partition="uniform", gamma=0.0)
     widths = np.diff(np.log(s.boundaries))
     np.testing.assert_allclose(widths, widths[0], rtol=1e-12)
     assert s.boundaries[0] == 80.0 and s.boundaries[-1] == 0.002
 
 
 def test_overlap_widens_in_log_space_and_clips():
-    s0, s = NoiseSchedule(3, gamma=0.0), NoiseSchedule(3, gamma=0.1)
+    s0, s = EDM(3, gamma=0.0), EDM(3, gamma=0.1)
     lo0, hi0 = s0.interval(1)
     w = math.log(hi0) - math.log(lo0)
     lo, hi = s.interval(1)
@@ -50,11 +50,11 @@ def test_overlap_widens_in_log_space_and_clips():
     "b,gamma,partition", [(1, 0.05, "equiprob"), (3, 0.05, "equiprob"), (4, 0.1, "uniform")]
 )
 def test_sampled_sigmas_follow_the_truncated_lognormal_of_the_block(b, gamma, partition):
-    s = NoiseSchedule(b, partition=partition, gamma=gamma)
+    s = EDM(b, partition=partition, gamma=gamma)
     g = torch.Generator().manual_seed(1)
     for blk in range(b):
         lo, hi = s.interval(blk)
-        sig = s.sample_sigma(blk, 20000, g)
+        sig = s.sample(blk, 20000, g)
         assert sig.dtype == torch.float64 and sig.shape == (20000,)
         assert float(sig.min()) >= lo and float(sig.max()) <= hi
         # the distribution: the log-normal restricted to [lo, hi]
@@ -68,7 +68,7 @@ def test_sampled_sigmas_follow_the_truncated_lognormal_of_the_block(b, gamma, pa
 
 @pytest.mark.parametrize("b", [1, 2, 3, 5])
 def test_block_of_inverts_the_partition(b):
-    s = NoiseSchedule(b)
+    s = EDM(b)
     g = torch.Generator().manual_seed(0)
     for blk in range(b):
         lo, hi = s.boundaries[blk + 1], s.boundaries[blk]
@@ -84,9 +84,9 @@ def test_block_of_inverts_the_partition(b):
 @pytest.mark.parametrize(
     "b,steps,partition", [(1, 7, "equiprob"), (3, 12, "equiprob"), (4, 8, "uniform"), (3, 3, "equiprob")]
 )
-def test_sampling_sigmas_give_every_block_the_same_steps(b, steps, partition):
-    s = NoiseSchedule(b, partition=partition)
-    sig = s.sampling_sigmas(steps)
+def test_the_grid_gives_every_block_the_same_steps(b, steps, partition):
+    s = EDM(b, partition=partition)
+    sig = s.grid(steps)
     assert sig.shape == (steps + 1,) and sig[0] == 80.0 and sig[-1] == 0.0
     assert (sig[1:] < sig[:-1]).all()
     owners = s.block_of(sig[:-1])
@@ -97,9 +97,9 @@ def test_sampling_sigmas_give_every_block_the_same_steps(b, steps, partition):
         np.testing.assert_allclose(np.diff(q.numpy()), -(s.q_max - s.q_min) / steps, rtol=1e-9)
 
 
-def test_sampling_sigmas_reject_steps_that_do_not_split_evenly():
+def test_the_grid_rejects_steps_that_do_not_split_evenly():
     with pytest.raises(ValueError, match="multiple of the number of blocks"):
-        NoiseSchedule(3).sampling_sigmas(10)
+        EDM(3).grid(10)
 
 
 @pytest.mark.parametrize(
@@ -113,4 +113,4 @@ def test_sampling_sigmas_reject_steps_that_do_not_split_evenly():
 )
 def test_bad_arguments_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
-        NoiseSchedule(**kw)
+        EDM(**kw)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from dblocks_fast import tasks
-from dblocks_fast.tasks.base import OwnNoiseLevels, Task
-from dblocks_fast.tasks.masked_diffusion import MaskedDiffusionLM
+from dblocks_fast.tasks.base import Task
 
 TASKS_DIR = Path(tasks.__file__).parent
 SOURCES = sorted(TASKS_DIR.rglob("*.py"))
@@ -23,14 +22,15 @@ def _members(protocol) -> set[str]:
 @pytest.mark.parametrize("kind", sorted(tasks._TASKS))
 def test_every_task_has_the_protocol_members(kind):
     cls = tasks._TASKS[kind][0]
-    assert {"kind", "num_layers", "loss", "denoise", "null_cond"} <= _members(Task)
+    assert {"kind", "num_layers", "noise_process", "loss", "denoise", "null_cond"} <= _members(Task)
     missing = sorted(m for m in _members(Task) if not hasattr(cls, m))
     assert not missing, f"{cls.__name__} lacks {missing}"
 
 
-def test_the_masked_diffusion_lm_has_the_noise_hooks():
-    assert {"sample_noise", "interval", "block_of"} <= _members(OwnNoiseLevels)
-    assert all(hasattr(MaskedDiffusionLM, m) for m in _members(OwnNoiseLevels))
+def test_no_task_has_noise_hooks_beside_its_process():
+    # the trainer, the samplers and BlockModel ask the noise process, never the task, about levels
+    for cls, _ in tasks._TASKS.values():
+        assert not any(hasattr(cls, m) for m in ("sample_noise", "interval", "block_of")), cls.__name__
 
 
 def _imports(path):

@@ -130,8 +130,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(
     }
     real_loss = type(tiny_task).loss
 
-    def nan_loss(self, block, batch, sigma, generator):
-        loss, per = real_loss(self, block, batch, sigma, generator)
+    def nan_loss(self, block, batch, sigma, generator, *, process):
+        loss, per = real_loss(self, block, batch, sigma, generator, process=process)
         return loss * float("nan"), per
 
     monkeypatch.setattr(type(tiny_task), "loss", nan_loss)
@@ -263,8 +263,8 @@ def test_training_reduces_the_loss(tiny_task, digits, tiny_config):
     def held_out_loss(b):
         g = torch.Generator().manual_seed(99)
         batch = digits.batch(torch.arange(512))
-        sigma = t.schedule.sample_sigma(b, 512, g)
-        return tiny_task.loss(t.model.blocks[b], batch, sigma, g)[0].item()
+        sigma = t.schedule.sample(b, 512, g)
+        return tiny_task.loss(t.model.blocks[b], batch, sigma, g, process=t.schedule)[0].item()
 
     before = [held_out_loss(b) for b in range(3)]
     t.fit()

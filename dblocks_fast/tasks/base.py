@@ -1,7 +1,7 @@
 """What every task provides (`Task`), and what the tasks with discrete targets share.
 
 `Task` is the interface the trainer, `BlockModel`, the samplers and the run folders use; it is written down
-here once. `OwnNoiseLevels` names the optional hooks of a task whose noise is not an EDM sigma.
+here once. `continuous_process` and `draw_rows` are what every task's `noise_process` and `loss` share.
 
 Discrete targets (classification's labels, the autoregressive LM's bytes) share the frozen target table
 and the weighted cross-entropy (`DiscreteTargetTask`, `label_table`, `validate_target_fields`), and the
@@ -18,11 +18,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .. import precond
+from .. import precond, schedule
+from ..schedule import NoiseProcess
 
 __all__ = [
     "Task",
-    "OwnNoiseLevels",
+    "continuous_process",
+    "draw_rows",
     "DiscreteTargetTask",
     "label_table",
     "validate_target_fields",
@@ -40,6 +42,11 @@ class Task(Protocol):
     model). Tasks whose inference starts from Gaussian noise (image generation, classification, the
     autoregressive LM) also give `sample_shape(n)`, the shape of z for n examples, and `check_cond(cond)`,
     which raises a readable error for a conditioning the model cannot take.
+
+    Dtypes and devices: a block's parameters are float32 (paging moves them as such; bf16 runs under
+    autocast). Noise levels reach `loss` and `denoise` as float64 tensors of shape (N,) on the block's
+    device: the task casts them (precond.inputs, the process's methods compute in float32). Batches are
+    the dataset's tensors on the block's device.
     """
 
     kind: str  # the task's name in a run's manifest; tasks.task_from_dict rebuilds the task from it
@@ -62,24 +69,36 @@ class Task(Protocol):
         """Raise a ValueError that says what to change if `data` does not fit this task's config."""
         ...
 
+    def noise_process(self, noise, num_blocks: int) -> NoiseProcess:
+        """The noise process this task trains with, from a config.NoiseConfig (noise.process "auto" is the
+        task's own); raises a ValueError naming the processes it supports."""
+        ...
+
     def loss(
         self,
         block: nn.Module,
         batch: dict,
-        sigma: torch.Tensor,
+        level: torch.Tensor,
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        *,
+        process: NoiseProcess,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, per_sample) of one batch at per-example noise levels sigma (N,) drawn by the caller.
+        """(loss, per_sample) of one batch at per-example noise levels (N,) drawn by the caller from
+        `process` (an EDM sigma, a flow or masking t).
 
-        Every random draw comes from `generator`. rows=(start, total): `batch` and `sigma` are rows
+        Every random draw comes from `generator`. rows=(start, total): `batch` and `level` are rows
         [start, start + N) of a batch of `total` examples (one rank's share in data-parallel training); the
-        draws are made for all `total` rows and this share cut from them, so the ranks together compute the
-        whole batch's step exactly."""
+        draws are made for all `total` rows and this share cut from them (`draw_rows`), so the ranks
+        together compute the whole batch's step exactly (`dblocks_fast.testing.check_task` holds a task to
+        it)."""
         ...
 
-    def denoise(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
-        """The block's denoiser output for noisy z at noise levels sigma (N,) given `cond`."""
+    def denoise(
+        self, block: nn.Module, z: torch.Tensor, level: torch.Tensor, cond, *, process
+    ) -> torch.Tensor:
+        """The block's denoiser output D for noisy z at levels (N,) given `cond` (for continuous targets the
+        estimate of y, which the samplers step with)."""
         ...
 
     def null_cond(self, cond):
@@ -88,33 +107,25 @@ class Task(Protocol):
         ...
 
 
-class OwnNoiseLevels(Task, Protocol):
-    """The optional hooks of a task with its own noise process (masked diffusion: a masking level t, not an
-    EDM sigma). The trainer looks for `sample_noise` with hasattr and then also calls `interval` (the
-    metric lines' sigma_lo, sigma_hi are then its levels); BlockModel.denoise routes by `block_of` when the
-    task has it, else by the schedule."""
-
-    def sample_noise(
-        self,
-        schedule,
-        b: int,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """n training levels for block b, called instead of schedule.sample_sigma."""
-        ...
-
-    def interval(self, schedule, b: int) -> tuple[float, float]:
-        """Block b's training interval of levels, called instead of schedule.interval."""
-        ...
-
-    def block_of(self, schedule, level: torch.Tensor) -> torch.Tensor:
-        """The block that owns each level at evaluation and sampling, instead of schedule.block_of."""
-        ...
+def continuous_process(task, noise, num_blocks: int, allowed=("edm",)) -> NoiseProcess:
+    """`task`'s process from a config.NoiseConfig: noise.process ("auto" = the first of `allowed`) if the task
+    supports it, else a ValueError that names what it supports."""
+    kind = allowed[0] if noise.process == "auto" else noise.process
+    if kind not in allowed:
+        raise ValueError(
+            f"the {task.kind} task trains with the {' or '.join(allowed)} noise process, not {kind!r}; "
+            f"set noise.process (--noise) to {allowed[0]!r} or 'auto'"
+        )
+    return schedule.create(kind, num_blocks, noise)
 
 
-# --- discrete targets ---------------------------------------------------------------------------------------
+def draw_rows(draw, rows: tuple[int, int] | None, n: int) -> torch.Tensor:
+    """draw(total) for a whole batch of `total` examples, cut to this share's n rows [start, start + n): the
+    one way tasks make random draws under data parallelism (see Task.loss)."""
+    start, total = rows if rows is not None else (0, n)
+    return draw(total)[start : start + n]
+
+
 def label_table(num_classes: int, emb_dim: int, seed: int) -> torch.Tensor:
     """E: (num_classes, emb_dim) float32 rows ~ N(0, I) normalised to unit L2 norm, from a CPU generator
     seeded with `seed` alone, so it is bit-identical on every device, process and block."""
@@ -172,6 +183,10 @@ class DiscreteTargetTask:
             self._tables[device] = table.to(device)
         return self._tables[device]
 
+    def noise_process(self, noise, num_blocks: int) -> NoiseProcess:
+        """EDM only: the loss weight w(sigma) and the target table's scale are EDM's."""
+        return continuous_process(self, noise, num_blocks)
+
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """w(sigma) = 1 / c_out^2, clamped at config.max_weight (if set)."""
         w = precond.loss_weight(sigma, self.config.sigma_data)
@@ -184,14 +199,14 @@ def inference_sigmas(schedule, mode: str = "middle", num_steps: int | None = Non
     ending in 0).
 
     "middle": one per block: block 0 at sigma_max (where z starts), block b >= 1 at the geometric middle of
-    its interval, sqrt(boundaries[b+1] * boundaries[b]). "boundary": NoiseSchedule.sampling_sigmas(num_steps)
+    its interval, sqrt(boundaries[b+1] * boundaries[b]). "boundary": EDM.grid(num_steps)
     (num_steps / B steps a block from its upper boundary down, as dblocks_fast.sample uses; default B).
     On digits (hidden 32, 6 layers, B=3, 300 steps a block) "middle" scored 0.65 +- 0.02 test accuracy over
     5 noise seeds against 0.54 for "boundary" with one step a block and 0.62 with 4: at the boundary a later
     block trusts the noisy label token most and sees the previous block's uncertain mixture D as a label.
     """
     if mode == "boundary":
-        return schedule.sampling_sigmas(schedule.num_blocks if num_steps is None else num_steps)
+        return schedule.grid(schedule.num_blocks if num_steps is None else num_steps)
     if mode != "middle":
         raise ValueError(f"sigmas must be 'middle', 'boundary' or a sequence of sigmas, got {mode!r}")
     if num_steps not in (None, schedule.num_blocks):

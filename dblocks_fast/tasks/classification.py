@@ -29,6 +29,7 @@ from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 from .base import (
     DiscreteTargetTask,
+    draw_rows,
     euler_step,
     inference_sigmas,
     label_table,
@@ -219,9 +220,8 @@ class ImageClassification(DiscreteTargetTask):
 
     def logits(self, block: ViTBlock, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor):
         """The head's logits (N, num_classes) for noisy targets z (N, emb_dim) at sigma (N,)."""
-        s = sigma.to(torch.float32)
-        c_in = precond.c_in(s, self.config.sigma_data).to(z.dtype).view(-1, 1)
-        return block(images, precond.c_noise(s), c_in * z)
+        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
+        return block(images, c_noise, z_in)
 
     def loss(
         self,
@@ -230,21 +230,23 @@ class ImageClassification(DiscreteTargetTask):
         sigma: torch.Tensor,
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        *,
+        process,
     ):
-        """(loss, per_sample) for one batch at per-example noise levels sigma (N,) drawn by the caller.
+        """(loss, per_sample) for one batch at per-example noise levels sigma (N,) drawn by the caller
+        (Task.loss; `process` is EDM).
 
         per_sample[i] = min(w(sigma_i), max_weight) * CE(logits_i, label_i); loss = mean_i per_sample[i].
-        rows=(start, total): `batch` and `sigma` are rows [start, start + N) of a batch of `total` examples
-        (one rank's share in data-parallel training). The noise is drawn for all `total` rows and this share
-        is cut from it, so the ranks together compute exactly the whole batch's step.
         """
         images, labels = batch["y"], batch["label"]  # ImageData's keys: "y" holds the images here
-        n = images.shape[0]
-        start, total = rows if rows is not None else (0, n)
         table = self.label_table(images.device)
-        eps = torch.randn((total, table.shape[1]), generator=generator, device=images.device)
+        eps = draw_rows(
+            lambda m: torch.randn((m, table.shape[1]), generator=generator, device=images.device),
+            rows,
+            images.shape[0],
+        )
         s = sigma.to(torch.float32)
-        z = table[labels] + s.view(-1, 1) * eps[start : start + n]
+        z = process.noisy(table[labels], eps, s)
         # a fused linear-CE op would gain nothing at num_classes logits a row, and we need the per-row CE
         ce = F.cross_entropy(self.logits(block, z, s, images).float(), labels, reduction="none")
         per_sample = self.loss_weight(s) * ce
@@ -252,7 +254,7 @@ class ImageClassification(DiscreteTargetTask):
 
     @torch.no_grad()
     def denoise(
-        self, block: ViTBlock, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor
+        self, block: ViTBlock, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor, *, process=None
     ) -> torch.Tensor:
         """D(z, sigma, image) = softmax(logits) @ E: the expected label embedding, a point of the target
         space (this is what the next block receives at inference; no c_skip/c_out here, since the head
@@ -306,9 +308,8 @@ def predict(
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         blk = sch.block_of(s)
-        # the hooks BlockModel.denoise uses, so a paging.StreamedBlockModel streams its blocks here too
-        logits = task.logits(model._block_module(blk), z, torch.full((z.shape[0],), s, device=dev), images)
-        model._after_use(blk)
+        with model.block(blk) as module:  # so a paging.StreamedBlockModel streams its blocks here too
+            logits = task.logits(module, z, torch.full((z.shape[0],), s, device=dev), images)
         z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
     return logits.float() if return_logits else logits.argmax(-1)
 

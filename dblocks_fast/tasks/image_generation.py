@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .. import ops, precond
 from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, LabelEmbedding, SigmaEmbedding, init_linears_
+from .base import continuous_process, draw_rows
 
 __all__ = ["DiTConfig", "DiTBlock", "ImageGeneration", "patchify", "unpatchify"]
 
@@ -158,43 +158,40 @@ class ImageGeneration:
         """The "no label" condition of the same shape, for classifier-free guidance."""
         return torch.full_like(labels, self.config.num_classes)
 
-    def _forward(self, block: DiTBlock, z: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor):
-        sd = self.config.sigma_data
-        c_in = precond.c_in(sigma, sd).to(z.dtype).view(-1, 1, 1, 1)
-        return block(c_in * z, precond.c_noise(sigma).float(), labels)
+    def noise_process(self, noise, num_blocks: int):
+        """EDM (the default) or flow matching (noise.process = "flow")."""
+        return continuous_process(self, noise, num_blocks, allowed=("edm", "flow"))
 
     def loss(
         self,
         block: DiTBlock,
         batch: dict,
-        sigma: torch.Tensor,
+        level: torch.Tensor,
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        *,
+        process,
     ):
-        """(loss, per_sample) for one batch at per-example noise levels sigma (N,) drawn by the caller.
-
-        rows=(start, total): `batch` and `sigma` are rows [start, start + N) of a batch of `total` examples
-        (one rank's share in data-parallel training). The random draws are made for all `total` rows and
-        this share is cut from them, so the ranks together compute exactly the whole batch's step.
-        """
+        """(loss, per_sample) for one batch at per-example noise levels (N,) drawn by the caller from
+        `process` (Task.loss): EDM's w(sigma) ||D - y||^2, or flow matching's ||F - v||^2."""
         y, labels = batch["y"], batch["label"]
         n = y.shape[0]
-        start, total = rows if rows is not None else (0, n)
-        drop = torch.rand(total, generator=generator, device=y.device)[start : start + n]
-        drop = drop < self.config.label_dropout
-        labels = torch.where(drop, self.null_cond(labels), labels)
-        eps = torch.randn((total, *y.shape[1:]), generator=generator, device=y.device, dtype=y.dtype)
-        eps = eps[start : start + n]
-        s = sigma.to(torch.float32)
-        z = y + s.view(-1, 1, 1, 1) * eps
-        f = self._forward(block, z, s, labels)
-        return ops.edm_l2_loss(z, f, y, s, self.config.sigma_data, kernels=block.kernels)
+        drop = draw_rows(lambda m: torch.rand(m, generator=generator, device=y.device), rows, n)
+        labels = torch.where(drop < self.config.label_dropout, self.null_cond(labels), labels)
+        shape = y.shape[1:]
+        eps = draw_rows(
+            lambda m: torch.randn((m, *shape), generator=generator, device=y.device, dtype=y.dtype), rows, n
+        )
+        z = process.noisy(y, eps, level)
+        net_in, c_noise = process.inputs(z, level, self.config.sigma_data)
+        f = block(net_in, c_noise, labels)
+        return process.loss(z, f, y, eps, level, self.config.sigma_data, kernels=block.kernels)
 
     @torch.no_grad()
     def denoise(
-        self, block: DiTBlock, z: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor
+        self, block: DiTBlock, z: torch.Tensor, level: torch.Tensor, labels: torch.Tensor, *, process
     ) -> torch.Tensor:
-        """D(z, sigma, label) = c_skip z + c_out F(c_in z, c_noise, label), sigma of shape (N,)."""
-        s = sigma.to(torch.float32)
-        f = self._forward(block, z, s, labels).float()
-        return precond.denoise(z, f, s, self.config.sigma_data)
+        """D(z, level, label): the estimate of y (EDM: c_skip z + c_out F(c_in z, c_noise, label))."""
+        net_in, c_noise = process.inputs(z, level, self.config.sigma_data)
+        f = block(net_in, c_noise, labels).float()
+        return process.denoised(z, f, level, self.config.sigma_data)

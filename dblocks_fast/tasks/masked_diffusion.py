@@ -36,6 +36,8 @@ from torch import nn
 from .. import rng
 from ..data import TextData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
+from ..schedule import Masking
+from .base import draw_rows
 from .text import eval_windows
 
 __all__ = [
@@ -44,8 +46,6 @@ __all__ = [
     "MDMConfig",
     "MDMBlock",
     "MaskedDiffusionLM",
-    "block_interval",
-    "block_of_t",
     "elbo_bits_per_byte",
     "generate",
 ]
@@ -78,31 +78,6 @@ class MDMConfig:
                 f"t_min must lie in (0, 1) (the lowest masking level trained at; the ELBO weight is 1/t), "
                 f"got {self.t_min}"
             )
-
-
-# --- noise levels -----------------------------------------------------------------------------------------
-def _check_block(b, num_blocks: int) -> None:
-    if not isinstance(b, Integral) or isinstance(b, bool):
-        raise TypeError(f"block index must be an integer, got {b!r}")
-    if not 0 <= b < num_blocks:
-        raise IndexError(f"block {b} out of range for {num_blocks} blocks")
-
-
-def block_interval(b: int, num_blocks: int, gamma: float = 0.0, t_min: float = 0.0) -> tuple[float, float]:
-    """Block b's masking levels (lo, hi): [1 - (b+1)/B, 1 - b/B], widened by gamma / B on both sides and
-    clipped to [t_min, 1]. With gamma = t_min = 0 this is the interval that owns t at evaluation and
-    sampling; the B of them tile [0, 1], block 0 at the top."""
-    _check_block(b, num_blocks)
-    lo, hi = (num_blocks - b - 1) / num_blocks, (num_blocks - b) / num_blocks
-    pad = gamma / num_blocks
-    return max(t_min, lo - pad), min(1.0, hi + pad)
-
-
-def block_of_t(t: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """The block whose unwidened interval holds each t: floor((1 - t) B) clamped to [0, B - 1], so a t on a
-    boundary 1 - b/B is the top of block b, the lower-noise side (as NoiseSchedule.block_of does)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return torch.floor((1.0 - t) * num_blocks).long().clamp_(0, num_blocks - 1)
 
 
 # --- the block network ------------------------------------------------------------------------------------
@@ -174,28 +149,14 @@ class MaskedDiffusionLM:
                 f"MaskedDiffusionLM.for_data(data)"
             )
 
-    def interval(self, schedule, b: int) -> tuple[float, float]:
-        """Block b's training interval of t: its share of [0, 1] widened by schedule.gamma, clipped to
-        [t_min, 1] (only schedule.num_blocks and schedule.gamma are read)."""
-        return block_interval(b, schedule.num_blocks, schedule.gamma, self.config.t_min)
-
-    def block_of(self, schedule, t) -> torch.Tensor:
-        """The block that owns each level t at evaluation and sampling (BlockModel.denoise routes by it)."""
-        return block_of_t(t, schedule.num_blocks)
-
-    def sample_noise(
-        self,
-        schedule,
-        b: int,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        """n training levels t (float64) for block b, uniform on its widened interval, drawn per example
-        (uniform because the ELBO integrates dt with -alpha'(t) = 1)."""
-        lo, hi = self.interval(schedule, b)
-        u = torch.rand(n, dtype=torch.float64, generator=generator, device=device)
-        return lo + (hi - lo) * u
+    def noise_process(self, noise, num_blocks: int) -> Masking:
+        """MD4's masking levels (schedule.Masking), widened by noise.gamma, from config.t_min up."""
+        if noise.process not in ("auto", "masking"):
+            raise ValueError(
+                f"the masked diffusion LM trains with its own masking process, not {noise.process!r}; "
+                f"leave noise.process (--noise) at 'auto'"
+            )
+        return Masking(num_blocks, noise.gamma, self.config.t_min)
 
     def loss(
         self,
@@ -204,22 +165,20 @@ class MaskedDiffusionLM:
         t: torch.Tensor,
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        *,
+        process=None,
     ):
         """(loss, per_sample) for one batch at per-example masking levels t (N,) drawn by the caller.
 
         per_sample[i] = (1/t_i) sum over the masked positions j of CE(logits_ij, x_ij), / seq_len: the MD4
         ELBO integrand in nats per byte (unmasked positions contribute nothing); loss = mean_i per_sample[i].
-        Each position is masked independently with probability t_i. rows=(start, total): `batch` and `t` are
-        rows [start, start + N) of a batch of `total` examples (one rank's share in data-parallel training);
-        the masks are drawn for all `total` rows and this share is cut from them, so the ranks together
-        compute exactly the whole batch's step.
+        Each position is masked independently with probability t_i (Task.loss: rows, generator).
         """
         tokens = batch["tokens"]
         n, length = tokens.shape
         if t.shape != (n,):
             raise ValueError(f"t must have shape ({n},) for {n} sequences, got {tuple(t.shape)}")
-        start, total = rows if rows is not None else (0, n)
-        u = torch.rand((total, length), generator=generator, device=tokens.device)[start : start + n]
+        u = draw_rows(lambda m: torch.rand((m, length), generator=generator, device=tokens.device), rows, n)
         t64 = t.to(tokens.device, torch.float64)
         masked = u < t64[:, None]
         logits = block(tokens.masked_fill(masked, MASK), t64)
@@ -228,7 +187,9 @@ class MaskedDiffusionLM:
         return per_sample.mean(), per_sample
 
     @torch.no_grad()
-    def denoise(self, block: MDMBlock, tokens: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    def denoise(
+        self, block: MDMBlock, tokens: torch.Tensor, t: torch.Tensor, cond=None, *, process=None
+    ) -> torch.Tensor:
         """The block's prediction of the clean bytes: logits (N, T, 256) float32 for noisy tokens (N, T) in
         0..256 (256 = MASK) at levels t (N,). softmax over the last axis is p(x_i | z_t) at every position;
         only the masked positions' rows are meaningful (the others are known). The model is unconditional:
@@ -307,19 +268,19 @@ def elbo_bits_per_byte(
         masked = (u < t[:, None]).scatter_(1, sure, True)
         x = x.repeat_interleave(num_levels, dim=0)  # row i * num_levels + j: window i at level j
         z = x.masked_fill(masked, MASK)
-        owner = block_of_t(t, num_blocks)
+        owner = model.schedule.block_of(t)
         for b in range(num_blocks):
             rows = torch.nonzero(owner == b).squeeze(1)
             if rows.numel() == 0:
                 continue
-            # the hooks BlockModel.denoise uses, so a paging.StreamedBlockModel streams its blocks here too
-            block = model._block_module(b)
-            for r in rows.split(batch_size):
-                logits = block(z[r].to(dev), t[r].to(dev)).float()
-                ce = F.cross_entropy(logits.reshape(-1, VOCAB), x[r].to(dev).reshape(-1), reduction="none")
-                mk = masked[r].to(dev)
-                total += float(((ce.view(len(r), length) * mk).sum(1) / mk.sum(1)).double().sum())
-            model._after_use(b)
+            with model.block(b) as block:  # so a paging.StreamedBlockModel streams its blocks here too
+                for r in rows.split(batch_size):
+                    logits = block(z[r].to(dev), t[r].to(dev)).float()
+                    ce = F.cross_entropy(
+                        logits.reshape(-1, VOCAB), x[r].to(dev).reshape(-1), reduction="none"
+                    )
+                    mk = masked[r].to(dev)
+                    total += float(((ce.view(len(r), length) * mk).sum(1) / mk.sum(1)).double().sum())
         count += m * num_levels
     return total / count / math.log(2)
 
@@ -384,8 +345,8 @@ def generate(model, n: int, num_steps: int | None = None, prompt=None, seed: int
     for k in range(num_steps):
         b = k // per_block
         t = torch.full((n,), 1.0 - k / num_steps, dtype=torch.float64)
-        logits = task.denoise(model._block_module(b), z.to(dev), t.to(dev))
-        model._after_use(b)
+        with model.block(b) as block:
+            logits = task.denoise(block, z.to(dev), t.to(dev))
         cdf = logits.double().softmax(-1).cpu().cumsum(-1)
         u = torch.rand(n, length, 1, dtype=torch.float64, generator=g) * cdf[..., -1:]
         draw = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=VOCAB - 1)

@@ -59,11 +59,10 @@ def generate(
     for i in range(p, p + num_new):
         z = z0[:, i]
         for (s, s_next), b, cache in zip(steps, blocks, caches):
-            blk = model._block_module(b)
-            if cache.length < i:  # the prompt (first token) or the byte chosen last
-                cache.append(blk, out[:, cache.length : i])
-            logits = cache.noisy_logits(blk, z).float()
-            model._after_use(b)
+            with model.block(b) as blk:
+                if cache.length < i:  # the prompt (first token) or the byte chosen last
+                    cache.append(blk, out[:, cache.length : i])
+                logits = cache.noisy_logits(blk, z).float()
             z = euler_step(z, logits.softmax(-1) @ table, s, s_next)
         new_logits.append(logits)
         out = torch.cat([out, pick_next(logits, temperature, pick)[:, None]], dim=1)

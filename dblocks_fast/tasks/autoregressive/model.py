@@ -203,7 +203,7 @@ def cached_layer_forward(
 class StepCache:
     """The clean stream of one inference step (one block at one fixed sigma): its conditioning and each
     layer's keys/values of the clean tokens so far. It holds no block: a paged model may move the block
-    between uses, so the caller passes the module it just got from model._block_module."""
+    between uses, so the caller passes the module it holds inside `with model.block(b)`."""
 
     def __init__(self, sigma: float, sigma_data: float, num_layers: int):
         self.sigma = sigma

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import precond, rng
-from ..base import DiscreteTargetTask, euler_step, resolve_sigmas
+from ..base import DiscreteTargetTask, draw_rows, euler_step, resolve_sigmas
 from ..baseline import train_end_to_end
 from ..text import check_tokens, next_byte_bits, require_text
 from .model import VOCAB, ARBaselineLM, ARBlock, ARConfig
@@ -70,9 +70,8 @@ class AutoregressiveLM(DiscreteTargetTask):
 
     def logits(self, block: ARBlock, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
         """The head's logits (N, t, 256) for noisy targets z (N, t, emb_dim) at sigma (N,), given tokens."""
-        s = sigma.to(torch.float32)
-        c_in = precond.c_in(s, self.config.sigma_data).to(z.dtype).view(-1, 1, 1)
-        return block(tokens, precond.c_noise(s), c_in * z)
+        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
+        return block(tokens, c_noise, z_in)
 
     def loss(
         self,
@@ -81,20 +80,22 @@ class AutoregressiveLM(DiscreteTargetTask):
         sigma: torch.Tensor,
         generator: torch.Generator,
         rows: tuple[int, int] | None = None,
+        *,
+        process,
     ):
-        """(loss, per_sample) for one batch of windows at per-window noise levels sigma (N,).
+        """(loss, per_sample) for one batch of windows at per-window noise levels sigma (N,) (Task.loss;
+        `process` is EDM).
 
         per_sample[n] = min(w(sigma_n), max_weight) * mean_i CE(logits_{n,i}, s_{n,i}); loss = its mean.
-        rows=(start, total): `batch` and `sigma` are rows [start, start + N) of a batch of `total` windows;
-        the noise is drawn for all `total` rows and this share is cut from it (as classification's loss).
         """
         tokens = batch["tokens"]
         n, t = tokens.shape
-        start, total = rows if rows is not None else (0, n)
         table = self.label_table(tokens.device)
-        eps = torch.randn((total, t, table.shape[1]), generator=generator, device=tokens.device)
+        eps = draw_rows(
+            lambda m: torch.randn((m, t, table.shape[1]), generator=generator, device=tokens.device), rows, n
+        )
         s = sigma.to(torch.float32)
-        z = table[tokens] + s.view(-1, 1, 1) * eps[start : start + n]
+        z = process.noisy(table[tokens], eps, s)
         logits = self.logits(block, z, s, tokens).float()
         # plain CE: at 256 classes the logits are small, and we need the per-window means
         ce = F.cross_entropy(logits.reshape(n * t, VOCAB), tokens.reshape(-1), reduction="none")
@@ -102,7 +103,9 @@ class AutoregressiveLM(DiscreteTargetTask):
         return per_sample.mean(), per_sample
 
     @torch.no_grad()
-    def denoise(self, block: ARBlock, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
+    def denoise(
+        self, block: ARBlock, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, *, process=None
+    ):
         """D(z, sigma, window) = softmax(logits) @ E for all t noisy positions (N, t, emb_dim), given the
         clean window (N, t): the expected byte embedding of each position from its prefix and its z."""
         probs = self.logits(block, z, sigma, tokens).float().softmax(-1)
@@ -140,9 +143,8 @@ def token_logits(model, tokens: torch.Tensor, sigmas="middle", num_steps: int | 
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         blk = sch.block_of(s)
-        # the hooks BlockModel.denoise uses, so a paging.StreamedBlockModel streams its blocks here too
-        logits = task.logits(model._block_module(blk), z, torch.full((n,), s, device=dev), tokens)
-        model._after_use(blk)
+        with model.block(blk) as module:  # so a paging.StreamedBlockModel streams its blocks here too
+            logits = task.logits(module, z, torch.full((n,), s, device=dev), tokens)
         z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
     return logits.float()
 
