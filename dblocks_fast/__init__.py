@@ -10,8 +10,9 @@ independent denoisers, with fused kernels and block paging.
 
 __version__ = "0.1.0"
 
-from . import data, ops, precond, tasks  # noqa: E402
+from . import data, ops, precond, tasks, testing  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
+from .custom import Blocks, CustomTask, Network  # noqa: E402
 from .model import BlockModel  # noqa: E402
 from .sample import load, sample  # noqa: E402
 from .schedule import EDM, FlowMatching, Masking, NoiseProcess, NoiseSchedule  # noqa: E402
@@ -20,6 +21,9 @@ from .train import TrainConfig, Trainer, TrainingDiverged, train  # noqa: E402
 __all__ = [
     "__version__",
     "BlockModel",
+    "Blocks",
+    "CustomTask",
+    "Network",
     "CheckpointError",
     "EDM",
     "FlowMatching",
@@ -35,5 +39,6 @@ __all__ = [
     "precond",
     "sample",
     "tasks",
+    "testing",
     "train",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -95,7 +96,7 @@ def cmd_train(args) -> int:
     preset = _preset(args.preset)
     train_data = preset.load_data(args.data, "train")
     test_data = preset.load_data(args.data, "test")
-    task = preset.make_task(train_data)
+    task = _own_task(args, train_data) if args.model else preset.make_task(train_data)
     given = {name: getattr(args, name) for name in TrainConfig.flat_names() if hasattr(args, name)}
     config = TrainConfig(**{**preset.train_defaults, **given})
     if config.io.out_dir is None:
@@ -174,7 +175,7 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     from .sample import load, sample
 
-    preset, _ = _run_preset(args)
+    preset, data_path = _run_preset(args)
     model = load(args.run, args.device)
     if preset.sample_text is not None:  # a language model: print (and with --out .txt, write) generated text
         texts = preset.sample_text(model, args.per_class, args.seed)
@@ -188,9 +189,8 @@ def cmd_sample(args) -> int:
         raise SystemExit(
             f"error: {args.run} is a classifier: there are no samples to draw; use dblocks-fast eval"
         )
-    s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
-    s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
-    classes = model.task.config.num_classes
+    s = _sampling(preset, args, model)
+    classes = preset.load_data(data_path, "test").num_classes
     labels = np.repeat(np.arange(classes), args.per_class)
     images = sample(model, labels, seed=args.seed, **s)
     _save_grid(images.cpu().numpy(), classes, args.per_class, args.out)
@@ -203,8 +203,7 @@ def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args,
         return _eval_preset(model, run, preset, test_data, args)
     if model.task.kind == ImageClassification.kind:
         return _eval_classifier(model, run, test_data)
-    s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
-    s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
+    s = _sampling(preset, args, model)
     print(f"evaluating: {args.per_class} samples per class ({_describe(s)})")
     result = evaluate(
         model, train_data, test_data, run_dir=run, per_class=args.per_class, seed=args.seed, **s
@@ -309,6 +308,29 @@ def _run_preset(args):
     return _preset(args.preset or info.get("preset") or DEFAULT_PRESET), data
 
 
+def _own_task(args, train_data):
+    """The task of `--model module:factory` (a network of the user's, dblocks_fast.custom) on the data."""
+    from .custom import CustomTask
+
+    try:
+        settings = json.loads(args.model_config) if args.model_config else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-config must be a JSON object of the factory's settings: {e}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--model-config must be a JSON object of the factory's settings, got {settings!r}")
+    return CustomTask.for_data(train_data, args.model, settings)
+
+
+def _sampling(preset, args, model) -> dict:
+    """The sampler settings: the preset's, then the flags given; no guidance by default for a model of the
+    user's that names no 'no condition' value."""
+    s = {**preset.sample_defaults, **_given(args, ("num_steps", "sampler", "cfg_scale"))}
+    if getattr(model.task, "null_label", 0) is None and args.cfg_scale is None:
+        s["cfg_scale"] = 1.0
+    s["num_steps"] = _round_steps(s["num_steps"], model.num_blocks)
+    return s
+
+
 def _describe(s: dict) -> str:
     return f"{s['sampler']}, {s['num_steps']} steps, cfg scale {s['cfg_scale']}"
 
@@ -377,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own data instead of the built-in set: an .npz with images and labels (image presets), a "
         "text file or a folder of text files (pystdlib-* presets)",
     )
+    t.add_argument(
+        "--model",
+        help="a network of your own instead of the preset's: 'module:factory', a function that returns a "
+        "dblocks_fast.Network or Blocks (see dblocks_fast.custom); the preset still gives the data",
+    )
+    t.add_argument("--model-config", help="the factory's settings as a JSON object, e.g. '{\"hidden\": 64}'")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--no-eval", action="store_true", help="skip sampling and scoring after training")
     _add_train_flags(t)

@@ -213,6 +213,11 @@ class TrainConfig:
             f"schedule must be 'random', 'sequential' or 'chunked', not {self.schedule!r}",
         )
         need(self.chunk_steps >= 1, f"chunk_steps must be >= 1, got {self.chunk_steps}")
+        processes = ("auto", "edm", "flow", "masking")
+        need(
+            self.noise.process in processes,
+            f"noise process must be one of {processes}, got {self.noise.process!r}",
+        )
         need(r.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {r.precision!r}")
         need(r.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {r.kernels!r}")
         need(io.log_every >= 1, f"log_every must be >= 1, got {io.log_every}")

@@ -11,7 +11,7 @@ from . import rng
 from .nn import set_kernels
 from .schedule import NoiseProcess
 
-__all__ = ["AbsentBlock", "BlockModel", "PagedOutBlock", "split_layers", "build_block"]
+__all__ = ["AbsentBlock", "BlockModel", "PagedOutBlock", "split_layers", "layer_ranges", "build_block"]
 
 
 def split_layers(
@@ -47,12 +47,21 @@ def split_layers(
     return [num_layers // num_blocks] * num_blocks
 
 
-def build_block(task, index: int, num_layers: int, seed: int) -> nn.Module:
-    """Block `index`, initialised from its own seed on the CPU, so its initial weights do not depend on the
-    device, on the other blocks, or on the order in which blocks are built."""
+def layer_ranges(layers: list[int]) -> list[range]:
+    """The layers each block owns, from its layer counts: block b owns [l_b, l_b+1) of the L layers."""
+    out, start = [], 0
+    for n in layers:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def build_block(task, index: int, layers: range, seed: int) -> nn.Module:
+    """Block `index` with the model's layers `layers`, initialised from its own seed on the CPU, so its
+    initial weights do not depend on the device, on the other blocks, or on the order they are built in."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng.derive_seed(seed, rng.INIT, index))
-        return task.build_block(index, num_layers)
+        return task.build_block(index, layers)
 
 
 class AbsentBlock(nn.Module):
@@ -104,8 +113,8 @@ class BlockModel(nn.Module):
         """The B blocks, each from its own seed; with `only`, the other blocks are AbsentBlock placeholders
         (never built, so they cost no memory and no time)."""
         blocks = [
-            build_block(task, b, n, seed) if only is None or b in only else AbsentBlock(b)
-            for b, n in enumerate(layers)
+            build_block(task, b, r, seed) if only is None or b in only else AbsentBlock(b)
+            for b, r in enumerate(layer_ranges(layers))
         ]
         return cls(task, schedule, layers, blocks)
 

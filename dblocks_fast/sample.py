@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, rng
 from .config import TrainConfig
-from .model import BlockModel
+from .model import BlockModel, layer_ranges
 from .tasks import task_from_dict
 
 __all__ = ["sample_euler", "sample_heun", "SAMPLERS", "guided", "load", "sample"]
@@ -106,8 +106,8 @@ def load(run_dir: str | os.PathLike, device=None, kernels: str = "auto") -> Bloc
     # the task says which process its settings give (an older masked-diffusion run recorded an EDM schedule)
     process = task.noise_process(TrainConfig.from_dict(manifest["train"]).noise, len(layers))
     blocks = []
-    for b, n in enumerate(layers):
-        block = task.build_block(b, n)
+    for b, r in enumerate(layer_ranges(layers)):
+        block = task.build_block(b, r)
         checkpoint.load_block_state(block, run.read_block(b))
         blocks.append(block)
     if not manifest.get("complete"):

@@ -24,7 +24,8 @@ from . import distributed, optim, rng, storage
 from .checkpoint import FORMAT, RunFolder
 from .config import TrainConfig
 from .lr import lr_at
-from .model import AbsentBlock, BlockModel, build_block, split_layers
+from .model import AbsentBlock, BlockModel, build_block, layer_ranges, split_layers
+from .tasks.base import check_protocol
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "block_order", "lr_at"]
 
@@ -81,6 +82,7 @@ class Trainer:
         self, task, data, config: TrainConfig, *, resume: bool = False, callback: Callable | None = None
     ):
         config.validate()
+        check_protocol(task)  # a missing method is one clear error now, not an AttributeError mid-run
         self.task, self.data, self.config, self.callback = task, data, config, callback
         rt = config.runtime
         self.comm, self.device = distributed.connect(rt.distributed, config.blocks_to_train(), rt.device)
@@ -100,6 +102,7 @@ class Trainer:
             )
         self.schedule = task.noise_process(config.noise, config.num_blocks)  # EDM, flow matching, masking
         self.layers = split_layers(task.num_layers, config.num_blocks, config.layers)
+        self.ranges = layer_ranges(self.layers)  # block b owns the model's layers [l_b, l_b+1)
         task.check_data(data)
         if config.batch_size > len(data):
             raise ValueError(
@@ -129,7 +132,7 @@ class Trainer:
         """The storage first (the paged tiers' preflight refuses a model that does not fit before anything
         is allocated), then each block, built on the CPU from its own seed and handed to the storage."""
         with torch.device("meta"):  # sizes without memory
-            skeletons = [task.build_block(b, self.layers[b]) for b in self.owned]
+            skeletons = [task.build_block(b, self.ranges[b]) for b in self.owned]
             numels = [sum(p.numel() for p in blk.parameters()) for blk in skeletons]
         st = config.storage
         rank = self.comm.rank if self.comm.distributed else None
@@ -138,11 +141,11 @@ class Trainer:
             st.offload, self.device, folder=folder, prefetch=st.prefetch, numels=numels
         )
         blocks, self.optimizers = [], [None] * config.num_blocks
-        for b, n in enumerate(self.layers):
+        for b, layers in enumerate(self.ranges):
             if b not in self.owned:
                 blocks.append(AbsentBlock(b))
                 continue
-            block = build_block(task, b, n, config.seed)
+            block = build_block(task, b, layers, config.seed)
             self.optimizers[b] = self._optimizer(block)
             self.storage.add(b, block, self.optimizers[b])
             blocks.append(block)

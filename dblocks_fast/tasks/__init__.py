@@ -52,6 +52,10 @@ _TASKS = {
 def task_from_dict(d: dict):
     """Rebuild a task from its `to_dict()` (as saved in a run's manifest)."""
     kind = d.get("kind")
+    if kind == "custom":  # a user's model (dblocks_fast.custom imports this package: import it here)
+        from ..custom import CustomTask
+
+        return CustomTask.from_config(d["config"])
     if kind not in _TASKS:
         raise ValueError(
             f"unknown task kind {kind!r} in the run manifest; this version knows {sorted(_TASKS)}"

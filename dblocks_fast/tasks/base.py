@@ -23,7 +23,9 @@ from ..schedule import NoiseProcess
 
 __all__ = [
     "Task",
+    "check_protocol",
     "continuous_process",
+    "layer_count",
     "draw_rows",
     "DiscreteTargetTask",
     "label_table",
@@ -60,9 +62,10 @@ class Task(Protocol):
         """{"kind": kind, "config": the config as a dict}: what a run's manifest records."""
         ...
 
-    def build_block(self, index: int, num_layers: int) -> nn.Module:
-        """Block `index` with `num_layers` layers: everything it needs to denoise (DESIGN.md section 3),
-        fp32 parameters only and no buffers (paging moves parameters). The caller seeds the global RNG."""
+    def build_block(self, index: int, layers: range) -> nn.Module:
+        """Block `index` with the model's layers `layers` (block b of a split gets [l_b, l_b+1)): everything
+        it needs to denoise (DESIGN.md section 3), fp32 parameters only and no buffers (paging moves
+        parameters). The caller seeds the global RNG."""
         ...
 
     def check_data(self, data) -> None:
@@ -105,6 +108,28 @@ class Task(Protocol):
         """The "no conditioning" counterpart of `cond` for classifier-free guidance; a task without an
         unconditional mode raises a ValueError that says so."""
         ...
+
+
+_PROTOCOL = (
+    "kind", "num_layers", "to_dict", "build_block", "check_data", "noise_process", "loss", "denoise",
+    "null_cond",
+)  # fmt: skip
+
+
+def layer_count(layers: range | int) -> int:
+    """How many layers a block gets: the built-in tasks build fresh layers, so only the count matters (an
+    int is taken as a count, for code that builds a block by hand)."""
+    return len(layers) if isinstance(layers, range) else int(layers)
+
+
+def check_protocol(task) -> None:
+    """Raise a TypeError naming every member of the Task protocol that `task` lacks, before any training."""
+    missing = [m for m in _PROTOCOL if not hasattr(task, m)]
+    if missing:
+        raise TypeError(
+            f"{type(task).__name__} is not a task: it lacks {', '.join(missing)} (see "
+            f"dblocks_fast.tasks.base.Task; dblocks_fast.custom.CustomTask wraps a network of your own)"
+        )
 
 
 def continuous_process(task, noise, num_blocks: int, allowed=("edm",)) -> NoiseProcess:

@@ -33,6 +33,7 @@ from .base import (
     euler_step,
     inference_sigmas,
     label_table,
+    layer_count,
     resolve_sigmas,
     validate_target_fields,
 )
@@ -183,8 +184,8 @@ class ImageClassification(DiscreteTargetTask):
             ViTConfig(**{"image_size": h, "channels": c, "num_classes": data.num_classes, **overrides})
         )
 
-    def build_block(self, index: int, num_layers: int) -> ViTBlock:
-        return ViTBlock(self.config, num_layers)
+    def build_block(self, index: int, layers: range | int) -> ViTBlock:
+        return ViTBlock(self.config, layer_count(layers))
 
     def check_data(self, data) -> None:
         _require_images(data)

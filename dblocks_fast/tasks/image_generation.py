@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, LabelEmbedding, SigmaEmbedding, init_linears_
-from .base import continuous_process, draw_rows
+from .base import continuous_process, draw_rows, layer_count
 
 __all__ = ["DiTConfig", "DiTBlock", "ImageGeneration", "patchify", "unpatchify"]
 
@@ -129,8 +129,8 @@ class ImageGeneration:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "config": asdict(self.config)}
 
-    def build_block(self, index: int, num_layers: int) -> DiTBlock:
-        return DiTBlock(self.config, num_layers)
+    def build_block(self, index: int, layers: range | int) -> DiTBlock:
+        return DiTBlock(self.config, layer_count(layers))
 
     def check_data(self, data: ImageData) -> None:
         cfg = self.config

@@ -37,7 +37,7 @@ from .. import rng
 from ..data import TextData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 from ..schedule import Masking
-from .base import draw_rows
+from .base import draw_rows, layer_count
 from .text import eval_windows
 
 __all__ = [
@@ -136,8 +136,8 @@ class MaskedDiffusionLM:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "config": asdict(self.config)}
 
-    def build_block(self, index: int, num_layers: int) -> MDMBlock:
-        return MDMBlock(self.config, num_layers)
+    def build_block(self, index: int, layers: range | int) -> MDMBlock:
+        return MDMBlock(self.config, layer_count(layers))
 
     def check_data(self, data) -> None:
         _require_text(data)

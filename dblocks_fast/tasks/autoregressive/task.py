@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import precond, rng
-from ..base import DiscreteTargetTask, draw_rows, euler_step, resolve_sigmas
+from ..base import DiscreteTargetTask, draw_rows, euler_step, layer_count, resolve_sigmas
 from ..baseline import train_end_to_end
 from ..text import check_tokens, next_byte_bits, require_text
 from .model import VOCAB, ARBaselineLM, ARBlock, ARConfig
@@ -48,8 +48,8 @@ class AutoregressiveLM(DiscreteTargetTask):
         require_text(data)
         return cls(ARConfig(**{"seq_len": data.seq_len, **overrides}))
 
-    def build_block(self, index: int, num_layers: int) -> ARBlock:
-        return ARBlock(self.config, num_layers)
+    def build_block(self, index: int, layers: range | int) -> ARBlock:
+        return ARBlock(self.config, layer_count(layers))
 
     def check_data(self, data) -> None:
         require_text(data, self.config.seq_len)
