@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .. import precond, schedule
+from .. import precond, samplers, schedule
 from ..schedule import NoiseProcess
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "validate_target_fields",
     "inference_sigmas",
     "resolve_sigmas",
+    "discrete_inference",
     "euler_step",
 ]
 
@@ -250,6 +251,27 @@ def resolve_sigmas(schedule, sigmas, num_steps: int | None = None) -> torch.Tens
     if sigmas.ndim != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"sigmas must decrease and end in 0, got {sigmas.tolist()}")
     return sigmas
+
+
+@torch.no_grad()
+def discrete_inference(model, z: torch.Tensor, sigmas: torch.Tensor, cond) -> torch.Tensor:
+    """The inference of a discrete-target task (DiscreteTargetTask.logits): the samplers' Euler loop
+    (samplers.sample_euler) from z down `sigmas`, each step by the block that owns its sigma, with
+    D = softmax(logits) @ E; returns the last step's logits (float32), whose argmax is the prediction."""
+    task, dev = model.task, z.device
+    table = task.label_table(dev)
+    last = []
+
+    def denoiser(x, sigma):
+        s = float(sigma[0])
+        with model.block(model.schedule.block_of(s)) as module:  # a StreamedBlockModel streams it in
+            logits = task.logits(module, x, torch.full((x.shape[0],), s, device=dev), cond)
+        last[:] = [logits]
+        return logits.float().softmax(-1) @ table
+
+    model.eval()
+    samplers.sample_euler(denoiser, z, sigmas)
+    return last[0].float()
 
 
 def euler_step(z: torch.Tensor, d: torch.Tensor, s: float, s_next: float) -> torch.Tensor:

@@ -29,8 +29,8 @@ from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 from .base import (
     DiscreteTargetTask,
+    discrete_inference,
     draw_rows,
-    euler_step,
     inference_sigmas,
     label_table,
     layer_count,
@@ -304,15 +304,8 @@ def predict(
     sigmas = resolve_sigmas(sch, sigmas, num_steps)
     g = rng.generator("cpu", seed, rng.SAMPLE)
     z = (torch.randn(task.sample_shape(images.shape[0]), generator=g) * float(sigmas[0])).to(dev)
-    table = task.label_table(dev)
-    model.eval()
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        blk = sch.block_of(s)
-        with model.block(blk) as module:  # so a paging.StreamedBlockModel streams its blocks here too
-            logits = task.logits(module, z, torch.full((z.shape[0],), s, device=dev), images)
-        z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
-    return logits.float() if return_logits else logits.argmax(-1)
+    logits = discrete_inference(model, z, sigmas, images)
+    return logits if return_logits else logits.argmax(-1)
 
 
 # --- the end-to-end baseline --------------------------------------------------------------------------------

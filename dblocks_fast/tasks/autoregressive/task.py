@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import precond, rng
-from ..base import DiscreteTargetTask, draw_rows, euler_step, layer_count, resolve_sigmas
+from ..base import DiscreteTargetTask, discrete_inference, draw_rows, layer_count, resolve_sigmas
 from ..baseline import train_end_to_end
 from ..text import check_tokens, next_byte_bits, require_text
 from .model import VOCAB, ARBaselineLM, ARBlock, ARConfig
@@ -138,15 +138,7 @@ def token_logits(model, tokens: torch.Tensor, sigmas="middle", num_steps: int | 
     sigmas = resolve_sigmas(sch, sigmas, num_steps)
     n, t = tokens.shape
     z = start_noise(task, n, float(sigmas[0]), seed)[:, :t].to(dev)
-    table = task.label_table(dev)
-    model.eval()
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        blk = sch.block_of(s)
-        with model.block(blk) as module:  # so a paging.StreamedBlockModel streams its blocks here too
-            logits = task.logits(module, z, torch.full((n,), s, device=dev), tokens)
-        z = euler_step(z, logits.float().softmax(-1) @ table, s, s_next)
-    return logits.float()
+    return discrete_inference(model, z, sigmas, tokens)
 
 
 @torch.no_grad()
