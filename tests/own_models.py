@@ -24,7 +24,7 @@ class Stem(nn.Module):
         tokens = (
             x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(n, -1, self.channels * p * p)
         )
-        c = self.time(c_noise.view(-1, 1).float()) + self.label(cond)
+        c = self.time(c_noise.view(-1, 1)) + self.label(cond)  # float32: the protocol casts the levels
         return self.embed(tokens) + self.pos, c
 
 

@@ -60,9 +60,9 @@ def test_any_order_one_block_alone_and_a_step_of_b_only_touch_b(digits, mode):
         assert not any(p.requires_grad for p in [*stem.parameters(), *head.parameters()])
 
 
-@pytest.mark.parametrize("tier", ["host", "disk"])
-def test_paged_tiers_and_resume_mid_block_give_the_same_bits(digits, tmp_path, tier):
-    task = _task(digits)
+@pytest.mark.parametrize("mode, tier", [("independent", "host"), ("independent", "disk"), ("shared", "disk")])
+def test_paged_tiers_and_resume_mid_block_give_the_same_bits(digits, tmp_path, mode, tier):
+    task = _task(digits, mode)
     ref = _fit(task, digits, _config(schedule="sequential"))
 
     class Stop(Exception):

@@ -1,7 +1,8 @@
 """Run folders written before the renovation (format 1: flat settings) still load, resume and merge.
 
 tests/fixtures/run_v1/ was written by tests/fixtures/make_run_v1.py at commit b262692: `partial`, a run
-interrupted after 6 of its 10 steps, and `only0`, `only1`, each training one of the two blocks.
+interrupted after 6 of its 10 steps, `only0`, `only1`, each training one of the two blocks, and `mdm`, a
+masked-diffusion LM.
 """
 
 import importlib.util
@@ -127,3 +128,18 @@ def test_a_run_of_a_newer_format_is_refused_with_a_message(v1):
     path.write_text(json.dumps({**manifest, "format": "dblocks_fast.run/99"}))
     with pytest.raises(checkpoint.CheckpointError, match="format 'dblocks_fast.run/99'; this version reads"):
         checkpoint.read_manifest(v1 / "partial")
+
+
+def test_an_old_masked_diffusion_run_loads_with_its_masking_process():
+    """Its manifest recorded an EDM schedule (the masking levels came from the task's hooks then)."""
+    from dblocks_fast.tasks.masked_diffusion import elbo_bits_per_byte, generate
+
+    manifest = checkpoint.read_manifest(FIXTURES / "mdm")
+    assert manifest["format"] == "dblocks_fast.run/1" and "kind" not in manifest["schedule"]
+    model = dbf.load(FIXTURES / "mdm", device="cpu")
+    assert model.schedule.kind == "masking" and model.schedule.num_blocks == 2
+    assert model.schedule.to_dict() == dbf.Masking(2, 0.05, model.task.config.t_min).to_dict()
+    data = _make.text_data()
+    bpb = elbo_bits_per_byte(model, data, num_levels=4, max_windows=8)
+    assert 0 < bpb < 8.5  # an ELBO in bits per byte of a briefly trained model (uniform logits give 8)
+    assert generate(model, 2, num_steps=4, prompt=b"the").shape == (2, 8)
