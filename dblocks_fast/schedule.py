@@ -77,6 +77,10 @@ class _Levels:
     num_blocks: int
     boundaries: tuple[float, ...]
 
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "kind")
+        return f"{type(self).__name__}({settings})"
+
     def _check_block(self, b: int) -> None:
         if not isinstance(b, int) or isinstance(b, bool):
             raise TypeError(f"block index must be an integer, got {b!r}")
@@ -237,13 +241,6 @@ class EDM(_Levels):
 
         return ops.edm_l2_loss(z, out, y, sigma.to(torch.float32), sigma_data, kernels=kernels)
 
-    def __repr__(self) -> str:
-        return (
-            f"EDM(num_blocks={self.num_blocks}, partition={self.partition!r}, gamma={self.gamma}, "
-            f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
-            f"p_mean={self.p_mean}, p_std={self.p_std})"
-        )
-
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
@@ -382,13 +379,6 @@ class FlowMatching(_Levels):
         per_sample = (out.float() - self.target(y, eps).float()).square().flatten(1).mean(1)
         return per_sample.mean(), per_sample
 
-    def __repr__(self) -> str:
-        return (
-            f"FlowMatching(num_blocks={self.num_blocks}, partition={self.partition!r}, gamma={self.gamma}, "
-            f"mean={self.mean}, std={self.std}, shift={self.shift}, density={self.density!r}, "
-            f"prediction={self.prediction!r})"
-        )
-
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,
@@ -448,9 +438,6 @@ class Masking(_Levels):
         s = torch.as_tensor(t, dtype=torch.float64)
         blk = torch.floor((1.0 - s) * self.num_blocks).long().clamp_(0, self.num_blocks - 1)
         return int(blk) if blk.ndim == 0 and not isinstance(t, torch.Tensor) else blk
-
-    def __repr__(self) -> str:
-        return f"Masking(num_blocks={self.num_blocks}, gamma={self.gamma}, t_min={self.t_min})"
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "num_blocks": self.num_blocks, "gamma": self.gamma, "t_min": self.t_min}

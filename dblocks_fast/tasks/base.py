@@ -209,6 +209,12 @@ class DiscreteTargetTask:
             self._tables[device] = table.to(device)
         return self._tables[device]
 
+    def logits(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """The head's logits over the targets for noisy targets z at sigma (N,), given the condition: the
+        block is called as block(cond, c_noise, c_in z)."""
+        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
+        return block(cond, c_noise, z_in)
+
     def noise_process(self, noise, num_blocks: int) -> NoiseProcess:
         """EDM only: the loss weight w(sigma) and the target table's scale are EDM's."""
         return continuous_process(self, noise, num_blocks)

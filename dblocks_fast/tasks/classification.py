@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import precond, rng
+from .. import rng
 from ..data import ImageData
 from ..nn import AdaLNFinalLayer, AdaLNZeroLayer, SigmaEmbedding, init_linears_
 from .base import (
@@ -218,11 +218,6 @@ class ImageClassification(DiscreteTargetTask):
     def null_cond(self, images: torch.Tensor) -> torch.Tensor:
         """Not defined: the classifier has no unconditional mode, so there is no classifier-free guidance."""
         raise ValueError("classifier-free guidance is not defined for image classification; use cfg_scale=1")
-
-    def logits(self, block: ViTBlock, z: torch.Tensor, sigma: torch.Tensor, images: torch.Tensor):
-        """The head's logits (N, num_classes) for noisy targets z (N, emb_dim) at sigma (N,)."""
-        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
-        return block(images, c_noise, z_in)
 
     def loss(
         self,

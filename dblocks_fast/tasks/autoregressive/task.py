@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import precond, rng
+from ... import rng
 from ..base import DiscreteTargetTask, discrete_inference, draw_rows, layer_count, resolve_sigmas
 from ..baseline import train_end_to_end
 from ..text import check_tokens, next_byte_bits, require_text
@@ -67,11 +67,6 @@ class AutoregressiveLM(DiscreteTargetTask):
         raise ValueError(
             "classifier-free guidance is not defined for the autoregressive language model; use cfg_scale=1"
         )
-
-    def logits(self, block: ARBlock, z: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor):
-        """The head's logits (N, t, 256) for noisy targets z (N, t, emb_dim) at sigma (N,), given tokens."""
-        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
-        return block(tokens, c_noise, z_in)
 
     def loss(
         self,
