@@ -13,10 +13,14 @@ intact. Block files carry a CRC-32 in the manifest, so a damaged file is reporte
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
+import weakref
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +29,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import RESUME_FREE, TrainConfig
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked (see RunFolder.lock)
+    fcntl = None
 
 __all__ = [
     "MANIFEST",
@@ -47,7 +56,31 @@ _READS = ("dblocks_fast.run/1", FORMAT)
 
 
 class CheckpointError(RuntimeError):
-    """A run folder that cannot be read: missing, incomplete or damaged files."""
+    """A run folder that cannot be read or written: missing, incomplete or damaged files, no space, in use."""
+
+
+class DiskFull(CheckpointError):
+    """A write ran out of disk space; what it had written is gone and the last good checkpoint stays."""
+
+    def __init__(self, path: Path, need: int):
+        self.path, self.need = Path(path), need
+        free = _free_bytes(self.path.parent)
+        super().__init__(
+            f"no space left on the device of {self.path.parent} while writing {self.path.name} "
+            f"({need / 1e9:.2f} GB; {free / 1e9:.2f} GB free now): nothing of it was kept, and the last good "
+            f"checkpoint is as it was. Free space there (or move the run folder) and resume with --resume."
+        )
+
+
+class RunInUse(CheckpointError):
+    """Another process holds the run folder."""
+
+
+def _free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
 
 
 @contextlib.contextmanager
@@ -95,9 +128,15 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | N
 
     scratch=True (paged blocks, which a crashed run never reads back): no fsync and no CRC (returns None).
     """
-    with _staged(path, durable=not scratch) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        result = None if scratch else file_crc32(Path(tmp))
+    try:
+        with _staged(path, durable=not scratch) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+            result = None if scratch else file_crc32(Path(tmp))
+    except Exception as e:  # safetensors reports a full disk as its own error type, with the OS's words
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise DiskFull(Path(path), need) from e
+        raise
     return result
 
 
@@ -182,10 +221,48 @@ class RunFolder:
     CLASSIFIER = "classifier.safetensors"  # the digits judge, cached with the data it was trained on
     BLOCKS = "blocks"  # block files: blocks/block{b:03d}-step{steps:09d}.safetensors
     PAGED = "paged"  # offload="disk": the scratch files of paged blocks (one folder per rank)
+    LOCK = ".lock"  # flock'ed by the process that trains into the folder; holds its pid and host
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest: dict | None = None
+        self._lock_fd: int | None = None
+
+    # --- one training at a time ---------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the folder for this process until `unlock` (or exit: the OS drops the lock of a process that
+        dies, so a crashed run never blocks its resumption). A second process gets RunInUse, naming the
+        holder: two trainings into one folder would overwrite each other's checkpoints. On filesystems
+        without flock (some network mounts) this lock is advisory at best."""
+        if self._lock_fd is not None or fcntl is None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(
+                f"{self.path} is in use by {holder}: two trainings into one run folder would overwrite each "
+                f"other's checkpoints. Wait for that run to end (or stop it), or train into another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {when})\n".encode())
+        self._lock_fd = fd
+        self._lock_finalizer = weakref.finalize(self, os.close, fd)
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the folder's lock."""
+        return self._lock_fd is not None
+
+    def unlock(self) -> None:
+        """Release the folder (closing the lock file drops the lock)."""
+        if self._lock_fd is not None:
+            self._lock_finalizer()
+            self._lock_fd = None
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -275,7 +352,10 @@ class RunFolder:
         """Write block b's tensors to a new file named by its step count; returns its manifest entry."""
         (self.path / self.BLOCKS).mkdir(parents=True, exist_ok=True)
         rel = f"{self.BLOCKS}/block{b:03d}-step{steps:09d}.safetensors"
-        size, crc = atomic_save(self.path / rel, tensors, metadata={"block": str(b), "steps": str(steps)})
+        # one metadata key: safetensors writes its metadata map in a random order, and the same training
+        # must write the same bytes
+        meta = {"dblocks_fast": json.dumps({"block": b, "steps": steps}, sort_keys=True)}
+        size, crc = atomic_save(self.path / rel, tensors, metadata=meta)
         return {"steps": steps, "file": rel, "bytes": size, "crc32": crc}
 
     @staticmethod
@@ -295,6 +375,39 @@ class RunFolder:
             "versions": versions(),
         }
 
+    def check_space(self, need: int) -> None:
+        """Refuse a checkpoint of `need` bytes before writing any of it, with the numbers (the new block files
+        are written beside the old ones, which go only once the new manifest is in place)."""
+        free = _free_bytes(self.path)
+        margin = 16 << 20  # the manifest, metrics lines and the filesystem's own rounding
+        if need + margin > free:
+            raise CheckpointError(
+                f"not enough disk space for a checkpoint in {self.path}: it needs {need / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free. Nothing was written; the last good checkpoint stays. Free "
+                f"{(need + margin - free) / 1e9:.2f} GB there (or move the run folder) and resume with "
+                f"--resume."
+            )
+
+    def remove_unnamed(self, manifest: dict | None = None, keep=()) -> None:
+        """Delete block files (and temporary files left by a crash) that the manifest does not name."""
+        manifest = manifest or self.manifest
+        named = {e["file"] for e in manifest["blocks"] if e.get("file")} | set(keep)
+        folder = self.path / self.BLOCKS
+        if not folder.is_dir():
+            return
+        for f in folder.iterdir():
+            rel = f"{self.BLOCKS}/{f.name}"
+            stale = f.name.endswith(".tmp") or (f.name.startswith("block") and rel not in named)
+            if f.is_file() and stale:
+                f.unlink(missing_ok=True)
+
+    def discard(self, files: list[str]) -> None:
+        """Delete block files written for a checkpoint that did not commit (never one the manifest names)."""
+        named = {e["file"] for e in self.manifest["blocks"] if e.get("file")} if self.manifest else set()
+        for rel in files:
+            if rel not in named:
+                (self.path / rel).unlink(missing_ok=True)
+
     def commit(self, manifest: dict) -> dict:
         """Write the manifest (the commit point), then delete the block files it no longer names."""
         manifest = {**manifest, "format": FORMAT}
@@ -308,11 +421,8 @@ class RunFolder:
                 f"the runs."
             )
         atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
-        if (self.path / self.BLOCKS).is_dir():
-            for f in (self.path / self.BLOCKS).glob("block*.safetensors"):
-                if f"{self.BLOCKS}/{f.name}" not in named:
-                    f.unlink()
         self.manifest = manifest
+        self.remove_unnamed(manifest)
         return manifest
 
     # --- metrics ------------------------------------------------------------------------------------------
@@ -353,19 +463,34 @@ class RunFolder:
             atomic_write(path, "".join(keep).encode())
 
     # --- resuming -----------------------------------------------------------------------------------------
-    def resume(self, now: dict) -> list[int]:
+    def resume(self, now: dict, extend: bool = False) -> list[int]:
         """Check that this run can be continued with the manifest `now` would write (RunFolder.new_manifest
         of the current settings) and return the block steps it holds. Settings in config.RESUME_FREE may
-        differ; anything else that differs is an error that lists the differences."""
+        differ; anything else that differs is an error that lists the differences. extend=True allows a
+        larger steps_per_block (training a finished run further)."""
         manifest = self.read_manifest()
-        diff = _differences(comparable(manifest), comparable(now))
+        saved, wanted = comparable(manifest), comparable(now)
+        old_spb, spb = saved["train"]["steps_per_block"], wanted["train"]["steps_per_block"]
+        if extend and spb < old_spb:
+            raise ValueError(
+                f"cannot extend {self.path} to {spb} steps a block: it was planned for {old_spb}, and steps "
+                f"already taken cannot be undone"
+            )
+        if extend:
+            saved["train"]["steps_per_block"] = spb
+        diff = _differences(saved, wanted)
         if diff:
             lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+            more = (
+                " To train a run further, pass extend=True (--extend) with the larger steps_per_block."
+                if any(k == "train.steps_per_block" for k, _, _ in diff) and spb > old_spb
+                else ""
+            )
             raise ValueError(
-                f"cannot resume {self.path}: the configuration differs ({lines}). Use the saved values."
+                f"cannot resume {self.path}: the configuration differs ({lines}). Use the saved values.{more}"
             )
         steps = [e["steps"] for e in manifest["blocks"]]
-        num_blocks, spb = len(now["blocks"]), now["train"]["steps_per_block"]
+        num_blocks = len(now["blocks"])
         if len(steps) != num_blocks or not all(0 <= n <= spb for n in steps):
             raise CheckpointError(
                 f"{self.path}: block steps {steps} do not fit {num_blocks} blocks of {spb} steps"

@@ -16,9 +16,11 @@ from .checkpoint import CheckpointError, RunFolder, atomic_write
 from .config import GROUPS, TrainConfig
 from .distributed import DistributedError
 from .tasks import PRESETS, ImageClassification
-from .train import TrainingDiverged
+from .train import Preempted, TrainingDiverged
 
 DEFAULT_PRESET = "digits-dit"
+# the exit status after SIGTERM or SIGUSR1 (EX_TEMPFAIL: "try again later"); a requeued job resumes
+EXIT_PREEMPTED = 75
 
 
 # --- flags from TrainConfig ---------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def cmd_train(args) -> int:
     on = f" on {world} processes" if world > 1 else ""
     if rank == 0:
         print(f"training {args.preset} ({data_desc}) with B={config.num_blocks}{which}{on} into {run}")
-    model = train(task, train_data, config, resume=args.resume)
+    model = train(task, train_data, config, resume=args.resume or args.extend, extend=args.extend)
     if rank != 0:
         return 0  # rank 0 reports for everyone
     run.write_json(RunFolder.CLI, {"preset": args.preset, "data": _abs(args.data)})
@@ -406,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model-config", help="the factory's settings as a JSON object, e.g. '{\"hidden\": 64}'")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument(
+        "--extend",
+        action="store_true",
+        help="train the run in --out further, to a larger --steps-per-block (implies --resume); each block's "
+        "learning rate then follows the warm-up + cosine schedule of the new length from the step it reached",
+    )
     t.add_argument("--no-eval", action="store_true", help="skip sampling and scoring after training")
     _add_train_flags(t)
     _add_sample_flags(t, per_class=50)
@@ -464,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         who = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
         print(f"error{who}: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM or SIGUSR1: the step finished and the run was saved
+        print(f"\nstopped by {e.signal}; resume with --resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

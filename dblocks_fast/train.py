@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, optim, rng, storage
-from .checkpoint import FORMAT, RunFolder
+from .checkpoint import FORMAT, RunFolder, RunInUse
 from .config import TrainConfig
 from .lr import lr_at
 from .model import AbsentBlock, BlockModel, build_block, layer_ranges, split_layers
 from .tasks.base import check_protocol
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "train", "block_order", "lr_at"]
+__all__ = ["Preempted", "TrainConfig", "Trainer", "TrainingDiverged", "train", "block_order", "lr_at"]
 
 
 class TrainingDiverged(FloatingPointError):
@@ -79,20 +79,31 @@ class Trainer:
     """
 
     def __init__(
-        self, task, data, config: TrainConfig, *, resume: bool = False, callback: Callable | None = None
+        self,
+        task,
+        data,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        extend: bool = False,
+        callback: Callable | None = None,
     ):
         config.validate()
         check_protocol(task)  # a missing method is one clear error now, not an AttributeError mid-run
+        if extend and not resume:
+            raise ValueError("extend=True (--extend) continues a run: it needs resume=True (--resume)")
         self.task, self.data, self.config, self.callback = task, data, config, callback
+        self.run, self._created_run = None, False
         rt = config.runtime
         self.comm, self.device = distributed.connect(rt.distributed, config.blocks_to_train(), rt.device)
         try:
-            self._setup(task, data, config, resume)
+            self._setup(task, data, config, resume, extend)
         except BaseException:
+            self._release_run(failed=True)
             self.comm.close()  # leave no process group behind
             raise
 
-    def _setup(self, task, data, config: TrainConfig, resume: bool) -> None:
+    def _setup(self, task, data, config: TrainConfig, resume: bool, extend: bool) -> None:
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:
@@ -110,6 +121,7 @@ class Trainer:
                 f"lower --batch-size"
             )
         self.run = RunFolder(config.io.out_dir) if config.io.out_dir else None
+        self._take_run_folder()  # before anything is written into it, even the disk tier's scratch files
         if not resume and self.run is not None and self.run.holds_run():
             raise FileExistsError(
                 f"{self.run} already holds a run; pass resume=True (--resume) to continue it, or choose "
@@ -126,7 +138,33 @@ class Trainer:
         self._clock = (time.perf_counter(), 0)  # (time, total steps) at the last metric line
         self._mid_step = False
         if resume:
-            self._resume()
+            self._resume(extend)
+
+    def _take_run_folder(self) -> None:
+        """Lock the run folder for this run (rank 0 holds it for all ranks); refuse one that another holds."""
+        if self.run is None:
+            return
+        self._created_run = not self.run.path.exists()
+        problem = None
+        if self.comm.rank == 0:
+            try:
+                self.run.lock()
+            except RunInUse as e:
+                problem = str(e)
+        problems = [p for p in self.comm.all_gather(problem, "locking the run folder") if p]
+        if problems:
+            raise RunInUse(problems[0])
+
+    def _release_run(self, failed: bool = False) -> None:
+        """Unlock the run folder; after a failed set-up, leave no folder that it created and left empty."""
+        if self.run is None:
+            return
+        held = self.run.locked
+        self.run.unlock()
+        path = self.run.path
+        if failed and held and self._created_run and {p.name for p in path.iterdir()} <= {RunFolder.LOCK}:
+            (path / RunFolder.LOCK).unlink(missing_ok=True)
+            path.rmdir()
 
     def _build(self, task, config: TrainConfig) -> None:
         """The storage first (the paged tiers' preflight refuses a model that does not fit before anything
@@ -230,7 +268,13 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.comm.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder (its lock) and the process group; fit() does it when it ends. A Trainer
+        that is never fit holds its run folder until this call or until it is garbage-collected."""
+        self.comm.close()
+        self._release_run()
 
     def _fit(self) -> BlockModel:
         cfg = self.config
@@ -254,7 +298,7 @@ class Trainer:
         self._mid_step = False
         ckpt_every = cfg.io.ckpt_every
         try:
-            with _ctrl_c_between_steps() as interrupted:
+            with _stops_between_steps() as pending:
                 for pos in range(start, len(self.order)):
                     b = int(self.order[pos])
                     if b in owned and step_of[pos] == self.steps_done[b]:
@@ -263,20 +307,22 @@ class Trainer:
                         self._mid_step = False
                         if upcoming is not None and upcoming[pos] >= 0:
                             self.storage.prefetch(int(upcoming[pos]), active=b)  # loads while b computes
-                        if interrupted():
-                            raise KeyboardInterrupt
+                        stop = pending()
+                        if stop is not None:
+                            raise KeyboardInterrupt if stop == "SIGINT" else Preempted(stop)
                         self._after_step(b, bar)
                     if ckpt_every and (pos + 1) % ckpt_every == 0 and pos + 1 < len(self.order):
                         self.save()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # Ctrl-C, or a Preempted (SIGTERM, SIGUSR1)
             bar.close()
+            what = f"stopped by {e.signal}" if isinstance(e, Preempted) else "interrupted"
             if self.run is not None and (self._mid_step or self.comm.distributed):
                 why = "during a step" if self._mid_step else "in block-parallel training"
-                msg = f"interrupted {why}: nothing saved; {self.run} holds the last checkpoint"
+                msg = f"{what} {why}: nothing saved; {self.run} holds the last checkpoint"
                 warnings.warn(msg, stacklevel=2)
             elif self.run is not None:
                 self.save()
-                msg = f"interrupted: saved {self.run} at block steps {self.steps_done}; resume to continue"
+                msg = f"{what}: saved {self.run} at block steps {self.steps_done}; resume to continue"
                 warnings.warn(msg, stacklevel=2)
             raise
         bar.close()
@@ -397,61 +443,97 @@ class Trainer:
         if not any(c for _, c in status):
             return
         written = {}
-        if self.comm.placement.leader:
-            for b in changed:
-                written[b] = self.run.write_block(b, self.steps_done[b], self.block_tensors(b))
-        blocks = [dict(e) for e in (last["blocks"] if last else [{"steps": 0}] * self.config.num_blocks)]
-        for part in self.comm.all_gather(written, "the checkpoint"):
-            for b, entry in part.items():
-                blocks[b] = entry
-        manifest = self._manifest_now(blocks)
-        if self.comm.rank == 0:
-            self.run.commit(manifest)
-        else:
-            self.run.manifest = {**manifest, "format": FORMAT}
+        try:
+            if self.comm.placement.leader:
+                # the files' sizes are known before any is written: refuse a checkpoint that cannot fit
+                self.run.check_space(sum(self._checkpoint_bytes(b) for b in changed))
+                for b in changed:
+                    written[b] = self.run.write_block(b, self.steps_done[b], self.block_tensors(b))
+            blocks = [dict(e) for e in (last["blocks"] if last else [{"steps": 0}] * self.config.num_blocks)]
+            for part in self.comm.all_gather(written, "the checkpoint"):
+                for b, entry in part.items():
+                    blocks[b] = entry
+            manifest = self._manifest_now(blocks)
+            if self.comm.rank == 0:
+                self.run.commit(manifest)
+            else:
+                self.run.manifest = {**manifest, "format": FORMAT}
+        except BaseException:
+            # no manifest names what this save wrote: remove it, so a failure leaves only the last checkpoint
+            self.run.discard([e["file"] for e in written.values()])
+            raise
         self.comm.barrier("the checkpoint")  # nobody writes the next files before this manifest is in place
         for b in self.owned:
             self.saved_steps[b] = self.steps_done[b]
 
-    def _resume(self) -> None:
+    def _checkpoint_bytes(self, b: int) -> int:
+        """The size of block b's checkpoint file: its weights and both AdamW moments, in float32."""
+        return 12 * sum(p.numel() for p in self.model.blocks[b].parameters())
+
+    def _resume(self, extend: bool = False) -> None:
         if self.run is None:
             raise ValueError("resume=True needs out_dir (--out): the run folder to continue")
-        steps = self.run.resume(self._manifest_now([{"steps": 0}] * self.config.num_blocks))
+        steps = self.run.resume(self._manifest_now([{"steps": 0}] * self.config.num_blocks), extend)
         for b in self.owned:
             if steps[b]:
                 self.storage.load(b, self.run.read_block(b), steps[b])
         self.steps_done, self.saved_steps = list(steps), list(steps)
         if self.comm.rank == 0:
             self.run.trim_metrics(steps)
+            self.run.remove_unnamed()  # block files a crash or a full disk left behind
         self.comm.barrier("resuming")
 
 
-@contextlib.contextmanager
-def _ctrl_c_between_steps():
-    """Hold a Ctrl-C until the current step has finished, so a save never sees a half-updated block.
+class Preempted(KeyboardInterrupt):
+    """Training stopped on SIGTERM or SIGUSR1 (what cluster schedulers and spot instances send before they
+    kill): the current step finished and, with a run folder, the run was saved. `signal` names the signal."""
 
-    Yields a function that says whether Ctrl-C was pressed; a second Ctrl-C interrupts at once. Only the main
-    thread can own signal handlers; elsewhere Ctrl-C is left as it is.
+    def __init__(self, signal: str):
+        super().__init__(signal)
+        self.signal = signal
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+@contextlib.contextmanager
+def _stops_between_steps():
+    """Hold Ctrl-C (SIGINT), SIGTERM and SIGUSR1 until the current step has finished, so a save never sees a
+    half-updated block.
+
+    Yields a function that names the first such signal received (None if none). A second Ctrl-C interrupts
+    at once; a second SIGTERM does not (a scheduler's SIGKILL follows anyway). Only the main thread can own
+    signal handlers; elsewhere the signals are left as they are.
     """
-    pressed = []
+    got: list[str] = []
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
 
     def handler(signum, frame):
-        if pressed:
+        name = signal.Signals(signum).name
+        if got and name == "SIGINT":
             raise KeyboardInterrupt
-        pressed.append(True)
+        if not got:
+            got.append(name)
 
-    old = signal.signal(signal.SIGINT, handler)
+    sigs = [getattr(signal, s) for s in _STOP_SIGNALS if hasattr(signal, s)]
+    old = {s: signal.signal(s, handler) for s in sigs}
     try:
-        yield lambda: bool(pressed)
+        yield lambda: got[0] if got else None
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def train(
-    task, data, config: TrainConfig | None = None, *, resume: bool = False, callback=None
+    task,
+    data,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    extend: bool = False,
+    callback=None,
 ) -> BlockModel:
     """Train `task` on `data` block by block; returns the trained BlockModel.
 
@@ -460,6 +542,14 @@ def train(
         data: the training set (an object with len() and batch(indices)), e.g. data.load_digits("train").
         config: TrainConfig; out_dir=None trains in memory only.
         resume: continue the run in config.out_dir exactly where its last checkpoint left off.
+        extend: with resume, train a run further: config.steps_per_block may be larger than the run's. Each
+            block's learning rate then follows the warm-up + cosine schedule of the new length from the step
+            it has reached (so it rises from the old schedule's end to the new curve's value there); the
+            result is not the run that a longer plan from the start would have given.
         callback: called as callback(trainer, block) after every step (e.g. for custom logging).
+
+    Raises Preempted (a KeyboardInterrupt) after saving when SIGTERM or SIGUSR1 arrives, KeyboardInterrupt
+    after saving on Ctrl-C, RunInUse when another process trains into the same run folder.
     """
-    return Trainer(task, data, config or TrainConfig(), resume=resume, callback=callback).fit()
+    trainer = Trainer(task, data, config or TrainConfig(), resume=resume, extend=extend, callback=callback)
+    return trainer.fit()

@@ -1,0 +1,210 @@
+"""Nothing lost, whatever happens: a locked run folder, SIGTERM, a full disk, stale files, the same bytes for
+the same training, and extending a finished run."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dblocks_fast import checkpoint
+from dblocks_fast.checkpoint import RunFolder, RunInUse
+from dblocks_fast.cli import EXIT_PREEMPTED
+from dblocks_fast.cli import main as cli
+from dblocks_fast.train import Preempted, Trainer, lr_at
+from tests.invariants import block_states
+
+
+def _files(run):
+    """A checkpoint's files and their bytes (not the metric lines nor the lock, which names its holder)."""
+    return {
+        p.relative_to(run): p.read_bytes()
+        for p in run.rglob("*")
+        if p.is_file() and p.suffix != ".jsonl" and p.name != RunFolder.LOCK
+    }
+
+
+def test_a_second_training_into_a_busy_run_folder_is_refused(tiny_task, digits, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    first = Trainer(tiny_task, digits, tiny_config(out_dir=str(run), seed=1))
+    with pytest.raises(RunInUse, match=rf"is in use by pid {os.getpid()} on host .*train into another --out"):
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(run), seed=2))
+    first.fit()  # the first run is untouched by the attempt, and its end releases the folder
+    assert checkpoint.read_manifest(run)["train"]["seed"] == 1
+    resumed = Trainer(tiny_task, digits, tiny_config(out_dir=str(run), seed=1), resume=True)
+    resumed.close()
+    # a set-up that fails leaves no folder it created behind (the lock file included)
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(tmp_path / "new"), batch_size=10**6))
+    assert not (tmp_path / "new").exists()
+
+
+def test_two_trainings_started_together_one_runs_one_is_refused(tmp_path):
+    """The issue's reproduction: two `dblocks-fast train` into one --out at once."""
+    args = [
+        "--steps-per-block",
+        "20",
+        "--batch-size",
+        "16",
+        "--ckpt-every",
+        "10",
+        "--no-eval",
+        "--no-progress",
+    ]
+    args += ["--out", str(tmp_path / "same")]
+    cmd = [sys.executable, "-m", "dblocks_fast.cli", "train", *args]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [
+        subprocess.Popen([*cmd, "--seed", s], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        for s in ("1", "2")
+    ]
+    results = [(p.wait(timeout=300), p.stderr.read().decode()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    assert "is in use by pid" in refused
+    seed = checkpoint.read_manifest(tmp_path / "same")["train"]["seed"]
+    winner = next(i for i, (code, _) in enumerate(results) if code == 0)
+    assert seed == winner + 1  # the folder holds the run that ran, whole
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tiny_task, digits, tiny_config, tmp_path):
+    full = Trainer(tiny_task, digits, tiny_config())
+    full.fit()
+    run = tmp_path / "run"
+
+    def preempt(trainer, b):
+        if sum(trainer.steps_done) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler does; the handler waits for the step's end
+
+    with pytest.warns(UserWarning, match="stopped by SIGTERM: saved"), pytest.raises(Preempted) as e:
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), callback=preempt).fit()
+    assert e.value.signal == "SIGTERM"
+    assert sum(e["steps"] for e in checkpoint.read_manifest(run)["blocks"]) == 6  # the step it was in, too
+    resumed = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
+    resumed.fit()
+    a, b = block_states(resumed), block_states(full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_exits_with_its_preemption_code_on_sigusr1(tmp_path, monkeypatch, capsys):
+    real = Trainer._after_step
+
+    def after(self, b, bar):
+        real(self, b, bar)
+        if sum(self.steps_done) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(Trainer, "_after_step", after)
+    run = tmp_path / "run"
+    fast = ["--steps-per-block", "3", "--batch-size", "16", "--no-progress", "--no-eval"]
+    with pytest.warns(UserWarning, match="stopped by SIGUSR1"):
+        assert cli(["train", *fast, "--out", str(run)]) == EXIT_PREEMPTED
+    assert "stopped by SIGUSR1; resume with --resume" in capsys.readouterr().err
+    # the signal came after the second step's check: the third step, in flight, finished and was saved
+    assert sum(e["steps"] for e in checkpoint.read_manifest(run)["blocks"]) == 3
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_writing(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    t = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)))
+    t.step(int(t.order[0]))
+    t.save()
+    good = _files(run)
+    t.step(int(t.order[1]))
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 1000)
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"needs 0\.\d\d GB, 0\.00 GB are free\. Nothing was written"
+    ):
+        t.save()
+    assert _files(run) == good
+    t.close()
+
+
+def test_a_disk_that_fills_during_a_save_loses_nothing_and_leaves_nothing(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    t = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)))
+    for b in range(3):
+        t.step(b)
+    t.save()
+    good = _files(run)
+    for b in range(3):
+        t.step(b)
+    real, calls = checkpoint.save_file, []
+
+    def fills_up(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the second block: half a file, then the disk is full
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    with pytest.raises(
+        checkpoint.DiskFull, match="no space left on the device of .* the last good checkpoint"
+    ):
+        t.save()
+    assert _files(run) == good  # neither the first block's new file nor the half-written one is left
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    t.close()
+    resumed = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
+    assert resumed.steps_done == [1, 1, 1]
+    resumed.close()
+
+
+def test_stale_block_files_are_removed_on_resume(tiny_task, digits, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run), steps_per_block=2)).fit()
+    blocks = run / RunFolder.BLOCKS
+    (blocks / "block001-step000000099.safetensors").write_bytes(b"left by a crash")
+    (blocks / ".block000-step000000003.safetensors.abc.tmp").write_bytes(b"half a write")
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run), steps_per_block=2), resume=True).close()
+    named = {e["file"] for e in checkpoint.read_manifest(run)["blocks"]}
+    assert {f"{RunFolder.BLOCKS}/{p.name}" for p in blocks.iterdir()} == named
+
+
+_WRITE = """
+import sys, torch
+from dblocks_fast.checkpoint import RunFolder
+g = torch.Generator().manual_seed(0)
+tensors = {"param/w": torch.randn(5, 3, generator=g), "exp_avg/w": torch.zeros(5, 3)}
+RunFolder(sys.argv[1]).write_block(2, 7, tensors)
+"""
+
+
+def test_the_same_block_written_by_two_processes_has_the_same_bytes(tmp_path):
+    # safetensors writes its metadata map in a per-process random order: a key order that differed made the
+    # same training's files differ
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", _WRITE, str(tmp_path / name)], check=True)
+    files = [(tmp_path / n / "blocks" / "block002-step000000007.safetensors").read_bytes() for n in "abc"]
+    assert files[0] == files[1] == files[2]
+    header = json.loads(files[0][8 : 8 + int.from_bytes(files[0][:8], "little")])
+    assert json.loads(header["__metadata__"]["dblocks_fast"]) == {"block": 2, "steps": 7}
+
+
+def test_a_finished_run_extends_to_more_steps(tiny_task, digits, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run), steps_per_block=4)).fit()
+    longer = tiny_config(out_dir=str(run), steps_per_block=6)
+    with pytest.raises(ValueError, match=r"steps_per_block: saved 4, now 6.*pass extend=True \(--extend\)"):
+        Trainer(tiny_task, digits, longer, resume=True)
+    with pytest.raises(ValueError, match="it was planned for 4"):
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(run), steps_per_block=3), resume=True, extend=True)
+    t = Trainer(tiny_task, digits, longer, resume=True, extend=True)
+    assert t.steps_done == [4, 4, 4]
+    t.fit()
+    manifest = checkpoint.read_manifest(run)
+    assert manifest["complete"] and [e["steps"] for e in manifest["blocks"]] == [6, 6, 6]
+    lines = [json.loads(x) for x in (run / RunFolder.METRICS).read_text().splitlines()]
+    last = [r for r in lines if r["block"] == 0 and r["step"] == 6][0]
+    assert last["lr"] == pytest.approx(lr_at(5, longer))  # the new length's schedule from where it stood
