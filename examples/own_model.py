@@ -1,6 +1,6 @@
 """Train a transformer of your own block-wise, with flow matching, on the built-in digits, then sample it.
 
-    python examples/own_model.py            # 3 blocks of a 6-layer model, a few minutes on 2 CPU cores
+    python examples/own_model.py            # 3 blocks of a 6-layer model, 600 steps each
     PYTHONPATH=examples dblocks-fast sample --run runs/own-model --out grid.png   # it reloads later
 
 The network below is written the way you would write any residual transformer: a stem that turns the input
@@ -9,6 +9,9 @@ into tokens and a conditioning vector, layers `layer(h, c) -> h`, and a head bac
 its own copy of stem and head (mode "independent"), and trains each block as the denoiser of its own range of
 flow-matching times t. The run folder records "own_model:build" and its settings, so `dblocks_fast.load`
 rebuilds the model wherever this module can be imported.
+
+Measured once on 2 CPU cores shared with other jobs (commit 24b5d39): 18 min 29 s of training, then sample
+accuracy 1.000 and Frechet distance 12.79 (20 samples per class; real digits score 5.89 at that count).
 """
 
 import sys
