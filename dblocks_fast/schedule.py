@@ -35,6 +35,16 @@ def _ndtri(q: torch.Tensor) -> torch.Tensor:
     return torch.special.ndtri(q)
 
 
+def _check(num_blocks, gamma, partition: str = "equiprob") -> None:
+    """The settings every process shares: B, the overlap gamma, the partition."""
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma (block overlap) must be in [0, 1), got {gamma}")
+    if partition not in ("equiprob", "uniform"):
+        raise ValueError(f"partition must be 'equiprob' or 'uniform', got {partition!r}")
+
+
 class NoiseProcess(Protocol):
     """What the trainer, the samplers and BlockModel know of a noise process.
 
@@ -163,18 +173,13 @@ class EDM(_Levels):
         p_mean: float = -1.2,
         p_std: float = 1.2,
     ):
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-        if partition not in ("equiprob", "uniform"):
-            raise ValueError(f"partition must be 'equiprob' or 'uniform', got {partition!r}")
+        _check(num_blocks, gamma, partition)
         if not 0.0 < sigma_min < sigma_max:
             raise ValueError(
                 f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}"
             )
         if not p_std > 0:
             raise ValueError(f"p_std must be positive, got {p_std}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma (block overlap) must be in [0, 1), got {gamma}")
         self.num_blocks = num_blocks
         self.partition = partition
         self.gamma = float(gamma)
@@ -288,12 +293,7 @@ class FlowMatching(_Levels):
         density: str = "logit-normal",
         prediction: str = "velocity",
     ):
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-        if partition not in ("equiprob", "uniform"):
-            raise ValueError(f"partition must be 'equiprob' or 'uniform', got {partition!r}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma (block overlap) must be in [0, 1), got {gamma}")
+        _check(num_blocks, gamma, partition)
         if not (std > 0 and math.isfinite(mean)):
             raise ValueError(f"the logit-normal density needs std > 0 and a finite mean, got {mean}, {std}")
         if not shift > 0:
@@ -405,10 +405,7 @@ class Masking(_Levels):
 
     def __init__(self, num_blocks: int, gamma: float = 0.05, t_min: float = 1e-3):
         """gamma = t_min = 0 gives the unwidened intervals that own t at evaluation and sampling."""
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-        if not 0.0 <= gamma < 1.0:
-            raise ValueError(f"gamma (block overlap) must be in [0, 1), got {gamma}")
+        _check(num_blocks, gamma)
         if not 0.0 <= t_min < 1.0:
             raise ValueError(f"t_min must be in [0, 1) (the lowest masking level trained at), got {t_min}")
         self.num_blocks, self.gamma, self.t_min = num_blocks, float(gamma), float(t_min)
