@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, optim, rng, storage
+from . import distributed, ops, optim, rng, storage
 from .checkpoint import FORMAT, RunFolder
 from .config import TrainConfig
 from .lr import lr_at
@@ -93,6 +93,7 @@ class Trainer:
             raise
 
     def _setup(self, task, data, config: TrainConfig, resume: bool) -> None:
+        ops.check_kernels(config.runtime.kernels, self.device)  # not at the first step, after config.json
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:
