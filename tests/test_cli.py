@@ -5,6 +5,7 @@ import subprocess
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 
 from dblocks_fast.cli import build_parser, main
 from dblocks_fast.train import TrainConfig
@@ -114,14 +115,38 @@ def test_language_model_presets_on_user_text(tmp_path, capsys, preset, figure):
         (["train", "--data", "missing.npz"], "no such file"),
         (["train", "--resume"], "has no manifest.json"),
         (["eval", "--run", "nowhere"], "does not exist"),
+        (["train", "--device", "tpu"], "device 'tpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["train", "--device", "cuda:99"], "'cuda:99' was requested but"),
+        (["train", "--data", "empty.npz"], "empty.npz holds no images"),
+        (
+            ["train", "--data", "huge.npz"],
+            "label 10000000 (of image 2) asks for 10000001 classes; this file may have at most 1000",
+        ),
     ],
 )
-def test_errors_are_clear_and_exit_2(tmp_path, capsys, argv, message):
+def test_errors_are_clear_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    np.savez("empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64))
+    np.savez("huge.npz", images=np.zeros((5, 8, 8), np.uint8), labels=np.array([0, 1, 10**7, 0, 1]))
     if "--out" not in argv and argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path / "run")]
         (tmp_path / "run").mkdir()
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels may run here")
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_kernels_that_cannot_run_are_refused_before_the_run_folder_is_written(
+    tmp_path, capsys, monkeypatch, kernels
+):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests' interpreter would run Triton on the CPU
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "--kernels", kernels, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"kernels='{kernels}' (--kernels {kernels}) cannot run on device cpu: it needs CUDA" in err
+    assert "Use kernels='auto'" in err and not run.exists()
 
 
 def test_unknown_preset_and_existing_run(tmp_path, capsys):
