@@ -29,6 +29,17 @@ def _int_list(s: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {s!r}") from None
 
 
+def _positive_int(s: str) -> int:
+    """An integer >= 1: a count of samples or steps (0 or less would draw nothing, or was rounded up)."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
 def _opt_float(s: str) -> float | None:
     return None if s.lower() in ("none", "off", "0") else float(s)
 
@@ -340,8 +351,8 @@ def _given(args, names) -> dict:
 
 
 def _round_steps(n: int, b: int) -> int:
-    """Sampling steps must be a multiple of B (each block gets the same number)."""
-    return b * max(1, math.ceil(n / b))
+    """Sampling steps must be a multiple of B (each block gets the same number); n >= 1 (_positive_int)."""
+    return b * math.ceil(n / b)
 
 
 def _abs(path):
@@ -371,13 +382,17 @@ def _save_grid(images: np.ndarray, rows: int, cols: int, out, scale: int = 4) ->
 # --- argument parsing ---------------------------------------------------------------------------------------
 def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
     p.add_argument(
-        "--num-steps", "--steps", dest="num_steps", type=int, help="sampling steps, a multiple of B"
+        "--num-steps",
+        "--steps",
+        dest="num_steps",
+        type=_positive_int,
+        help="sampling steps, 1 or more, rounded up to a multiple of B",
     )
     p.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument(
         "--per-class",
-        type=int,
+        type=_positive_int,
         default=per_class,
         help=f"samples per class; language models: samples in all (default {per_class})",
     )

@@ -149,6 +149,19 @@ def test_kernels_that_cannot_run_are_refused_before_the_run_folder_is_written(
     assert "Use kernels='auto'" in err and not run.exists()
 
 
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("flag,value", [("--per-class", "-2"), ("--per-class", "0"), ("--num-steps", "0"),
+                                        ("--num-steps", "-3"), ("--steps", "x")])  # fmt: skip
+def test_sample_counts_below_one_are_refused(tmp_path, capsys, command, flag, value):
+    run = tmp_path / "run"
+    argv = [command, flag, value, *(["--out", str(run)] if command == "train" else ["--run", str(run)])]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and not run.exists()
+    err = capsys.readouterr().err
+    assert "error: argument --" in err and flag in err and "1 or more, got" in err
+
+
 def test_unknown_preset_and_existing_run(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown preset 'cifar'; choose one of: digits-dit"):
         main(["train", "--preset", "cifar"])
