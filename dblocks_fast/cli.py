@@ -316,7 +316,32 @@ def _run_preset(args):
         raise CheckpointError(f"run folder {args.run} does not exist")
     info = run.read_json(RunFolder.CLI) or {}
     data = getattr(args, "data", None) or info.get("data")
-    return _preset(args.preset or info.get("preset") or DEFAULT_PRESET), data
+    name = args.preset or info.get("preset") or DEFAULT_PRESET
+    preset = _preset(name)
+    _check_preset_fits(run, name, info.get("preset"))
+    return preset, data
+
+
+def _check_preset_fits(run: RunFolder, name: str, recorded: str | None) -> None:
+    """Refuse a --preset made for another kind of model than the run's (its sampling settings, data and
+    figures would not fit it). A model of the user's (kind "custom") takes the data and settings of the
+    preset it was trained with, so it fits the presets of that preset's kind; without cli.json (a run of
+    the Python API) there is nothing to compare it with."""
+    kind = run.read_manifest()["task"].get("kind")
+    if kind == "custom":
+        if recorded not in PRESETS:
+            return
+        kind = PRESETS[recorded].task_kind
+    if PRESETS[name].task_kind == kind:
+        return
+    fits = sorted(n for n, p in PRESETS.items() if p.task_kind == kind)
+    trained = f" (trained with --preset {recorded})" if recorded else ""
+    do = [f"leave --preset out (the run folder records {recorded})"] if recorded else []
+    do += [f"pass --preset {' or '.join(fits)}"] if fits else []
+    raise ValueError(
+        f"{run} holds a model of kind {kind!r}{trained}, but --preset {name} is for models of kind "
+        f"{PRESETS[name].task_kind!r}: {', or '.join(do) or 'this version has no preset for it'}"
+    )
 
 
 def _own_task(args, train_data):

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from dblocks_fast.checkpoint import FORMAT
 from dblocks_fast.cli import build_parser, main
+from dblocks_fast.tasks import PRESETS
 from dblocks_fast.train import TrainConfig
 
 FAST = ["--steps-per-block", "3", "--batch-size", "16", "--warmup", "1", "--no-progress"]
@@ -162,11 +164,20 @@ def test_sample_counts_below_one_are_refused(tmp_path, capsys, command, flag, va
     assert "error: argument --" in err and flag in err and "1 or more, got" in err
 
 
-def test_unknown_preset_and_existing_run(tmp_path, capsys):
+def test_unknown_preset_existing_run_and_a_preset_for_another_model(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown preset 'cifar'; choose one of: digits-dit"):
         main(["train", "--preset", "cifar"])
     run = tmp_path / "r"
     assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 0
+    assert main(["sample", "--run", str(run), "--device", "tpu"]) == 2
+    assert "device 'tpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    for command in ("sample", "eval"):  # a DiT run read as a ViT classifier: was KeyError: 'num_steps'
+        assert main([command, "--run", str(run), "--preset", "digits-vit"]) == 2
+        assert (
+            f"{run} holds a model of kind 'image-generation' (trained with --preset digits-dit), but "
+            f"--preset digits-vit is for models of kind 'image-classification': leave --preset out (the run "
+            f"folder records digits-dit), or pass --preset digits-dit"
+        ) in capsys.readouterr().err
     before = (run / "manifest.json").read_bytes()
     assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 2
     assert "already holds a run; pass resume=True (--resume)" in capsys.readouterr().err
@@ -179,3 +190,19 @@ def test_console_script_is_installed():
     assert exe, "the dblocks-fast console script is not on PATH: install the package (pip install -e .)"
     out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--steps-per-block" in out and "--resume" in out
+
+
+def test_a_model_of_the_users_fits_the_presets_of_the_kind_it_was_trained_with(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "task": {"kind": "custom"}}))
+    (tmp_path / "cli.json").write_text(json.dumps({"preset": "pystdlib-ar", "data": None}))
+    assert main(["sample", "--run", str(tmp_path), "--preset", "digits-dit"]) == 2
+    assert "--preset pystdlib-ar or pystdlib-recurrent" in capsys.readouterr().err
+
+
+def test_each_preset_says_the_kind_of_task_it_builds(digits):
+    from dblocks_fast.data import TextData
+
+    text = TextData(torch.arange(64 * 40, dtype=torch.int64).remainder(256).to(torch.uint8), 64)
+    for name, preset in PRESETS.items():
+        data = digits if name.startswith("digits") else text
+        assert preset.make_task(data).kind == preset.task_kind, name
