@@ -14,7 +14,9 @@ import numpy as np
 
 from .checkpoint import CheckpointError, RunFolder, atomic_write
 from .config import GROUPS, TrainConfig
+from .devices import DEVICES_HELP
 from .distributed import DistributedError
+from .samplers import SAMPLERS
 from .tasks import PRESETS, ImageClassification
 from .train import TrainingDiverged
 
@@ -56,8 +58,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if f.name in ("out_dir", "progress"):
             continue  # --out and --no-progress below
-        # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None
+        # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None.
+        # choices: the field's fixed set of values (config.py), listed by --help and checked by argparse
         kw = {"default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
         if f.name == "num_blocks":
             p.add_argument("--blocks", "--num-blocks", dest="num_blocks", type=int, help=h, **kw)
         elif f.name == "layers":
@@ -65,11 +70,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "only_blocks":
             p.add_argument(flag, type=_int_list, help=h + " (e.g. 0,2)", **kw)
         elif f.name == "process":
-            p.add_argument(
-                "--noise", "--process", dest="process", choices=("auto", "edm", "flow"), help=h, **kw
-            )
-        elif f.name == "distributed":
-            p.add_argument(flag, choices=("auto", "on", "off"), help=h, **kw)
+            p.add_argument("--noise", "--process", dest="process", help=h, **kw)
         elif f.name == "grad_clip":
             p.add_argument(flag, type=_opt_float, help=h + " ('none' to disable)", **kw)
         elif hint is bool:
@@ -413,7 +414,7 @@ def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
         type=_positive_int,
         help="sampling steps, 1 or more, rounded up to a multiple of B",
     )
-    p.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ODE solver")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument(
         "--per-class",
@@ -450,12 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     _add_sample_flags(t, per_class=50)
 
+    device_help = f"torch device: {DEVICES_HELP} (default auto: cuda if available, else cpu)"
     s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
     s.add_argument("--run", required=True, help="run folder")
     s.add_argument(
         "--out", default="grid.png", help="PNG to write (language models: a .txt to write the samples to)"
     )
-    s.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s.add_argument("--device", default=None, help=device_help)
     s.add_argument("--preset", help="preset the run used (default: from the run folder)")
     _add_sample_flags(s, per_class=8)
 
@@ -463,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a run: sample accuracy and Frechet distance of classifier features"
     )
     e.add_argument("--run", required=True, help="run folder")
-    e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    e.add_argument("--device", default=None, help=device_help)
     e.add_argument("--preset", help="preset the run used (default: from the run folder)")
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
     _add_sample_flags(e, per_class=50)

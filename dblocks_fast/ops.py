@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import precond
+from .config import KERNELS
 
 __all__ = [
     "KERNELS",
@@ -48,7 +49,6 @@ __all__ = [
     "adamw_ref_",
 ]
 
-KERNELS = ("auto", "cuda", "triton", "torch")
 _PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, in order
 
 

@@ -164,6 +164,23 @@ def test_sample_counts_below_one_are_refused(tmp_path, capsys, command, flag, va
     assert "error: argument --" in err and flag in err and "1 or more, got" in err
 
 
+def test_flags_of_settings_with_fixed_values_offer_exactly_those():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    fixed = {f.name: f.metadata["choices"] for _, f in TrainConfig.fields() if "choices" in f.metadata}
+    assert {"schedule", "partition", "precision", "kernels", "offload", "process"} <= set(fixed)
+    for name, choices in fixed.items():
+        assert tuple(actions[name].choices) == choices, name
+    usage = train.format_help()
+    for listed in ("{auto,cuda,triton,torch}", "{none,host,disk}", "{random,sequential,chunked}",
+                   "{equiprob,uniform}", "{fp32,bf16}", "{auto,edm,flow,masking}", "'cuda:N'"):  # fmt: skip
+        assert listed in usage, listed
+    with pytest.raises(SystemExit):
+        train.parse_args(["--offload", "tape"])
+    with pytest.raises(ValueError, match="offload must be one of \\('none', 'host', 'disk'\\), got 'tape'"):
+        TrainConfig(offload="tape").validate()
+
+
 def test_unknown_preset_existing_run_and_a_preset_for_another_model(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown preset 'cifar'; choose one of: digits-dit"):
         main(["train", "--preset", "cifar"])
