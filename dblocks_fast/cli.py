@@ -14,7 +14,9 @@ import numpy as np
 
 from .checkpoint import CheckpointError, RunFolder, atomic_write
 from .config import GROUPS, TrainConfig
+from .devices import DEVICES_HELP
 from .distributed import DistributedError
+from .samplers import SAMPLERS
 from .tasks import PRESETS, ImageClassification
 from .train import Preempted, TrainingDiverged
 
@@ -29,6 +31,17 @@ def _int_list(s: str) -> list[int]:
         return [int(v) for v in s.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {s!r}") from None
+
+
+def _positive_int(s: str) -> int:
+    """An integer >= 1: a count of samples or steps (0 or less would draw nothing, or was rounded up)."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {s!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
 
 
 def _opt_float(s: str) -> float | None:
@@ -47,8 +60,11 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         flag, h = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if f.name in ("out_dir", "progress"):
             continue  # --out and --no-progress below
-        # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None
+        # SUPPRESS: a flag not given leaves no attribute, so preset defaults apply and "none" can mean None.
+        # choices: the field's fixed set of values (config.py), listed by --help and checked by argparse
         kw = {"default": argparse.SUPPRESS}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
         if f.name == "num_blocks":
             p.add_argument("--blocks", "--num-blocks", dest="num_blocks", type=int, help=h, **kw)
         elif f.name == "layers":
@@ -56,11 +72,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         elif f.name == "only_blocks":
             p.add_argument(flag, type=_int_list, help=h + " (e.g. 0,2)", **kw)
         elif f.name == "process":
-            p.add_argument(
-                "--noise", "--process", dest="process", choices=("auto", "edm", "flow"), help=h, **kw
-            )
-        elif f.name == "distributed":
-            p.add_argument(flag, choices=("auto", "on", "off"), help=h, **kw)
+            p.add_argument("--noise", "--process", dest="process", help=h, **kw)
         elif f.name == "grad_clip":
             p.add_argument(flag, type=_opt_float, help=h + " ('none' to disable)", **kw)
         elif hint is bool:
@@ -307,7 +319,32 @@ def _run_preset(args):
         raise CheckpointError(f"run folder {args.run} does not exist")
     info = run.read_json(RunFolder.CLI) or {}
     data = getattr(args, "data", None) or info.get("data")
-    return _preset(args.preset or info.get("preset") or DEFAULT_PRESET), data
+    name = args.preset or info.get("preset") or DEFAULT_PRESET
+    preset = _preset(name)
+    _check_preset_fits(run, name, info.get("preset"))
+    return preset, data
+
+
+def _check_preset_fits(run: RunFolder, name: str, recorded: str | None) -> None:
+    """Refuse a --preset made for another kind of model than the run's (its sampling settings, data and
+    figures would not fit it). A model of the user's (kind "custom") takes the data and settings of the
+    preset it was trained with, so it fits the presets of that preset's kind; without cli.json (a run of
+    the Python API) there is nothing to compare it with."""
+    kind = run.read_manifest()["task"].get("kind")
+    if kind == "custom":
+        if recorded not in PRESETS:
+            return
+        kind = PRESETS[recorded].task_kind
+    if PRESETS[name].task_kind == kind:
+        return
+    fits = sorted(n for n, p in PRESETS.items() if p.task_kind == kind)
+    trained = f" (trained with --preset {recorded})" if recorded else ""
+    do = [f"leave --preset out (the run folder records {recorded})"] if recorded else []
+    do += [f"pass --preset {' or '.join(fits)}"] if fits else []
+    raise ValueError(
+        f"{run} holds a model of kind {kind!r}{trained}, but --preset {name} is for models of kind "
+        f"{PRESETS[name].task_kind!r}: {', or '.join(do) or 'this version has no preset for it'}"
+    )
 
 
 def _own_task(args, train_data):
@@ -342,8 +379,8 @@ def _given(args, names) -> dict:
 
 
 def _round_steps(n: int, b: int) -> int:
-    """Sampling steps must be a multiple of B (each block gets the same number)."""
-    return b * max(1, math.ceil(n / b))
+    """Sampling steps must be a multiple of B (each block gets the same number); n >= 1 (_positive_int)."""
+    return b * math.ceil(n / b)
 
 
 def _abs(path):
@@ -373,13 +410,17 @@ def _save_grid(images: np.ndarray, rows: int, cols: int, out, scale: int = 4) ->
 # --- argument parsing ---------------------------------------------------------------------------------------
 def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
     p.add_argument(
-        "--num-steps", "--steps", dest="num_steps", type=int, help="sampling steps, a multiple of B"
+        "--num-steps",
+        "--steps",
+        dest="num_steps",
+        type=_positive_int,
+        help="sampling steps, 1 or more, rounded up to a multiple of B",
     )
-    p.add_argument("--sampler", choices=("euler", "heun"), help="ODE solver")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ODE solver")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument(
         "--per-class",
-        type=int,
+        type=_positive_int,
         default=per_class,
         help=f"samples per class; language models: samples in all (default {per_class})",
     )
@@ -418,12 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     _add_sample_flags(t, per_class=50)
 
+    device_help = f"torch device: {DEVICES_HELP} (default auto: cuda if available, else cpu)"
     s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
     s.add_argument("--run", required=True, help="run folder")
     s.add_argument(
         "--out", default="grid.png", help="PNG to write (language models: a .txt to write the samples to)"
     )
-    s.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s.add_argument("--device", default=None, help=device_help)
     s.add_argument("--preset", help="preset the run used (default: from the run folder)")
     _add_sample_flags(s, per_class=8)
 
@@ -431,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a run: sample accuracy and Frechet distance of classifier features"
     )
     e.add_argument("--run", required=True, help="run folder")
-    e.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    e.add_argument("--device", default=None, help=device_help)
     e.add_argument("--preset", help="preset the run used (default: from the run folder)")
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
     _add_sample_flags(e, per_class=50)

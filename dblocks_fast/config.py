@@ -13,7 +13,9 @@ A setting's name is unique across the groups, so a config can also be written fl
 and run folders before this grouping do: `TrainConfig(num_blocks=3, lr=2e-3, offload="disk")` puts `lr` in
 `.optimizer` and `offload` in `.storage`. `TrainConfig.from_dict` reads both the nested form that run
 folders now hold and the flat form of older ones. Each field's help is its `metadata["help"]`, which the CLI
-shows; nothing parses this file.
+shows; nothing parses this file. A setting that takes one of a fixed set of values names the set in
+`metadata["choices"]` (the tuples below, the one place they are written): `validate` checks it, the CLI
+offers exactly those, and the noise processes and `ops` check against the same tuples.
 """
 
 from __future__ import annotations
@@ -23,24 +25,44 @@ import dataclasses
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DISTRIBUTED",
+    "FLOW_DENSITIES",
     "GROUPS",
     "IOConfig",
+    "KERNELS",
     "NoiseConfig",
+    "OFFLOADS",
     "OptimConfig",
+    "PARTITIONS",
+    "PRECISIONS",
+    "PREDICTIONS",
+    "PROCESSES",
     "RESUME_FREE",
     "RuntimeConfig",
+    "SCHEDULES",
     "StorageConfig",
     "TrainConfig",
 ]
 
-KERNELS = ("auto", "cuda", "triton", "torch")  # as ops.KERNELS (not imported: config imports nothing heavy)
+# The values a setting may take, where they are a fixed set (metadata["choices"] of its field)
+PROCESSES = ("auto", "edm", "flow", "masking")  # noise.process ("masking": the masked-diffusion LM's own)
+PARTITIONS = ("equiprob", "uniform")
+FLOW_DENSITIES = ("logit-normal", "uniform")
+PREDICTIONS = ("velocity", "epsilon", "x0")
+SCHEDULES = ("random", "sequential", "chunked")
+PRECISIONS = ("fp32", "bf16")
+KERNELS = ("auto", "cuda", "triton", "torch")  # ops.KERNELS is this tuple
+DISTRIBUTED = ("auto", "on", "off")
+OFFLOADS = ("none", "host", "disk")
 
 
-def _f(default, help: str, **kw):
-    """A field with its help text (shown by `dblocks-fast train --help`)."""
+def _f(default, help: str, choices: tuple[str, ...] | None = None, **kw):
+    """A field with its help text (shown by `dblocks-fast train --help`) and, if its values are a fixed set,
+    that set (checked by validate, offered by the CLI)."""
+    meta = {"help": help} if choices is None else {"help": help, "choices": choices}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass
@@ -51,9 +73,12 @@ class NoiseConfig:
         "auto",
         "noise process: 'edm', 'flow' (rectified flow, as SD3 and Flux train), or 'auto', the task's own "
         "(EDM; the masked-diffusion LM's masking)",
+        PROCESSES,
     )
     partition: str = _f(
-        "equiprob", "noise partition: 'equiprob' (equal probability mass) or 'uniform' (in ln sigma, or in t)"
+        "equiprob",
+        "noise partition: 'equiprob' (equal probability mass) or 'uniform' (in ln sigma, or in t)",
+        PARTITIONS,
     )
     gamma: float = _f(
         0.05, "overlap: each block's interval widened by gamma x its width (in ln sigma, logit t)"
@@ -62,11 +87,13 @@ class NoiseConfig:
     sigma_max: float = _f(80.0, "EDM: highest noise level")
     p_mean: float = _f(-1.2, "EDM: mean of ln sigma during training")
     p_std: float = _f(1.2, "EDM: std of ln sigma during training")
-    flow_density: str = _f("logit-normal", "flow: density of t, 'logit-normal' or 'uniform'")
+    flow_density: str = _f("logit-normal", "flow: density of t, 'logit-normal' or 'uniform'", FLOW_DENSITIES)
     flow_mean: float = _f(0.0, "flow: mean of logit(t) under the logit-normal density (SD3: 0)")
     flow_std: float = _f(1.0, "flow: std of logit(t) under the logit-normal density (SD3: 1)")
     shift: float = _f(1.0, "flow: resolution shift k, t -> k t / (1 + (k - 1) t); 1 = none")
-    prediction: str = _f("velocity", "flow: what the network outputs: 'velocity', 'epsilon' or 'x0'")
+    prediction: str = _f(
+        "velocity", "flow: what the network outputs: 'velocity', 'epsilon' or 'x0'", PREDICTIONS
+    )
 
 
 @dataclass
@@ -86,17 +113,28 @@ class OptimConfig:
 class RuntimeConfig:
     """How the numbers are computed and where: none of these but precision changes a block's numbers."""
 
-    precision: str = _f("fp32", "'fp32', or 'bf16' autocast (weights and optimizer state stay fp32)")
-    device: str = _f("auto", "torch device; 'auto' = cuda if available, else cpu")
-    kernels: str = _f("auto", "op implementations: 'auto', 'cuda', 'triton' or 'torch'")
-    distributed: str = _f("auto", "'auto': block-parallel under torchrun (WORLD_SIZE > 1); 'on'; 'off'")
+    precision: str = _f(
+        "fp32", "'fp32', or 'bf16' autocast (weights and optimizer state stay fp32)", PRECISIONS
+    )
+    device: str = _f("auto", "torch device: 'cpu', 'cuda', 'cuda:N', or 'auto' = cuda if available, else cpu")
+    kernels: str = _f(
+        "auto",
+        "op implementations: 'auto' (Triton on CUDA, else the torch reference), 'cuda' (the CUDA C++ "
+        "library), 'triton' or 'torch'",
+        KERNELS,
+    )
+    distributed: str = _f(
+        "auto", "'auto': block-parallel under torchrun (WORLD_SIZE > 1); 'on'; 'off'", DISTRIBUTED
+    )
 
 
 @dataclass
 class StorageConfig:
     """Where blocks and their AdamW moments wait while other blocks train (storage.create)."""
 
-    offload: str = _f("none", "where blocks wait while others train: 'none' (device), 'host' or 'disk'")
+    offload: str = _f(
+        "none", "where blocks wait while others train: 'none' (device), 'host' or 'disk'", OFFLOADS
+    )
     prefetch: bool = _f(True, "with offload: copy the next block in while the current one trains")
 
 
@@ -132,7 +170,9 @@ class TrainConfig:
     )
     batch_size: int = _f(128, "examples per step")
     seed: int = _f(0, "seeds initialisation, data order, noise and the block order")
-    schedule: str = _f("random", "block order: 'random' (seeded interleaving), 'sequential', 'chunked'")
+    schedule: str = _f(
+        "random", "block order: 'random' (seeded interleaving), 'sequential', 'chunked'", SCHEDULES
+    )
     chunk_steps: int = _f(50, "schedule='chunked': a block takes this many steps before another block's turn")
     only_blocks: list[int] | None = _f(
         None, "train just these blocks here; None = all (see dblocks-fast merge)"
@@ -199,7 +239,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig: {msg}")
 
-        o, r, s, io = self.optimizer, self.runtime, self.storage, self.io
+        o, io = self.optimizer, self.io
         need(self.num_blocks >= 1, f"num_blocks must be >= 1, got {self.num_blocks}")
         need(self.steps_per_block >= 1, f"steps_per_block must be >= 1, got {self.steps_per_block}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -208,29 +248,13 @@ class TrainConfig:
         need(o.weight_decay >= 0, f"weight_decay must be >= 0, got {o.weight_decay}")
         need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"betas must be in [0, 1), got {o.beta1}, {o.beta2}")
         need(o.grad_clip is None or o.grad_clip > 0, f"grad_clip must be > 0 or None, got {o.grad_clip}")
-        need(
-            self.schedule in ("random", "sequential", "chunked"),
-            f"schedule must be 'random', 'sequential' or 'chunked', not {self.schedule!r}",
-        )
+        for name, value in self.flat().items():
+            choices = _CHOICES.get(name)
+            need(choices is None or value in choices, f"{name} must be one of {choices}, got {value!r}")
         need(self.chunk_steps >= 1, f"chunk_steps must be >= 1, got {self.chunk_steps}")
-        processes = ("auto", "edm", "flow", "masking")
-        need(
-            self.noise.process in processes,
-            f"noise process must be one of {processes}, got {self.noise.process!r}",
-        )
-        need(r.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {r.precision!r}")
-        need(r.kernels in KERNELS, f"kernels must be one of {KERNELS}, got {r.kernels!r}")
         need(io.log_every >= 1, f"log_every must be >= 1, got {io.log_every}")
         need(io.ckpt_every >= 0, f"ckpt_every must be >= 0, got {io.ckpt_every}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        need(
-            s.offload in ("none", "host", "disk"),
-            f"offload must be 'none', 'host' or 'disk', got {s.offload!r}",
-        )
-        need(
-            r.distributed in ("auto", "on", "off"),
-            f"distributed must be 'auto', 'on' or 'off', got {r.distributed!r}",
-        )
         if self.only_blocks is not None:
             blocks = list(self.only_blocks)
             need(len(blocks) > 0, "only_blocks is empty; give at least one block, or None for all")
@@ -243,6 +267,7 @@ class TrainConfig:
 
 
 _GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+_CHOICES = {f.name: f.metadata["choices"] for _, f in TrainConfig.fields() if "choices" in f.metadata}
 
 # Settings that may differ when a run is resumed, or between runs that are merged: they change where and
 # how a run reports, which process trains which block and in what order, never a block's numbers (every

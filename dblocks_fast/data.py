@@ -101,10 +101,21 @@ def load_digits(split: str = "train", val_fraction: float = 0.2) -> ImageData:
     return _split(ImageData(images, labels, 10, "digits"), split, val_fraction)
 
 
-def load_image_npz(path: str | os.PathLike, split: str = "train", val_fraction: float = 0.2) -> ImageData:
+# The most classes an .npz may ask for: labels are class indices 0..K-1 and every model holds a table of K
+# rows a block, so one stray label (10**7) would build a 10-million-class model and run the machine out of
+# memory. K is refused above MAX_CLASSES, and above max(1000, 100 x the number of images), where 99% of the
+# classes would have no image: a sign of labels that are ids rather than indices.
+MAX_CLASSES = 100_000
+
+
+def load_image_npz(
+    path: str | os.PathLike, split: str = "train", val_fraction: float = 0.2, max_classes: int = MAX_CLASSES
+) -> ImageData:
     """The user's images from an .npz with `images` (N, C, H, W) or (N, H, W) and integer `labels` (N,).
 
     uint8 images are read as 0..255; float images must already lie in [-1, 1]. Split as load_digits.
+    The classes are 0..labels.max(); more than max_classes, or than max(1000, 100 N), are refused (see
+    MAX_CLASSES).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -131,8 +142,14 @@ def load_image_npz(path: str | os.PathLike, split: str = "train", val_fraction: 
         )
     if len(labels) != len(images):
         raise ValueError(f"--data {path}: {len(images)} images but {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(
+            f"--data {path} holds no images (images has shape {images.shape}); save at least one image of "
+            f"each class"
+        )
     if labels.min() < 0:
         raise ValueError(f"--data {path}: labels must be >= 0, found {labels.min()}")
+    _check_classes(labels, path, max_classes)
     if images.dtype == np.uint8:
         x = images.astype(np.float32) / 127.5 - 1.0
     elif np.issubdtype(images.dtype, np.floating):
@@ -151,6 +168,19 @@ def load_image_npz(path: str | os.PathLike, split: str = "train", val_fraction: 
         torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1, name
     )
     return _split(data, split, val_fraction)
+
+
+def _check_classes(labels: np.ndarray, path: str, max_classes: int) -> None:
+    limit = min(max_classes, max(1000, 100 * len(labels)))
+    if int(labels.max()) < limit:
+        return
+    i = int(np.argmax(labels))
+    raise ValueError(
+        f"--data {path}: label {labels[i]} (of image {i}) asks for {int(labels[i]) + 1} classes; this file "
+        f"may have at most {limit} (max(1000, 100 x its {len(labels)} images), and never more than "
+        f"{max_classes}). Labels must be class indices 0..K-1: renumber them, e.g. "
+        f"labels = np.unique(labels, return_inverse=True)[1]"
+    )
 
 
 # --- text (bytes) -----------------------------------------------------------------------------------------

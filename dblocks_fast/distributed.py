@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import devices
+
 __all__ = [
     "Comm",
     "DistributedError",
@@ -236,22 +238,7 @@ def connect(mode: str, blocks: Sequence[int], device: str) -> tuple[Comm, torch.
 
 
 def _device(name: str, local_rank: int | None) -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        dev = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
-    else:
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --device cpu")
-        if dev.type == "cuda" and dev.index is None and local_rank is not None:
-            dev = torch.device("cuda", local_rank)
+    dev = devices.resolve(name, local_rank)  # a ValueError that says what to use, before anything runs
     if dev.type == "cuda":
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"this process wants GPU {dev.index} but the machine has {torch.cuda.device_count()}: start "
-                f"at most {torch.cuda.device_count()} processes per node (torchrun --nproc-per-node), or "
-                f"train on CPU processes with --device cpu"
-            )
         torch.cuda.set_device(dev)
     return dev

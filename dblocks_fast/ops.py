@@ -10,7 +10,8 @@ Models and the optimizer call these functions, never a kernel directly. Each op 
                    step is the exception, for the reason given where it is registered), else the torch
                    implementation; a fast path that cannot run on a CUDA device falls back with one warning.
   kernels="torch"  the reference (for adamw_ on CUDA: torch._fused_adamw_).
-  kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run.
+  kernels="triton" / "cuda"  exactly that implementation; raises if it is not registered or cannot run
+                   (`check_kernels` says so up front, for all ops at once: the trainer calls it first).
 
 Env flags DBLOCKS_DISABLE_TRITON=1 / DBLOCKS_DISABLE_CUDA=1 take a backend out of "auto" (for bisecting).
 """
@@ -28,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from . import precond
+from .config import KERNELS
 
 __all__ = [
     "KERNELS",
     "register",
     "select",
+    "check_kernels",
     "available",
     "adaln_modulate",
     "gated_residual_adaln",
@@ -46,7 +49,6 @@ __all__ = [
     "adamw_ref_",
 ]
 
-KERNELS = ("auto", "cuda", "triton", "torch")
 _PREFERENCE = ("cuda", "triton", "torch")  # what "auto" tries, in order
 
 
@@ -117,6 +119,27 @@ def select(op: str, kernels: str, device: torch.device) -> Callable:
         if not impl.usable(device) and impl.auto is not _not_auto and device.type == "cuda":
             skipped = skipped or backend
     raise AssertionError(f"{op} has no usable implementation")  # the torch reference is always usable
+
+
+def check_kernels(kernels: str, device: torch.device) -> None:
+    """Raise ValueError now if `kernels` names a backend that cannot run on `device`, which `select` would
+    otherwise raise at the first call of an op (in the trainer: after the run folder is written).
+
+    "auto" and "torch" always run. An explicit "triton" or "cuda" must run every op it implements.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels in ("auto", "torch"):
+        return
+    impls = {op: by_backend[kernels] for op, by_backend in _REGISTRY.items() if kernels in by_backend}
+    unusable = [(op, impl) for op, impl in impls.items() if not impl.usable(device)]
+    if impls and not unusable:
+        return
+    why = f"it needs {unusable[0][1].needs}" if unusable else f"this build has no {kernels} implementation"
+    raise ValueError(
+        f"kernels={kernels!r} (--kernels {kernels}) cannot run on device {device}: {why}. Use kernels='auto' "
+        f"(the fastest implementation that runs here) or 'torch' (the reference)."
+    )
 
 
 def _any_device(device: torch.device) -> bool:

@@ -6,7 +6,9 @@ the spirit of Inception Score / FID at the scale of 8x8 digits:
 - Frechet distance between the classifier's penultimate features of generated images and of held-out real
   images (Heusel et al. 2017). `real_frechet` is the same distance for as many real *training* images: the
   floor a perfect generator would reach at this sample size.
-The classifier is trained on the CPU from a fixed seed, so every run scores with the same judge.
+The classifier is trained on the CPU from a fixed seed and on one thread, so every run scores with the same
+judge, bit for bit, whatever the process's thread count (a torchrun rank has one thread, a plain process
+one per core).
 
 Continuations of Python source bytes (the autoregressive LM and its baseline), judged by the end-to-end
 model and by Python's tokenizer (`generative_score`, `tokenizes`, `tokenize_fraction`). A model's own
@@ -15,6 +17,7 @@ likelihood figures (bits per byte, the MDM's ELBO) stay with its task: they run 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -69,11 +72,29 @@ class FeatureClassifier(nn.Module):
         return self.out(self.body(x))
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The judge's arithmetic on one CPU thread, the caller's thread count restored after.
+
+    A matrix product split over threads adds its terms in another order, so a judge trained with 2 threads
+    differed in the last bits from one trained with 1 (a torchrun rank), and so did the Frechet distances of
+    identical samples. One thread is the count every process can have; the judge is a small MLP, so it
+    costs little.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_classifier(
     data: ImageData, steps: int = 1500, batch_size: int = 128, seed: int = 0
 ) -> FeatureClassifier:
-    """Train the judge on the CPU (fixed seed; light noise augmentation so it is not fooled by tiny noise)."""
-    with torch.random.fork_rng(devices=[]):
+    """Train the judge on the CPU (fixed seed; light noise augmentation so it is not fooled by tiny noise),
+    on one thread: the same bits in every process."""
+    with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(rng.derive_seed(seed, rng.EVAL))
         clf = FeatureClassifier(data.image_shape, data.num_classes)
         opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-2)
@@ -130,8 +151,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def _score(clf: FeatureClassifier, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     x = images.detach().float().cpu().clamp(-1, 1)
-    feats = clf.features(x)
-    return feats.numpy(), clf.out(feats).argmax(1).numpy()
+    with _one_thread():  # the same features, so the same Frechet distance, in every process
+        feats = clf.features(x)
+        return feats.numpy(), clf.out(feats).argmax(1).numpy()
 
 
 def evaluate(

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from . import checkpoint, rng
+from . import checkpoint, devices, rng
 from .config import TrainConfig
 from .model import BlockModel, layer_ranges
 from .samplers import SAMPLERS, sample_euler, sample_heun
@@ -34,14 +34,9 @@ def guided(model: BlockModel, cfg_scale: float):
     return denoiser
 
 
-def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load(run_dir: str | os.PathLike, device=None, kernels: str = "auto") -> BlockModel:
     """The trained BlockModel saved in a run folder (every block's latest checkpoint)."""
+    device = devices.resolve(device)  # a machine without it is told so before the blocks are read
     run = checkpoint.RunFolder(run_dir)
     manifest = run.read_manifest()
     task = task_from_dict(manifest["task"])
@@ -58,7 +53,7 @@ def load(run_dir: str | os.PathLike, device=None, kernels: str = "auto") -> Bloc
         warnings.warn(
             f"{run_dir} is not finished (block steps {steps}); using its partly trained blocks", stacklevel=2
         )
-    model = BlockModel(task, process, layers, blocks).to(_resolve_device(device)).set_kernels(kernels)
+    model = BlockModel(task, process, layers, blocks).to(device).set_kernels(kernels)
     return model.eval()
 
 

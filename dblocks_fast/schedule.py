@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from . import precond
+from .config import FLOW_DENSITIES, PARTITIONS, PREDICTIONS
 
 __all__ = ["EDM", "FlowMatching", "Masking", "NoiseProcess", "NoiseSchedule", "create", "from_dict"]
 
@@ -41,8 +42,8 @@ def _check(num_blocks, gamma, partition: str = "equiprob") -> None:
         raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma (block overlap) must be in [0, 1), got {gamma}")
-    if partition not in ("equiprob", "uniform"):
-        raise ValueError(f"partition must be 'equiprob' or 'uniform', got {partition!r}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
 
 
 class NoiseProcess(Protocol):
@@ -260,8 +261,6 @@ class EDM(_Levels):
 
 
 # --- flow matching -----------------------------------------------------------------------------------------
-PREDICTIONS = ("velocity", "epsilon", "x0")
-FLOW_DENSITIES = ("logit-normal", "uniform")
 _T_EPS = 1e-3  # the widening measures a block's width in logit(t) with t clipped to [_T_EPS, 1 - _T_EPS]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, optim, rng, storage
+from . import distributed, ops, optim, rng, storage
 from .checkpoint import FORMAT, RunFolder, RunInUse
 from .config import TrainConfig
 from .lr import lr_at
@@ -104,6 +104,7 @@ class Trainer:
             raise
 
     def _setup(self, task, data, config: TrainConfig, resume: bool, extend: bool) -> None:
+        ops.check_kernels(config.runtime.kernels, self.device)  # not at the first step, after config.json
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:

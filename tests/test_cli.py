@@ -5,8 +5,11 @@ import subprocess
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 
+from dblocks_fast.checkpoint import FORMAT
 from dblocks_fast.cli import build_parser, main
+from dblocks_fast.tasks import PRESETS
 from dblocks_fast.train import TrainConfig
 
 FAST = ["--steps-per-block", "3", "--batch-size", "16", "--warmup", "1", "--no-progress"]
@@ -114,21 +117,84 @@ def test_language_model_presets_on_user_text(tmp_path, capsys, preset, figure):
         (["train", "--data", "missing.npz"], "no such file"),
         (["train", "--resume"], "has no manifest.json"),
         (["eval", "--run", "nowhere"], "does not exist"),
+        (["train", "--device", "tpu"], "device 'tpu' is not a device; use auto, cpu, cuda or cuda:N"),
+        (["train", "--device", "cuda:99"], "'cuda:99' was requested but"),
+        (["train", "--data", "empty.npz"], "empty.npz holds no images"),
+        (
+            ["train", "--data", "huge.npz"],
+            "label 10000000 (of image 2) asks for 10000001 classes; this file may have at most 1000",
+        ),
     ],
 )
-def test_errors_are_clear_and_exit_2(tmp_path, capsys, argv, message):
+def test_errors_are_clear_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    np.savez("empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64))
+    np.savez("huge.npz", images=np.zeros((5, 8, 8), np.uint8), labels=np.array([0, 1, 10**7, 0, 1]))
     if "--out" not in argv and argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path / "run")]
         (tmp_path / "run").mkdir()
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was written
 
 
-def test_unknown_preset_and_existing_run(tmp_path, capsys):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels may run here")
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_kernels_that_cannot_run_are_refused_before_the_run_folder_is_written(
+    tmp_path, capsys, monkeypatch, kernels
+):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests' interpreter would run Triton on the CPU
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "--kernels", kernels, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"kernels='{kernels}' (--kernels {kernels}) cannot run on device cpu: it needs CUDA" in err
+    assert "Use kernels='auto'" in err and not run.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval"])
+@pytest.mark.parametrize("flag,value", [("--per-class", "-2"), ("--per-class", "0"), ("--num-steps", "0"),
+                                        ("--num-steps", "-3"), ("--steps", "x")])  # fmt: skip
+def test_sample_counts_below_one_are_refused(tmp_path, capsys, command, flag, value):
+    run = tmp_path / "run"
+    argv = [command, flag, value, *(["--out", str(run)] if command == "train" else ["--run", str(run)])]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and not run.exists()
+    err = capsys.readouterr().err
+    assert "error: argument --" in err and flag in err and "1 or more, got" in err
+
+
+def test_flags_of_settings_with_fixed_values_offer_exactly_those():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions}
+    fixed = {f.name: f.metadata["choices"] for _, f in TrainConfig.fields() if "choices" in f.metadata}
+    assert {"schedule", "partition", "precision", "kernels", "offload", "process"} <= set(fixed)
+    for name, choices in fixed.items():
+        assert tuple(actions[name].choices) == choices, name
+    usage = train.format_help()
+    for listed in ("{auto,cuda,triton,torch}", "{none,host,disk}", "{random,sequential,chunked}",
+                   "{equiprob,uniform}", "{fp32,bf16}", "{auto,edm,flow,masking}", "'cuda:N'"):  # fmt: skip
+        assert listed in usage, listed
+    with pytest.raises(SystemExit):
+        train.parse_args(["--offload", "tape"])
+    with pytest.raises(ValueError, match="offload must be one of \\('none', 'host', 'disk'\\), got 'tape'"):
+        TrainConfig(offload="tape").validate()
+
+
+def test_unknown_preset_existing_run_and_a_preset_for_another_model(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown preset 'cifar'; choose one of: digits-dit"):
         main(["train", "--preset", "cifar"])
     run = tmp_path / "r"
     assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 0
+    assert main(["sample", "--run", str(run), "--device", "tpu"]) == 2
+    assert "device 'tpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    for command in ("sample", "eval"):  # a DiT run read as a ViT classifier: was KeyError: 'num_steps'
+        assert main([command, "--run", str(run), "--preset", "digits-vit"]) == 2
+        assert (
+            f"{run} holds a model of kind 'image-generation' (trained with --preset digits-dit), but "
+            f"--preset digits-vit is for models of kind 'image-classification': leave --preset out (the run "
+            f"folder records digits-dit), or pass --preset digits-dit"
+        ) in capsys.readouterr().err
     before = (run / "manifest.json").read_bytes()
     assert main(["train", *FAST, "--no-eval", "--out", str(run)]) == 2
     assert "already holds a run; pass resume=True (--resume)" in capsys.readouterr().err
@@ -141,3 +207,19 @@ def test_console_script_is_installed():
     assert exe, "the dblocks-fast console script is not on PATH: install the package (pip install -e .)"
     out = subprocess.run([exe, "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--steps-per-block" in out and "--resume" in out
+
+
+def test_a_model_of_the_users_fits_the_presets_of_the_kind_it_was_trained_with(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "task": {"kind": "custom"}}))
+    (tmp_path / "cli.json").write_text(json.dumps({"preset": "pystdlib-ar", "data": None}))
+    assert main(["sample", "--run", str(tmp_path), "--preset", "digits-dit"]) == 2
+    assert "--preset pystdlib-ar or pystdlib-recurrent" in capsys.readouterr().err
+
+
+def test_each_preset_says_the_kind_of_task_it_builds(digits):
+    from dblocks_fast.data import TextData
+
+    text = TextData(torch.arange(64 * 40, dtype=torch.int64).remainder(256).to(torch.uint8), 64)
+    for name, preset in PRESETS.items():
+        data = digits if name.startswith("digits") else text
+        assert preset.make_task(data).kind == preset.task_kind, name

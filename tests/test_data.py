@@ -53,6 +53,12 @@ def test_npz_loader(tmp_path):
         (dict(images=np.full((4, 2, 2), 3.0), labels=np.zeros(4, int)), "must lie in \\[-1, 1\\]"),
         (dict(images=np.zeros((4, 2, 2)), labels=np.zeros(4)), "integer array"),
         (dict(images=np.full((4, 2, 2), np.nan), labels=np.zeros(4, int)), "NaN"),
+        (dict(images=np.zeros((0, 2, 2)), labels=np.zeros(0, int)), "bad.npz holds no images"),
+        (dict(images=np.zeros((0, 3, 2, 2), np.uint8), labels=np.zeros(0, int)), "holds no images"),
+        (
+            dict(images=np.zeros((4, 2, 2)), labels=np.array([0, 1, 10**7, 1])),
+            "label 10000000 \\(of image 2\\) asks for 10000001 classes; this file may have at most 1000 ",
+        ),
     ],
 )
 def test_npz_loader_errors(tmp_path, arrays, match):
@@ -134,3 +140,15 @@ def test_text_folder_splits_by_file(tmp_path):
     assert tr.num_files == len(train) and te.num_files == len(val)
     assert b"secret" not in bytes(tr.data.tolist()) + bytes(te.data.tolist())
     assert b"x%d = " % int(os.path.basename(val[0])[1:3]) in bytes(te.data.tolist())
+
+
+def test_npz_class_bound_grows_with_the_images_up_to_max_classes(tmp_path):
+    p = tmp_path / "ids.npz"
+    np.savez(p, images=np.zeros((20, 2, 2), np.uint8), labels=np.array([0, 1999] * 10))
+    assert load_image_npz(p, "all").num_classes == 2000  # 100 x 20 images: sparse labels, but plausible
+    np.savez(p, images=np.zeros((20, 2, 2), np.uint8), labels=np.array([0, 2000] * 10))
+    with pytest.raises(ValueError, match="at most 2000 \\(max\\(1000, 100 x its 20 images\\)"):
+        load_image_npz(p, "all")
+    np.savez(p, images=np.zeros((20, 2, 2), np.uint8), labels=np.array([0, 1999] * 10))
+    with pytest.raises(ValueError, match="never more than 500\\)"):
+        load_image_npz(p, "all", max_classes=500)

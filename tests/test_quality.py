@@ -52,3 +52,32 @@ def test_evaluate_scores_real_images_as_good_and_noise_as_bad(digits, tmp_path, 
     assert good["sample_accuracy"] > 0.95 and bad["sample_accuracy"] < 0.3
     assert good["frechet_distance"] < 3 * good["real_frechet"] < bad["frechet_distance"]
     assert (tmp_path / "eval.json").is_file()
+
+
+_JUDGE = """
+import functools, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from dblocks_fast import quality
+from dblocks_fast.data import load_digits
+quality.train_classifier = functools.partial(quality.train_classifier, steps=20)  # the bits differ early
+quality.cached_classifier(sys.argv[2], load_digits("train"))
+print(torch.get_num_threads())
+"""
+
+
+def test_the_judge_and_its_cached_file_are_the_same_bits_whatever_the_thread_count(tmp_path):
+    """A torchrun rank has 1 thread, a plain process one per core: both must score with the same judge."""
+    import subprocess
+    import sys
+
+    procs = {}
+    for threads in (1, 2):
+        (tmp_path / str(threads)).mkdir()
+        cmd = [sys.executable, "-c", _JUDGE, str(threads), str(tmp_path / str(threads))]
+        procs[threads] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for threads, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        assert out.split() == [str(threads)]  # the caller's thread count is restored
+    one, two = ((tmp_path / str(t) / "classifier.safetensors").read_bytes() for t in (1, 2))
+    assert one == two

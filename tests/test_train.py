@@ -278,3 +278,25 @@ def test_training_reduces_the_loss(tiny_task, digits, tiny_config):
     # the low-noise block starts close to optimal (D = c_skip z is already a good denoiser there)
     assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)
     assert sum(after) < 0.65 * sum(before), (before, after)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the kernels can run here")
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_kernels_that_cannot_run_are_refused_before_the_run_folder_is_written(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch, kernels
+):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests' interpreter would run Triton on the CPU
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"kernels='{kernels}'.* cannot run on device cpu: it needs CUDA"):
+        Trainer(tiny_task, digits, tiny_config(kernels=kernels, out_dir=str(run)))
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("device,match", [("tpu", "is not a device"), ("cuda:99", "cuda:99")])
+def test_a_device_this_machine_lacks_is_refused_before_the_run_folder_is_written(
+    tiny_task, digits, tiny_config, tmp_path, device, match
+):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        Trainer(tiny_task, digits, tiny_config(device=device, out_dir=str(run)))
+    assert not run.exists()

@@ -71,6 +71,7 @@ class Preset:
     description: str
     load_data: Callable  # (path or None, split "train" | "test") -> dataset
     make_task: Callable  # (training dataset) -> task
+    task_kind: str  # the `kind` of the task make_task builds: which run folders sample/eval may read with it
     train_defaults: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
     sample_defaults: dict = field(default_factory=dict)  # num_steps, sampler, cfg_scale for sample/eval
     evaluate: Callable | None = None  # (model, test data, seed) -> figures for eval.json; None: image scoring
@@ -160,6 +161,7 @@ PRESETS: dict[str, Preset] = {
         make_task=lambda data: ImageGeneration.for_data(
             data, hidden=64, heads=4, num_layers=12, patch_size=2
         ),
+        task_kind=ImageGeneration.kind,
         train_defaults=dict(num_blocks=3, steps_per_block=1000, batch_size=128, lr=1e-3, warmup=100),
         sample_defaults=dict(num_steps=12, sampler="heun", cfg_scale=1.5),
     ),
@@ -170,6 +172,7 @@ PRESETS: dict[str, Preset] = {
         make_task=lambda data: ImageClassification.for_data(
             data, hidden=64, heads=4, num_layers=12, patch_size=2, emb_dim=64
         ),
+        task_kind=ImageClassification.kind,
         train_defaults=dict(num_blocks=3, steps_per_block=1000, batch_size=128, lr=1e-3, warmup=100),
     ),
     # The paper's AR LM row scaled to bytes of the standard library: 12 layers, B = 4, gamma 0.1; about 5
@@ -180,6 +183,7 @@ PRESETS: dict[str, Preset] = {
         make_task=lambda data, **kw: AutoregressiveLM.for_data(
             data, **{"hidden": 64, "heads": 4, "num_layers": 12, "emb_dim": 64, **kw}
         ),
+        task_kind=AutoregressiveLM.kind,
         train_defaults=dict(num_blocks=4, steps_per_block=300, batch_size=32, lr=1e-3, warmup=30, gamma=0.1),
         evaluate=_ar_evaluate,
         sample_text=_ar_sample_text,
@@ -194,6 +198,7 @@ PRESETS: dict[str, Preset] = {
         make_task=lambda data, **kw: AutoregressiveLM.for_data(
             data, **{"hidden": 64, "heads": 4, "num_layers": 8, "emb_dim": 64, **kw}
         ),
+        task_kind=AutoregressiveLM.kind,
         train_defaults=dict(num_blocks=1, steps_per_block=300, batch_size=32, lr=1e-3, warmup=30, gamma=0.1),
         evaluate=functools.partial(_ar_evaluate, iterations=RECURRENT_ITERATIONS),
         sample_text=functools.partial(_ar_sample_text, iterations=RECURRENT_ITERATIONS),
@@ -205,6 +210,7 @@ PRESETS: dict[str, Preset] = {
         make_task=lambda data, **kw: MaskedDiffusionLM.for_data(
             data, **{"hidden": 64, "heads": 4, "num_layers": 12, **kw}
         ),
+        task_kind=MaskedDiffusionLM.kind,
         train_defaults=dict(num_blocks=3, steps_per_block=400, batch_size=32, lr=1e-3, warmup=40),
         evaluate=_mdm_evaluate,
         sample_text=_mdm_sample_text,
