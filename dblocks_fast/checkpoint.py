@@ -76,6 +76,38 @@ class RunInUse(CheckpointError):
     """Another process holds the run folder."""
 
 
+class NotWritable(CheckpointError):
+    """A file of the run folder cannot be written: a read-only filesystem, or no permission."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        super().__init__(
+            f"cannot write {self.path}: {reason}. Training, resuming, merging into and evaluating a run need "
+            f"its folder writable; nothing in it was changed. Make it writable, or copy the run to a "
+            f"writable place and use the copy (sampling reads a read-only run as it is)."
+        )
+
+
+@contextlib.contextmanager
+def _writing(path: Path, need: int):
+    """Report the OS's refusal of a write to `path` (`need` bytes) as what the user can act on: DiskFull for a
+    full disk, NotWritable for a read-only filesystem or a missing permission; other errors pass as they are.
+    """
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as e:  # safetensors raises its own error type, with the OS's words
+        code, words = getattr(e, "errno", None), str(e)
+        if code == errno.ENOSPC or "No space left" in words:
+            raise DiskFull(Path(path), need) from e
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(
+            w in words for w in ("Read-only file system", "Permission denied")
+        ):
+            raise NotWritable(Path(path), getattr(e, "strerror", None) or words) from e
+        raise
+
+
 def _free_bytes(path: Path) -> int:
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
@@ -118,7 +150,7 @@ def _staged(path: Path, durable: bool = True):
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a part of either."""
-    with _staged(path) as tmp, open(tmp, "wb") as f:
+    with _writing(path, len(data)), _staged(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
@@ -128,21 +160,15 @@ def atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | N
 
     scratch=True (paged blocks, which a crashed run never reads back): no fsync and no CRC (returns None).
     """
-    try:
-        with _staged(path, durable=not scratch) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-            result = None if scratch else file_crc32(Path(tmp))
-    except Exception as e:  # safetensors reports a full disk as its own error type, with the OS's words
-        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
-            need = sum(t.numel() * t.element_size() for t in tensors.values())
-            raise DiskFull(Path(path), need) from e
-        raise
-    return result
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
+    with _writing(path, need), _staged(path, durable=not scratch) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        return None if scratch else file_crc32(Path(tmp))
 
 
 def atomic_copy(src: Path, dst: Path, expect: tuple[int, int]) -> None:
     """Copy a file to `dst` atomically (streamed), checking the copy's (size, CRC-32) against `expect`."""
-    with _staged(dst) as tmp:
+    with _writing(dst, expect[0]), _staged(dst) as tmp:
         shutil.copyfile(src, tmp)
         if file_crc32(Path(tmp)) != tuple(expect):
             raise CheckpointError(f"{src} does not match its manifest (size or CRC-32): changed or damaged")
@@ -236,8 +262,9 @@ class RunFolder:
         without flock (some network mounts) this lock is advisory at best."""
         if self._lock_fd is not None or fcntl is None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        with _writing(self.path / self.LOCK, 0):  # a read-only run folder: say so before anything else
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -247,9 +274,10 @@ class RunFolder:
                 f"{self.path} is in use by {holder}: two trainings into one run folder would overwrite each "
                 f"other's checkpoints. Wait for that run to end (or stop it), or train into another --out."
             ) from None
-        os.ftruncate(fd, 0)
         when = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {when})\n".encode())
+        with contextlib.suppress(OSError):  # who holds it is for messages only; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {when})\n".encode())
         self._lock_fd = fd
         self._lock_finalizer = weakref.finalize(self, os.close, fd)
 
@@ -427,8 +455,10 @@ class RunFolder:
 
     # --- metrics ------------------------------------------------------------------------------------------
     def append_metrics(self, rec: dict) -> None:
-        with open(self.path / self.METRICS, "a") as f:  # one short append per line: no interleaving
-            f.write(json.dumps(rec) + "\n")
+        line = json.dumps(rec) + "\n"
+        path = self.path / self.METRICS
+        with _writing(path, len(line)), open(path, "a") as f:  # one short append a line: no interleaving
+            f.write(line)
 
     def metrics(self, blocks=None) -> list[str]:
         """The metric lines (of `blocks` only, if given), each ending in a newline; cut lines are skipped."""

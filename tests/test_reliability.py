@@ -2,6 +2,7 @@
 the same training, and extending a finished run."""
 
 import errno
+import io
 import json
 import os
 import signal
@@ -159,6 +160,86 @@ def test_a_disk_that_fills_during_a_save_loses_nothing_and_leaves_nothing(
     resumed = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
     assert resumed.steps_done == [1, 1, 1]
     resumed.close()
+
+
+def _half_run(tiny_task, digits, tiny_config, run):
+    """A run folder holding a checkpoint after one step of each block, the run unfinished."""
+    t = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)))
+    for b in range(3):
+        t.step(b)
+    t.save()
+    t.close()
+    return _files(run)
+
+
+def test_a_read_only_run_folder_is_a_clear_error_that_changes_nothing(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch
+):
+    """Found by benchmarks/bench_crash.py: resuming a run on a read-only mount raised a bare OSError."""
+    run = tmp_path / "run"
+    good = _half_run(tiny_task, digits, tiny_config, run)
+    real = os.open
+
+    def read_only(path, flags, *args, **kw):  # a read-only mount: reads work, writes are refused
+        if str(path).startswith(str(run)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(checkpoint.NotWritable, match=r"cannot write .*\.lock: Read-only file system\. .*"
+                       r"nothing in it was changed"):  # fmt: skip
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
+    monkeypatch.setattr(os, "open", real)
+    assert _files(run) == good
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True).fit()  # writable again: resumes
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes whatever the permissions say")
+def test_a_run_folder_without_write_permission_is_a_clear_error(tiny_task, digits, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    good = _half_run(tiny_task, digits, tiny_config, run)
+    paths = [run, *run.rglob("*")]
+    for p in paths:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        with pytest.raises(checkpoint.NotWritable, match="Permission denied"):
+            Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
+    finally:
+        for p in paths:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert _files(run) == good
+
+
+def test_a_disk_full_to_the_last_byte_is_a_clear_error_at_every_write(
+    tiny_task, digits, tiny_config, tmp_path, monkeypatch
+):
+    """Found by benchmarks/bench_crash.py on a full tmpfs: config.json's write (before any checkpoint, which
+    checks the free space first) raised a bare OSError; so did a metric line."""
+    run = tmp_path / "run"
+    good = _half_run(tiny_task, digits, tiny_config, run)
+
+    class Full(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = open
+
+    def full_open(path, mode="r", *args, **kw):  # reads work; every write finds the disk full
+        return (
+            Full(path, mode.replace("t", "").replace("b", ""))
+            if set(mode) & set("wa")
+            else real(path, mode, *args, **kw)
+        )
+
+    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    t = Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True)
+    with pytest.raises(checkpoint.DiskFull, match="while writing config.json .* last good checkpoint"):
+        t.fit()
+    with pytest.raises(checkpoint.DiskFull, match="while writing metrics.jsonl"):
+        RunFolder(run).append_metrics({"block": 0, "step": 1})
+    monkeypatch.undo()
+    assert _files(run) == good and not list(run.rglob("*.tmp"))
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True).fit()
 
 
 def test_stale_block_files_are_removed_on_resume(tiny_task, digits, tiny_config, tmp_path):
