@@ -67,7 +67,7 @@ class DiskFull(CheckpointError):
         free = _free_bytes(self.path.parent)
         super().__init__(
             f"no space left on the device of {self.path.parent} while writing {self.path.name} "
-            f"({need / 1e9:.2f} GB; {free / 1e9:.2f} GB free now): nothing of it was kept, and the last good "
+            f"({_size(need)}; {_size(free)} free now): nothing of it was kept, and the last good "
             f"checkpoint is as it was. Free space there (or move the run folder) and resume with --resume."
         )
 
@@ -106,6 +106,15 @@ def _writing(path: Path, need: int):
         ):
             raise NotWritable(Path(path), getattr(e, "strerror", None) or words) from e
         raise
+
+
+def _size(n: float) -> str:
+    """Bytes in the unit that shows them: 2.15 GB, 310.4 MB, 133 kB, 0 bytes (a small run's checkpoint in GB
+    would read 0.00)."""
+    for unit, scale, digits in (("GB", 1e9, 2), ("MB", 1e6, 1), ("kB", 1e3, 0)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def _free_bytes(path: Path) -> int:
@@ -410,10 +419,10 @@ class RunFolder:
         margin = 16 << 20  # the manifest, metrics lines and the filesystem's own rounding
         if need + margin > free:
             raise CheckpointError(
-                f"not enough disk space for a checkpoint in {self.path}: it needs {need / 1e9:.2f} GB, "
-                f"{free / 1e9:.2f} GB are free. Nothing was written; the last good checkpoint stays. Free "
-                f"{(need + margin - free) / 1e9:.2f} GB there (or move the run folder) and resume with "
-                f"--resume."
+                f"not enough disk space for a checkpoint in {self.path}: it needs {_size(need)} (and "
+                f"{_size(margin)} to spare), {_size(free)} are free. Nothing was written; the last good "
+                f"checkpoint stays. Free {_size(need + margin - free)} there (or move the run folder) and "
+                f"resume with --resume."
             )
 
     def remove_unnamed(self, manifest: dict | None = None, keep=()) -> None:
