@@ -122,7 +122,7 @@ class Trainer:
                 f"lower --batch-size"
             )
         self.run = RunFolder(config.io.out_dir) if config.io.out_dir else None
-        self._take_run_folder()  # before anything is written into it, even the disk tier's scratch files
+        self._take_run_folder(resume)  # before anything is written there, even the disk tier's scratch files
         if not resume and self.run is not None and self.run.holds_run():
             raise FileExistsError(
                 f"{self.run} already holds a run; pass resume=True (--resume) to continue it, or choose "
@@ -141,8 +141,12 @@ class Trainer:
         if resume:
             self._resume(extend)
 
-    def _take_run_folder(self) -> None:
-        """Lock the run folder for this run (rank 0 holds it for all ranks); refuse one that another holds."""
+    def _take_run_folder(self, resume: bool) -> None:
+        """Lock the run folder for this run (rank 0 holds it for all ranks); refuse one that another holds.
+
+        A fresh start into a folder without a checkpoint drops the metric lines found there: they are a
+        start's that was killed before its first checkpoint, and this run takes those steps again.
+        """
         if self.run is None:
             return
         self._created_run = not self.run.path.exists()
@@ -152,6 +156,8 @@ class Trainer:
                 self.run.lock()
             except RunInUse as e:
                 problem = str(e)
+            if problem is None and not resume and not self.run.holds_run():
+                self.run.trim_metrics([0] * self.config.num_blocks)  # before any rank writes a line
         problems = [p for p in self.comm.all_gather(problem, "locking the run folder") if p]
         if problems:
             raise RunInUse(problems[0])

@@ -242,6 +242,24 @@ def test_a_disk_full_to_the_last_byte_is_a_clear_error_at_every_write(
     Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), resume=True).fit()
 
 
+def test_a_fresh_start_after_a_start_that_died_before_its_first_checkpoint_logs_each_step_once(
+    tiny_task, digits, tiny_config, tmp_path
+):
+    """Found by benchmarks/bench_crash.py: the dead start's metric lines stayed: steps were logged twice."""
+
+    def dies(trainer, b):
+        if sum(trainer.steps_done) == 10:
+            raise RuntimeError("killed")  # saves nothing, as SIGKILL
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(tiny_task, digits, tiny_config(out_dir=str(run)), callback=dies).fit()
+    assert not RunFolder(run).holds_run() and len(RunFolder(run).metrics()) >= 3
+    Trainer(tiny_task, digits, tiny_config(out_dir=str(run))).fit()  # started afresh, as the error says
+    steps = [(r["block"], r["step"]) for r in map(json.loads, RunFolder(run).metrics())]
+    assert sorted(steps) == [(b, s) for b in range(3) for s in (2, 4, 6)]
+
+
 def test_stale_block_files_are_removed_on_resume(tiny_task, digits, tiny_config, tmp_path):
     run = tmp_path / "run"
     Trainer(tiny_task, digits, tiny_config(out_dir=str(run), steps_per_block=2)).fit()
