@@ -576,6 +576,9 @@ def merge_runs(runs, out: str | os.PathLike) -> dict:
     The result is the run folder a single run of all blocks would have written: every tensor equal bit for
     bit. Nothing is written at `out` unless every check passes; the manifest is written last. Runs written
     by older versions (format 1) merge too; the result is in the current format.
+
+    `out` must be new or empty, or hold what the same merge wrote: one stopped before its end (a crash, a
+    kill) left no manifest, and is started over; one that finished is found done (nothing is copied).
     """
     runs = [RunFolder(r) for r in runs]
     if len(runs) < 1:
@@ -583,8 +586,7 @@ def merge_runs(runs, out: str | os.PathLike) -> dict:
     if len({r.path.resolve() for r in runs}) != len(runs):
         raise ValueError("a run folder is named twice")
     out = RunFolder(out)
-    if out.path.exists() and any(out.path.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; merge into a new folder")
+    done = _merged_before(out, runs)
     manifests = [r.read_manifest() for r in runs]
     ref = comparable(manifests[0])
     for r, m in zip(runs[1:], manifests[1:]):
@@ -619,6 +621,61 @@ def merge_runs(runs, out: str | os.PathLike) -> dict:
                 f"manifest); restore it, or train the block again"
             )
         payload[b] = (entry, path)
+    out.lock()  # a training or another merge into `out` meanwhile would mix two runs' files
+    try:
+        if done is None:
+            return _write_merge(out, runs, manifests, owner, payload)
+        if any(done["blocks"][b] != entry for b, (entry, _) in payload.items()):
+            raise FileExistsError(
+                f"{out} holds a merge of these runs, but their blocks have changed since; merge into a new "
+                f"folder"
+            )
+        out.remove_unnamed(done)  # what a merge stopped right after its manifest left
+        return done
+    finally:
+        out.unlock()
+
+
+# what a merge writes into its folder (besides temporary files): a folder without a manifest that holds
+# nothing else is a merge that was stopped before its end
+_MERGE_WRITES = {RunFolder.BLOCKS, RunFolder.CONFIG, RunFolder.CLI, RunFolder.METRICS, RunFolder.LOCK}
+
+
+def _merged_before(out: RunFolder, runs: list[RunFolder]) -> dict | None:
+    """Whether a merge of `runs` may write into `out`: the manifest of the same merge finished there before,
+    or None for a new or empty folder or one the same merge was stopped in; FileExistsError otherwise."""
+    if not out.path.is_dir():
+        return None
+    if out.holds_run():
+        manifest = out.read_manifest()
+        if manifest.get("merged_from") == [str(r.path.resolve()) for r in runs]:
+            return manifest
+        raise FileExistsError(f"{out} already holds a run; merge into a new folder")
+    found = [p.name for p in out.path.iterdir()]
+    if (out / RunFolder.BLOCKS).is_dir():
+        found += [f"{RunFolder.BLOCKS}/{p.name}" for p in (out / RunFolder.BLOCKS).iterdir()]
+
+    def merge_wrote(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        if name.startswith(".") and name.endswith(".tmp"):  # _staged's temporary files
+            return True
+        if rel.startswith(f"{RunFolder.BLOCKS}/"):
+            return name.startswith("block") and name.endswith(".safetensors")
+        return rel in _MERGE_WRITES
+
+    odd = sorted(f for f in found if not merge_wrote(f))
+    if odd:
+        raise FileExistsError(
+            f"{out} is not empty: it holds {', '.join(odd[:3])}, which a merge does not write; merge into a "
+            f"new or empty folder"
+        )
+    return None
+
+
+def _write_merge(out: RunFolder, runs, manifests, owner: dict[int, int], payload: dict) -> dict:
+    """Copy each block's file from the run that trained it, then config.json, cli.json and the metric lines,
+    then the manifest (the commit); files a stopped merge left are replaced or, at the commit, removed."""
+    num_blocks = len(manifests[0]["blocks"])
     (out / RunFolder.BLOCKS).mkdir(parents=True, exist_ok=True)
     blocks = []
     for b in range(num_blocks):
@@ -643,6 +700,8 @@ def merge_runs(runs, out: str | os.PathLike) -> dict:
     lines = [ln for b, i in owner.items() for ln in runs[i].metrics(blocks={b})]
     if lines:
         atomic_write(out / RunFolder.METRICS, "".join(lines).encode())
+    else:
+        (out / RunFolder.METRICS).unlink(missing_ok=True)
     return out.commit(manifest)
 
 

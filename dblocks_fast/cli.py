@@ -487,7 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="assemble one run folder from runs that trained disjoint blocks (--only-blocks)"
     )
     m.add_argument("runs", nargs="+", help="run folders, each holding some trained blocks")
-    m.add_argument("--out", required=True, help="the new run folder (must not exist or be empty)")
+    m.add_argument(
+        "--out",
+        required=True,
+        help="the new run folder: must not exist, or be empty, or hold this merge stopped midway (it is "
+        "finished) or done",
+    )
     return ap
 
 

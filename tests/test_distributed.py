@@ -229,6 +229,38 @@ def test_merged_only_blocks_runs_equal_one_full_run(tiny_task, digits, tiny_conf
     dbf.sample(merged, [0, 1], num_steps=3, device="cpu")
 
 
+def test_a_merge_stopped_midway_is_finished_by_the_same_merge(
+    tiny_task, digits, tiny_config, tmp_path, capsys
+):
+    """Found by benchmarks/bench_crash.py: a merge killed mid-copy left a folder that the same merge then
+    refused ("not empty"), though it held no run (no manifest) and nothing of value."""
+    a = _train(tiny_task, digits, tiny_config, tmp_path / "a", only_blocks=[0, 2])
+    b = _train(tiny_task, digits, tiny_config, tmp_path / "b", only_blocks=[1])
+    full = _train(tiny_task, digits, tiny_config, tmp_path / "full")
+    merged = tmp_path / "m"
+    assert cli(["merge", str(a), str(b), "--out", str(merged)]) == 0
+    # what SIGKILL before the manifest leaves: the copies made so far and the temporary file of the next one
+    (merged / "manifest.json").unlink()
+    (merged / "blocks" / ".block002-step000000006.safetensors.x1y2.tmp").write_bytes(b"cut short")
+    assert cli(["merge", str(a), str(b), "--out", str(merged)]) == 0
+    _assert_equal(_run_tensors(merged), _run_tensors(full))
+    assert not list(merged.rglob("*.tmp"))
+    # stopped right after the manifest: the same merge finds it done and removes what the stop left
+    (merged / "blocks" / ".block000-step000000006.safetensors.x1y2.tmp").write_bytes(b"cut short")
+    before = (merged / "manifest.json").stat().st_mtime_ns
+    assert cli(["merge", str(a), str(b), "--out", str(merged)]) == 0
+    assert (merged / "manifest.json").stat().st_mtime_ns == before and not list(merged.rglob("*.tmp"))
+    _assert_equal(_run_tensors(merged), _run_tensors(full))
+    # a merge of other runs into it is refused; so is a folder holding what a merge does not write
+    capsys.readouterr()
+    assert cli(["merge", str(a), str(full), "--out", str(merged)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    (merged / "manifest.json").unlink()
+    (merged / "notes.txt").write_text("mine")
+    assert cli(["merge", str(a), str(b), "--out", str(merged)]) == 2
+    assert "holds notes.txt, which a merge does not write" in capsys.readouterr().err
+
+
 def test_merge_refuses_runs_that_do_not_form_one_model(tiny_task, digits, tiny_config, tmp_path, capsys):
     a = _train(tiny_task, digits, tiny_config, tmp_path / "a", only_blocks=[0, 2])
     b = _train(tiny_task, digits, tiny_config, tmp_path / "b", only_blocks=[1])
