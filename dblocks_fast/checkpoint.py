@@ -426,9 +426,12 @@ class RunFolder:
             )
 
     def remove_unnamed(self, manifest: dict | None = None, keep=()) -> None:
-        """Delete block files (and temporary files left by a crash) that the manifest does not name."""
+        """Delete block files that the manifest does not name, and the temporary files of writes a crash cut
+        short: in blocks/ and beside the manifest (the paged folders' are the disk tier's to clear)."""
         manifest = manifest or self.manifest
         named = {e["file"] for e in manifest["blocks"] if e.get("file")} | set(keep)
+        for f in self.path.glob(".*.tmp"):  # _staged's: .manifest.json.*.tmp, .metrics.jsonl.*.tmp, ...
+            f.unlink(missing_ok=True)
         folder = self.path / self.BLOCKS
         if not folder.is_dir():
             return

@@ -474,6 +474,8 @@ class DiskStorage(_PagedStorage):
             folder = self._tmp.name
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for f in self.folder.glob(".*.tmp"):  # paged writes a killed run cut short; the folder is this run's
+            f.unlink(missing_ok=True)
         self._run = None  # after release with a run folder: where the blocks are read from
 
     def _path(self, b: int) -> Path:

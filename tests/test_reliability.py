@@ -271,6 +271,22 @@ def test_stale_block_files_are_removed_on_resume(tiny_task, digits, tiny_config,
     assert {f"{RunFolder.BLOCKS}/{p.name}" for p in blocks.iterdir()} == named
 
 
+def test_temporary_files_of_writes_a_kill_cut_short_are_removed_on_resume(
+    tiny_task, digits, tiny_config, tmp_path
+):
+    """Found by benchmarks/bench_crash.py: a kill inside the write of the manifest, of trimmed metric lines or
+    (disk tier) of a paged block left its temporary file for good; only blocks/ was cleared."""
+    run = tmp_path / "run"
+    config = tiny_config(out_dir=str(run), steps_per_block=2, offload="disk")
+    Trainer(tiny_task, digits, config).fit()
+    cut = [run / ".manifest.json.k1ll.tmp", run / ".metrics.jsonl.k1ll.tmp"]
+    cut.append(RunFolder(run).paged_folder() / ".paged-block001.safetensors.k1ll.tmp")
+    for f in cut:
+        f.write_bytes(b"half a write")
+    Trainer(tiny_task, digits, config, resume=True).close()
+    assert not [f for f in cut if f.exists()]
+
+
 _WRITE = """
 import sys, torch
 from dblocks_fast.checkpoint import RunFolder
