@@ -8,6 +8,7 @@ saying "pending" for every figure that still needs a device nobody has run it on
     python -m benchmarks --quick            # CPU: every script on small sizes, a few minutes
     python -m benchmarks                    # full sizes (on a GPU machine: the GPU figures)
     python -m benchmarks --only bench_inference --out /tmp/results
+    python -m benchmarks --quick --skip bench_crash   # CI: the crash harness runs as a step of its own
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import (  # noqa: E402
     bench_capacity,
+    bench_crash,
     bench_distributed,
     bench_inference,
     bench_memory,
@@ -44,6 +46,7 @@ SCRIPTS = [
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
+    ("bench_crash", "Does a run survive being killed at any moment, a full disk, a read-only folder?"),
 ]
 
 
@@ -51,7 +54,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: every script, a few minutes on a CPU")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for the results and README.md")
-    ap.add_argument("--only", nargs="+", choices=[s for s, _ in SCRIPTS], help="run just these scripts")
+    names = [s for s, _ in SCRIPTS]
+    ap.add_argument("--only", nargs="+", choices=names, help="run just these scripts")
+    ap.add_argument("--skip", nargs="+", choices=names, default=[], help="run all scripts but these")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md from the JSON files only")
     return ap.parse_args(argv)
 
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
     runs = []
     if not args.report_only:
         for name, _ in SCRIPTS:
-            if args.only is None or name in args.only:
+            if (args.only is None or name in args.only) and name not in args.skip:
                 runs.append(run_script(name, args.quick, args.out))
     (args.out / "README.md").write_text(report(args.out, runs))
     print(f"wrote {args.out / 'README.md'}")
@@ -162,6 +167,7 @@ TABLES = {
     "bench_inference": bench_inference.table,
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
+    "bench_crash": bench_crash.table,
 }
 
 

@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks import common, crashkit  # noqa: E402
 from benchmarks.crashkit import (  # noqa: E402
     PHASES,
-    Child,
     compare,
     leftovers,
     listing,
@@ -187,7 +186,7 @@ def _left_fraction(run: Path, spec: dict) -> float:
 def reference(spec: dict, logs: Path) -> dict:
     """Run `spec` once, never killed: its folder is what every killed run must end equal to; its times set
     the range of the kill moments."""
-    c = Child(spec, logs / f"{Path(spec['out_dir']).name}.log")
+    c = crashkit.start(spec, logs / f"{Path(spec['out_dir']).name}.log")
     ready = c.wait_ready(600)
     startup = time.monotonic() - c.started
     done = c.wait_done(900)
@@ -207,7 +206,7 @@ def crash_run(spec: dict, kills_wanted: int, rng: random.Random, timing: dict, l
     while True:
         resume = (run / "manifest.json").is_file()  # a merge ignores it: run again, it must finish
         before, left = listing(run), 1.0 if spec.get("merge") else _left_fraction(run, spec)
-        c = Child({**spec, "resume": resume}, logs / f"start{starts}.log")
+        c = crashkit.start({**spec, "resume": resume}, logs / f"start{starts}.log")
         starts += 1
         if len(kills) < kills_wanted:
             in_startup = rng.random() < START_UP
@@ -335,7 +334,7 @@ def _start_then_sigterm(spec: dict, logs: Path) -> tuple[int | None, dict]:
     """Train until the first checkpoint is committed, then SIGTERM (as a scheduler would); the exit code and
     the checkpoint it left."""
     run = Path(spec["out_dir"])
-    c = Child(spec, logs / "first.log")
+    c = crashkit.start(spec, logs / "first.log")
     deadline = time.monotonic() + 600
     while c.alive() and not (run / "manifest.json").is_file() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -362,7 +361,7 @@ class Checks:
     def resume(self, spec: dict, logs: Path, what: str, expect: str, good: dict) -> bool:
         """Resume and expect a clear error (a CheckpointError, exit 2) whose message holds `expect`, with the
         checkpoint `good` left as it was."""
-        c = Child({**spec, "resume": True}, logs / f"{len(self.row['steps'])}.log")
+        c = crashkit.start({**spec, "resume": True}, logs / f"{len(self.row['steps'])}.log")
         rc = c.finish(600)
         err = c.error_tail().splitlines()
         msg = next((ln for ln in reversed(err) if ln.startswith("error")), err[-1] if err else "")
@@ -375,7 +374,7 @@ class Checks:
         return self.step(what, ok, seen)
 
     def finish(self, spec: dict, logs: Path, ref: Path, what: str) -> None:
-        c = Child({**spec, "resume": True}, logs / "last.log")
+        c = crashkit.start({**spec, "resume": True}, logs / "last.log")
         rc = c.finish(600)
         outcome, why = compare(Path(spec["out_dir"]), ref) if rc == 0 else ("lost", c.error_tail()[-300:])
         self.step(what, outcome == "survived", f"exit {rc}: {outcome} {why}".strip())

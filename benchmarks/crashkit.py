@@ -35,15 +35,20 @@ PHASES = (
 
 
 # --- starting, watching and killing children ----------------------------------------------------------------
-class Child:
-    """A started run: its processes share an environment tag; each process prints "ready" when set up and
-    "done" when its work is finished (before the interpreter's exit); stderr goes to a log."""
+def start(spec: dict, log: Path) -> Child:
+    """Start the run `spec` (bench_crash.py --child), under torchrun when spec["world"] > 1."""
+    cmd = [sys.executable, str(SCRIPT), "--child", json.dumps(spec)]
+    if spec.get("world", 1) > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec['world']}"]
+    return Child(cmd, log, spec.get("world", 1))
 
-    def __init__(self, spec: dict, log: Path):
-        self.tag, self.log, self.world = uuid.uuid4().hex, log, spec.get("world", 1)
-        cmd = [sys.executable, str(SCRIPT), "--child", json.dumps(spec)]
-        if spec.get("world", 1) > 1:
-            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec['world']}"]
+
+class Child:
+    """A started command: its processes share an environment tag; each process of the run prints "ready" when
+    set up and "done" when its work is finished (before the interpreter's exit); stderr goes to a log."""
+
+    def __init__(self, cmd: list[str], log: Path, world: int = 1):
+        self.tag, self.log, self.world = uuid.uuid4().hex, log, world
         env = {**os.environ, TAG: self.tag, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         with open(log, "wb") as err:
             self.proc = subprocess.Popen(
