@@ -55,6 +55,7 @@ class Network:
     head: Callable[[], nn.Module]  # builds a head: head(h, c) -> out, of x's shape
     null_label: int | None = None  # the condition that means "none" (classifier-free guidance); None: no CFG
     cond_dropout: float = 0.0  # probability a training condition is replaced by null_label
+    processes: tuple[str, ...] = ("edm", "flow")  # the noise processes it trains with; the first is "auto"
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Blocks:
     num_layers: int  # L, split over the blocks
     null_label: int | None = None
     cond_dropout: float = 0.0
+    processes: tuple[str, ...] = ("edm", "flow")
 
 
 class SplitBlock(nn.Module):
@@ -124,7 +126,8 @@ class CustomTask:
         factory: "module:function" or a top-level function, called as factory(**settings).
         settings: the factory's keyword settings (JSON-able: the run folder records them).
         shape: one example's target shape, (C, H, W) for images (CustomTask.for_data reads it off the data).
-        target, cond: the batch keys of the clean target y and of the condition (None: unconditional).
+        target, cond: the batch keys of the clean target y and of the condition (None: unconditional; a list
+            of keys: the block gets a dict {key: batch[key]}, e.g. the keyword arguments of a text model).
         mode: "independent" or "shared" (the stem and head).
         sigma_data: EDM's sigma_data (the scale of y).
         seed: seeds the shared stem and head (mode "shared"); the blocks take the training seed.
@@ -150,6 +153,8 @@ class CustomTask:
             raise ValueError(f"sigma_data must be positive, got {sigma_data}")
         self.factory, self._make = resolve_factory(factory)
         self.settings = dict(settings or {})
+        if cond is not None and not isinstance(cond, str):
+            cond = [str(k) for k in cond]  # several keys: the block gets {key: batch[key]}
         self.shape, self.target, self.cond = tuple(int(s) for s in shape), target, cond
         self.mode, self.sigma_data, self.seed = mode, float(sigma_data), int(seed)
         self._shared: dict[torch.device, tuple[nn.Module, nn.Module]] = {}
@@ -161,6 +166,9 @@ class CustomTask:
         self.split = isinstance(spec, Network)
         self.num_layers = len(spec.layers) if self.split else int(spec.num_layers)
         self.null_label, self.cond_dropout = spec.null_label, float(spec.cond_dropout)
+        self.processes = tuple(spec.processes)
+        if not self.processes or not set(self.processes) <= {"edm", "flow"}:
+            raise ValueError(f"a model's processes are some of ('edm', 'flow'), got {spec.processes!r}")
         if self.num_layers < 1:
             raise ValueError(
                 f"the model factory {self.factory} gives {self.num_layers} layers; it needs >= 1"
@@ -174,6 +182,11 @@ class CustomTask:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.cond_dropout > 0 and self.null_label is None:
             raise ValueError("cond_dropout > 0 needs null_label: the condition that stands for 'none'")
+        if self.cond_dropout > 0 and isinstance(self.cond, list):
+            raise ValueError(
+                f"cond_dropout drops one label per example; the condition {self.cond} has several parts: "
+                f"drop them in the data (or give cond_dropout=0)"
+            )
 
     @classmethod
     def for_data(cls, data, factory, settings: dict | None = None, **kw) -> CustomTask:
@@ -241,8 +254,8 @@ class CustomTask:
         shape (a block is run once on two examples, on the CPU, before any training)."""
         name = getattr(data, "name", type(data).__name__)
         batch = data.batch(torch.arange(min(2, len(data))))
-        for key in (self.target, self.cond):
-            if key is not None and key not in batch:
+        for key in (self.target, *self.cond_keys()):
+            if key not in batch:
                 raise ValueError(f"{name}: batches hold {sorted(batch)}, the model needs {key!r}")
         y = batch[self.target]
         if tuple(y.shape[1:]) != self.shape:
@@ -254,9 +267,7 @@ class CustomTask:
             block = self.build_block(0, range(1))
             level = torch.full((y.shape[0],), 1.0, dtype=torch.float64)
             try:
-                out = self._forward(
-                    block, y.float(), level.float(), batch.get(self.cond) if self.cond else None
-                )
+                out = self._forward(block, y.float(), level.float(), self.condition(batch))
             except Exception as e:
                 raise ValueError(
                     f"{self.factory}: a block fails on a batch of {name} ({type(e).__name__}: {e})"
@@ -268,8 +279,18 @@ class CustomTask:
             )
 
     def noise_process(self, noise, num_blocks: int):
-        """EDM (noise.process "auto" or "edm") or flow matching ("flow")."""
-        return continuous_process(self, noise, num_blocks, allowed=("edm", "flow"))
+        """EDM or flow matching, of those the model names (Network/Blocks.processes); "auto": its first."""
+        return continuous_process(self, noise, num_blocks, allowed=self.processes)
+
+    def cond_keys(self) -> list[str]:
+        """The batch keys of the condition."""
+        return [] if self.cond is None else [self.cond] if isinstance(self.cond, str) else list(self.cond)
+
+    def condition(self, batch: dict):
+        """What a block is given as its condition: None, batch[cond], or {key: batch[key]} for several."""
+        if isinstance(self.cond, list):
+            return {k: batch[k] for k in self.cond}
+        return None if self.cond is None else batch[self.cond]
 
     def _shared_parts(self, device: torch.device) -> tuple[nn.Module, nn.Module]:
         """The frozen stem and head of mode "shared" on `device`, built once from `seed`."""
@@ -292,7 +313,7 @@ class CustomTask:
     def loss(self, block, batch, level, generator, rows=None, *, process):
         """(loss, per_sample): the process's loss of the block on the batch's targets (Task.loss)."""
         y = batch[self.target].float()
-        cond = batch[self.cond] if self.cond is not None else None
+        cond = self.condition(batch)
         n = y.shape[0]
         if self.cond_dropout > 0:
             drop = draw_rows(lambda m: torch.rand(m, generator=generator, device=y.device), rows, n)

@@ -345,8 +345,12 @@ class _PagedStorage:
     def add(self, b: int, block: nn.Module, optimizer) -> None:
         """Take block b (its module on the CPU) and page it out at once."""
         dtypes = {p.dtype for p in block.parameters()}
-        if dtypes != {torch.float32} or list(block.buffers()):
-            raise TypeError(f"block {b}: paging needs fp32 parameters and no buffers, found {dtypes}")
+        if dtypes != {torch.float32}:
+            raise TypeError(f"block {b}: paging needs float32 parameters, found {sorted(map(str, dtypes))}")
+        for m in block.modules():  # buffers (position tables): not trained or saved; kept on the device
+            for k, v in m._buffers.items():
+                if v is not None:
+                    m._buffers[k] = v.to(self.device)
         blk = _Paged(b, block, optimizer)
         self.blocks[b] = blk
         buf = self._new_buffer(blk.size)

@@ -1,0 +1,213 @@
+"""Pretrained diffusers transformers, trained block-wise with flow matching.
+
+    pip install -e ".[diffusers]"
+    dblocks-fast train --model dblocks_fast.integrations.diffusers:transformer \\
+        --model-config '{"path": "path/to/transformer"}' --noise flow ...
+
+`transformer(path)` is a model factory for `dblocks_fast.CustomTask` (see dblocks_fast/custom.py): it reads
+the model's config.json (no weights) to learn its class and its layers, and builds block b, when the trainer
+asks for it, as a copy of the pretrained model that holds only the layers [l_b, l_{b+1}): the model's own
+embeddings, block b's share of its layers, the model's own output norm and projection, called through the
+model's own forward. With B = 1 a block is the pretrained model. Layers are the `nn.ModuleList`s
+`transformer_blocks` and then `single_transformer_blocks` (Flux), in the order the forward runs them.
+
+Supported, and tested with tiny random configs loaded through `from_pretrained`: DiTTransformer2DModel,
+PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel. Other classes with those layer lists
+are split the same way, called with `timestep` = 1000 t (name a class's scale in TIMESTEP_SCALE otherwise).
+
+How a block is called: the noise process is flow matching (t in (0, 1), x_t = (1 - t) x + t e, a velocity
+target, as SD3 and Flux are trained); the block gets x_t as `hidden_states`, the timestep in the model's own
+scale (1000 t; Flux: t, which it scales itself), and the batch's condition: a class label as `class_labels`
+(DiT), or, for text-conditioned models, a dict of the forward's keyword arguments (`encoder_hidden_states`,
+`pooled_projections`, `img_ids`, ... ; give CustomTask `cond=[...]` the batch keys). A model that predicts
+a learned variance too (DiT's out_channels = 2 x in_channels) is trained on the first in_channels channels.
+
+DiT's label dropout (its LabelEmbedding draws from the global random generator) is turned off in the blocks;
+the task drops labels instead, with the trainer's per-step generator and the model's own rate and null class,
+so that runs stay bit-for-bit reproducible and blocks independent.
+
+`PipelineTransformer(model)` puts a trained run back into a diffusers pipeline: it has the transformer's
+config and forward signature and routes each call to the block that owns its timestep
+(`pipe.transformer = PipelineTransformer(dblocks_fast.load(run))`; the pipeline's scheduler must be a flow
+matching one, e.g. FlowMatchEulerDiscreteScheduler). With a StreamedBlockModel only the active block's layers
+are on the device.
+
+Not yet here (see the issue): LoRA adapters, one shared frozen copy of the embeddings and head.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:
+    import diffusers
+    from diffusers.models.embeddings import LabelEmbedding
+except ImportError as e:  # an optional extra
+    raise ImportError(
+        f"dblocks_fast.integrations.diffusers needs the diffusers package ({e}); install it with "
+        f"pip install -e '.[diffusers]'"
+    ) from e
+
+from ..custom import Blocks
+
+__all__ = ["DiffusersBlock", "PipelineTransformer", "layer_lists", "split", "transformer"]
+
+LAYER_LISTS = ("transformer_blocks", "single_transformer_blocks")  # in the order the forward runs them
+TIMESTEP_SCALE = {  # the model's timestep for flow time t: scale x t
+    "DiTTransformer2DModel": 1000.0,
+    "PixArtTransformer2DModel": 1000.0,
+    "SD3Transformer2DModel": 1000.0,
+    "FluxTransformer2DModel": 1.0,  # Flux multiplies its timestep by 1000 itself
+}
+FLOW_C_NOISE = 4.0  # schedule.FlowMatching.inputs gives the network c_noise = 4 t
+
+
+def model_config(path, subfolder: str | None = None) -> tuple[type, dict]:
+    """(class, config) of the diffusers model saved at `path` (its config.json; no weights are read)."""
+    folder = Path(path) / (subfolder or "")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no config.json: give the folder a diffusers model was saved to "
+            f"(save_pretrained), or the pipeline's folder with subfolder='transformer'"
+        )
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise ValueError(f"{folder}/config.json names class {name!r}, which is not a diffusers model class")
+    return cls, dict(config)
+
+
+def layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's layer lists (name, ModuleList), in the order its forward runs them."""
+    found = [
+        (n, getattr(model, n)) for n in LAYER_LISTS if isinstance(getattr(model, n, None), nn.ModuleList)
+    ]
+    if not found or not sum(len(layers) for _, layers in found):
+        raise ValueError(
+            f"{type(model).__name__} has no layers to split into blocks: expected an nn.ModuleList "
+            f"'transformer_blocks' (and, Flux-style, 'single_transformer_blocks') of transformer layers"
+        )
+    return found
+
+
+def split(model: nn.Module, layers: range) -> nn.Module:
+    """A copy of `model` that holds only the layers `layers` (indices over its layer lists, in order), its
+    embeddings and output head; `model` itself is left as it was."""
+    lists = layer_lists(model)
+    total = sum(len(lst) for _, lst in lists)
+    if len(layers) < 1 or layers.start < 0 or layers.stop > total:
+        raise ValueError(f"layers {layers} are not within {type(model).__name__}'s {total} layers")
+    start, kept = 0, {}
+    for name, lst in lists:
+        kept[name] = nn.ModuleList(lst[i - start] for i in layers if start <= i < start + len(lst))
+        start += len(lst)
+    try:
+        for name, mine in kept.items():
+            model._modules[name] = mine  # deepcopy then copies only these
+        return copy.deepcopy(model)
+    finally:
+        for name, lst in lists:
+            model._modules[name] = lst
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained(path: str, subfolder: str | None, dtype: str) -> nn.Module:
+    """The pretrained model, loaded once per process (the blocks are copies of its parts)."""
+    cls, _ = model_config(path, subfolder)
+    model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
+    return model.eval().requires_grad_(False)
+
+
+class DiffusersBlock(nn.Module):
+    """One block: a diffusers model holding a share of the layers, called as a CustomTask block."""
+
+    def __init__(self, model: nn.Module, timestep_scale: float):
+        super().__init__()
+        self.model, self.timestep_scale = model, float(timestep_scale)
+        for m in model.modules():  # the task drops labels, with the trainer's generator
+            if isinstance(m, LabelEmbedding):
+                m.dropout_prob = 0.0
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        t = c_noise.float() / FLOW_C_NOISE
+        if isinstance(cond, dict):
+            kwargs = dict(cond)
+        else:
+            kwargs = {} if cond is None else {"class_labels": cond}
+        out = self.model(
+            x.to(dtype), timestep=(t * self.timestep_scale).to(dtype), return_dict=False, **kwargs
+        )
+        out = out[0]
+        if out.shape != x.shape and out.shape[1] == 2 * x.shape[1]:  # a learned variance beside the output
+            out = out[:, : x.shape[1]]
+        return out
+
+
+def transformer(path: str, subfolder: str | None = None, dtype: str = "float32") -> Blocks:
+    """A CustomTask model factory: the diffusers transformer saved at `path` (its folder, or a pipeline's
+    folder with subfolder="transformer"), split into blocks (see the module docstring).
+
+    dtype: the blocks' parameter dtype ("float32" for full fine-tuning with AdamW; "bfloat16" halves memory).
+    """
+    if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    cls, config = model_config(path, subfolder)
+    with torch.device("meta"):  # the layer lists, and DiT's label dropout, without memory
+        skeleton = cls.from_config(config)
+    num_layers = sum(len(lst) for _, lst in layer_lists(skeleton))
+    labels = [m for m in skeleton.modules() if isinstance(m, LabelEmbedding)]
+    dropout = labels[0].dropout_prob if labels else 0.0
+    null_label = labels[0].num_classes if labels and dropout > 0 else None  # DiT's null class: the last row
+    scale = TIMESTEP_SCALE.get(cls.__name__, 1000.0)
+    path = str(Path(path).resolve())
+
+    def make_block(index: int, layers: range) -> nn.Module:
+        return DiffusersBlock(split(_pretrained(path, subfolder, str(dtype)), layers), scale).requires_grad_(
+            True
+        )
+
+    return Blocks(make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",))
+
+
+class PipelineTransformer(nn.Module):
+    """A trained run (a BlockModel of `transformer` blocks) as the diffusers transformer it came from.
+
+    Called with the transformer's own arguments (hidden_states, timestep, ...): the timestep picks the block
+    (every row of a call must fall in one block, as pipelines call it), whose model runs the call.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        settings = model.task.settings
+        cls, config = model_config(settings["path"], settings.get("subfolder"))
+        self.run_model = model
+        self.config = diffusers.configuration_utils.FrozenDict(config)
+        self.timestep_scale = TIMESTEP_SCALE.get(cls.__name__, 1000.0)
+        self._dtype = getattr(torch, settings.get("dtype", "float32"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.run_model.device
+
+    def forward(self, hidden_states, *args, timestep=None, **kwargs):
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten() / self.timestep_scale
+        owners = self.run_model.schedule.block_of(t.cpu()).unique().tolist()
+        if len(owners) != 1:
+            raise ValueError(
+                f"timesteps {t.tolist()} fall in blocks {owners}: call the transformer with timesteps of one "
+                f"block at a time (pipelines give every row the same timestep)"
+            )
+        with self.run_model.block(owners[0]) as block:
+            return block.model(hidden_states, *args, timestep=timestep, **kwargs)

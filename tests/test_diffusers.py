@@ -1,0 +1,248 @@
+"""Pretrained diffusers transformers, block-wise (dblocks_fast/integrations/diffusers.py): each supported
+class, built from a tiny random config, saved with save_pretrained and loaded back through from_pretrained, as
+a user's checkpoint would be; split into blocks that hold exactly their layers; trained with the package's
+guarantees (any order, one block alone, resume on the disk tier, merge of --only-blocks runs); put back into a
+diffusers pipeline, which calls each block at its own timesteps."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers extra: pip install -e '.[diffusers]'")
+
+import diffusers  # noqa: E402
+
+import dblocks_fast as dbf  # noqa: E402
+from dblocks_fast import checkpoint  # noqa: E402
+from dblocks_fast.cli import main as cli  # noqa: E402
+from dblocks_fast.config import NoiseConfig  # noqa: E402
+from dblocks_fast.integrations import diffusers as dd  # noqa: E402
+from dblocks_fast.model import BlockModel  # noqa: E402
+from tests.invariants import assert_a_step_touches_only_its_block, block_states  # noqa: E402
+
+FACTORY = "dblocks_fast.integrations.diffusers:transformer"
+S, TXT, POOLED = 5, 12, 6  # text tokens, their width, the pooled projection's width
+
+
+def _dit():
+    return diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2, num_layers=4,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+    )  # fmt: skip
+
+
+def _pixart():
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
+        cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=TXT,
+    )  # fmt: skip
+
+
+def _sd3():
+    return diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TXT, caption_projection_dim=16, pooled_projection_dim=POOLED, out_channels=4,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+
+
+def _flux():
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=8, num_layers=2, num_single_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TXT, pooled_projection_dim=POOLED,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+
+
+def _inputs(name: str, n: int, g: torch.Generator):
+    """(x, the block's condition, the model's own keyword arguments besides hidden_states and timestep)."""
+    if name == "dit":
+        labels = torch.randint(0, 10, (n,), generator=g)
+        return torch.randn(n, 1, 8, 8, generator=g), labels, {"class_labels": labels}
+    text = torch.randn(n, S, TXT, generator=g)
+    if name == "pixart":
+        return (
+            torch.randn(n, 4, 8, 8, generator=g),
+            {"encoder_hidden_states": text},
+            {"encoder_hidden_states": text},
+        )
+    cond = {"encoder_hidden_states": text, "pooled_projections": torch.randn(n, POOLED, generator=g)}
+    if name == "sd3":
+        return torch.randn(n, 4, 8, 8, generator=g), cond, cond
+    ids = {"img_ids": torch.randn(16, 3, generator=g), "txt_ids": torch.zeros(S, 3)}
+    return torch.randn(n, 16, 8, generator=g), {**cond, **ids}, {**cond, **ids}
+
+
+MODELS = {"dit": (_dit, 1000.0), "pixart": (_pixart, 1000.0), "sd3": (_sd3, 1000.0), "flux": (_flux, 1.0)}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Each model class, tiny and random, saved as a user's checkpoint would be; (folder, the model)."""
+    out = {}
+    for name, (make, _) in MODELS.items():
+        torch.manual_seed(0)
+        model = make().eval()
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = (folder, model)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_its_layers(saved, name):
+    folder, model = saved[name]
+    spec = dd.transformer(str(folder))
+    lists = dd.layer_lists(model)
+    total = sum(len(lst) for _, lst in lists)
+    assert spec.num_layers == total and spec.processes == ("flow",)
+    g = torch.Generator().manual_seed(1)
+    x, cond, kwargs = _inputs(name, 3, g)
+    t = torch.rand(3, generator=g, dtype=torch.float64).float()
+    whole = spec.make_block(0, range(total)).eval()
+    with torch.no_grad():
+        want = model(x, timestep=t * MODELS[name][1], return_dict=False, **kwargs)[0][:, : x.shape[1]]
+        assert torch.equal(whole(x, 4 * t, cond), want)  # c_noise = 4 t under flow matching
+
+    layers = [layer for _, lst in lists for layer in lst]
+    part = range(1, total - 1)
+    block = spec.make_block(1, part).eval()
+    mine = [layer for _, lst in dd.layer_lists(block.model) for layer in lst]
+    assert len(mine) == len(part)
+    for i, layer in zip(part, mine):  # copies of exactly layers 1 .. L-2, in order
+        a, b = layers[i].state_dict(), layer.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    calls = []
+    for i, layer in zip(part, mine):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+    with torch.no_grad():
+        out = block(x, 4 * t, cond)
+    assert calls == list(part) and out.shape == x.shape
+    assert sum(len(lst) for _, lst in lists) == total  # the pretrained model kept all its layers
+
+
+def _dit_task(saved, digits):
+    return dbf.CustomTask.for_data(digits, FACTORY, {"path": str(saved["dit"][0])})
+
+
+def _config(**kw):
+    base = dict(
+        num_blocks=2, steps_per_block=4, batch_size=8, warmup=1, log_every=2, ckpt_every=0, progress=False,
+        device="cpu", out_dir=None,
+    )  # fmt: skip
+    return dbf.TrainConfig(**{**base, **kw})
+
+
+def _fit(task, data, cfg, **kw):
+    t = dbf.Trainer(task, data, cfg, **kw)
+    t.fit()
+    return t
+
+
+def _same(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "differs"
+
+
+def test_a_pretrained_dit_trains_blockwise_in_any_order_alone_resumed_on_disk_and_merged(
+    saved, digits, tmp_path
+):
+    task = _dit_task(saved, digits)
+    assert (task.null_label, task.cond_dropout) == (10, 0.1)  # DiT's own null class and label dropout
+    seq = _fit(task, digits, _config(schedule="sequential"))
+    assert seq.model.schedule.kind == "flow"  # "auto": the model trains with flow matching
+    _same(block_states(seq), block_states(_fit(task, digits, _config(schedule="random"))))
+    assert_a_step_touches_only_its_block(dbf.Trainer(task, digits, _config()), 2)
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, b):
+        if sum(trainer.steps_done) == 7:  # saved at 6: block 1 at its step 2
+            raise Stop
+
+    run = tmp_path / "disk"
+    cfg = _config(schedule="sequential", offload="disk", out_dir=str(run), ckpt_every=2)
+    with pytest.raises(Stop):
+        _fit(task, digits, cfg, callback=stop)
+    resumed = dbf.Trainer(task, digits, cfg, resume=True)
+    assert resumed.steps_done == [4, 2]
+    resumed.fit()
+    want = {f"{b}/{k}": v.clone() for b in range(2) for k, v in seq.block_tensors(b).items()}
+    _same({f"{b}/{k}": v.clone() for b in range(2) for k, v in resumed.block_tensors(b).items()}, want)
+
+    for b in range(2):  # one block a run (one a night, or one a machine), then merged
+        _fit(task, digits, _config(only_blocks=[b], out_dir=str(tmp_path / f"only{b}")))
+    checkpoint.merge_runs([tmp_path / "only0", tmp_path / "only1"], tmp_path / "merged")
+    merged = dbf.load(tmp_path / "merged", device="cpu")
+    for b in range(2):
+        a, c = seq.model.blocks[b].state_dict(), merged.blocks[b].state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_cli_trains_a_diffusers_model_and_samples_it(saved, tmp_path, capsys):
+    run = tmp_path / "run"
+    model = ["--model", FACTORY, "--model-config", json.dumps({"path": str(saved["dit"][0])})]
+    fast = ["--blocks", "2", "--steps-per-block", "2", "--batch-size", "8", "--warmup", "1", "--no-progress"]
+    assert cli(["train", *model, *fast, "--no-eval", "--out", str(run)]) == 0
+    manifest = checkpoint.read_manifest(run)
+    assert manifest["complete"] and manifest["schedule"]["kind"] == "flow"
+    out = tmp_path / "g.png"
+    assert cli(["sample", "--run", str(run), "--per-class", "1", "--num-steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert cli(["train", *model, *fast, "--noise", "edm", "--out", str(tmp_path / "edm")]) == 2
+    assert "trains with the flow noise process, not 'edm'" in capsys.readouterr().err
+    assert not (tmp_path / "edm").exists()
+
+
+def test_a_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning_its_timestep(saved):
+    task = dbf.CustomTask(
+        FACTORY,
+        {"path": str(saved["sd3"][0])},
+        shape=(4, 8, 8),
+        cond=["encoder_hidden_states", "pooled_projections"],
+    )
+    process = task.noise_process(NoiseConfig(), 2)
+    model = BlockModel.create(task, process, [2, 2], seed=0).eval()
+    calls = []
+    for b, block in enumerate(model.blocks):
+        block.model.register_forward_pre_hook(  # the pipeline calls the block's diffusers model
+            lambda m, args, kw, b=b: calls.append((b, kw["timestep"])), with_kwargs=True
+        )
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=dd.PipelineTransformer(model), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    text, pooled = torch.randn(2, S, TXT, generator=g), torch.randn(2, POOLED, generator=g)
+    steps = 6
+    out = pipe(
+        prompt_embeds=text, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=1.0,
+        output_type="latent", generator=g,
+    ).images  # fmt: skip
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    assert len(calls) == steps
+    owners = [process.block_of(float(t[0]) / 1000) for _, t in calls]
+    assert [b for b, _ in calls] == owners and set(owners) == {0, 1}  # both blocks, each at its own steps
+    with pytest.raises(ValueError, match="timesteps of one block at a time"):
+        dd.PipelineTransformer(model)(torch.zeros(2, 4, 8, 8), timestep=torch.tensor([999.0, 1.0]))
+
+
+def test_what_cannot_be_split_is_refused_with_the_class_and_what_was_expected(saved, digits, tmp_path):
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+        down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
+    )  # fmt: skip
+    unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(
+        ValueError, match="UNet2DModel has no layers to split into blocks: expected an nn.ModuleList"
+    ):
+        dd.transformer(str(tmp_path / "unet"))
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        dd.transformer(str(tmp_path))
+    task = _dit_task(saved, digits)
+    with pytest.raises(ValueError, match="larger than the number of layers"):
+        dbf.Trainer(task, digits, _config(num_blocks=5))
+    with pytest.raises(ValueError, match="dtype must name a torch dtype"):
+        dd.transformer(str(saved["dit"][0]), dtype="float33")
