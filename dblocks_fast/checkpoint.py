@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import optim
 from .config import RESUME_FREE, TrainConfig
 
 try:
@@ -193,9 +194,10 @@ def file_crc32(path: Path, chunk: int = 1 << 24) -> tuple[int, int]:
 
 
 def block_state(block: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """A block's parameters and AdamW moments as flat named CPU tensors."""
+    """A block's trained parameters and their AdamW moments as flat named CPU tensors (frozen ones, a LoRA
+    block's base weights, are the block builder's: see optim.trained)."""
     out = {}
-    for name, p in block.named_parameters():
+    for name, p in optim.trained(block):
         out[f"param/{name}"] = p.detach().cpu()
         state = optimizer.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
@@ -211,7 +213,7 @@ def load_block_state(
     steps: int = 0,
 ) -> None:
     """The inverse of `block_state`: copy the weights in place, and with `optimizer` its moments and step."""
-    params = dict(block.named_parameters())
+    params = dict(optim.trained(block))
     want = {f"param/{n}" for n in params}
     have = {k for k in tensors if k.startswith("param/")}
     if want != have:

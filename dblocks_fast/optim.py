@@ -37,6 +37,18 @@ def part_stride(numel: int) -> int:
     return -(-numel // 4) * 4
 
 
+def trained(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """A block's trained parameters (name, parameter): those with requires_grad. The others are frozen (a LoRA
+    block's base weights): no gradients, no optimizer state, not in checkpoints (the block's builder gives
+    them again), kept beside the trained state by the storage."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def frozen(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """A block's frozen parameters (requires_grad False), see `trained`."""
+    return [p for p in module.parameters() if not p.requires_grad]
+
+
 class FlatLayout:
     """Where each parameter of a block and its two AdamW moments sit in one flat float32 buffer.
 
@@ -64,8 +76,8 @@ class FlatLayout:
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> FlatLayout:
-        """The layout of a module's parameters, named as in its state dict."""
-        named = list(module.named_parameters())
+        """The layout of a module's trained parameters, named as in its state dict."""
+        named = trained(module)
         return cls([p.shape for _, p in named], [n for n, _ in named])
 
     def view(self, buf: torch.Tensor, part: int, i: int) -> torch.Tensor:

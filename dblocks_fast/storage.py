@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .optim import AdamW, FlatLayout
+from .optim import AdamW, FlatLayout, frozen, trained
 from .paging import _pin, _unregister
 
 __all__ = ["TIERS", "BlockStorage", "DiskStorage", "HostStorage", "ResidentStorage", "create", "needs"]
@@ -271,11 +271,15 @@ class _CudaCopier(_Copier):
 
 # --- paged tiers -------------------------------------------------------------------------------------------
 class _Paged:
-    """One paged block: its parameters, its optimizer, its layout, and where its flat buffer is now."""
+    """One paged block: its trained parameters, its optimizer, its layout, and where its flat buffer is now;
+    its frozen parameters (a LoRA block's base weights), which stay in host memory while it is paged out and
+    are copied to the device (never back: they do not change) with its buffer."""
 
     def __init__(self, index: int, block: nn.Module, optimizer):
         self.index = index
-        self.params = list(block.parameters())
+        self.params = [p for _, p in trained(block)]
+        self.frozen = frozen(block)
+        self.frozen_home = [p.data for p in self.frozen]  # on the CPU, where the block was built
         self.optimizer = optimizer
         self.layout = FlatLayout.of(block)
         self.host: torch.Tensor | None = None  # host tier: the block's buffer while paged out
@@ -295,8 +299,11 @@ class _Paged:
         return self.layout.size
 
     def point_at(self, buf: torch.Tensor | None) -> None:
-        """Make the parameters and moments views of `buf`, or zero-stride placeholders when None."""
+        """Make the parameters and moments views of `buf`, or zero-stride placeholders when None; the frozen
+        parameters follow (to buf's device, or home)."""
         self.layout.bind(buf, self.params, self.optimizer.state)
+        for p, home in zip(self.frozen, self.frozen_home):
+            p.data = home.to(buf.device, non_blocking=True) if buf is not None else home
 
 
 class _PagedStorage:

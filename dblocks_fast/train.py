@@ -178,7 +178,7 @@ class Trainer:
         is allocated), then each block, built on the CPU from its own seed and handed to the storage."""
         with torch.device("meta"):  # sizes without memory
             skeletons = [task.build_block(b, self.ranges[b]) for b in self.owned]
-            numels = [sum(p.numel() for p in blk.parameters()) for blk in skeletons]
+            numels = [sum(p.numel() for _, p in optim.trained(blk)) for blk in skeletons]
         st = config.storage
         rank = self.comm.rank if self.comm.distributed else None
         folder = self.run.paged_folder(rank) if self.run is not None else None
@@ -201,7 +201,10 @@ class Trainer:
         # storage lays the block out flat (optim.FlatLayout) wherever it keeps it, so nothing is packed here
         o = self.config.optimizer
         betas = (o.beta1, o.beta2)
-        return optim.AdamW(block.parameters(), lr=o.lr, betas=betas, weight_decay=o.weight_decay, pack=False)
+        params = [p for _, p in optim.trained(block)]
+        if not params:
+            raise ValueError(f"a {self.task.kind} block has no trained parameters (none has requires_grad)")
+        return optim.AdamW(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay, pack=False)
 
     # --- one step -------------------------------------------------------------------------------------------
     def _batch_indices(self, b: int, step: int) -> torch.Tensor:
@@ -238,9 +241,10 @@ class Trainer:
             loss, _ = self.task.loss(block, batch, level, g, **rows, process=self.schedule)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.comm.average_grads(block.parameters())  # a no-op on one process
+        params = opt.param_groups[0]["params"]  # the trained ones (a LoRA block's adapters)
+        self.comm.average_grads(params)  # a no-op on one process
         # with no clipping, max_norm=inf still yields the norm (for logging and the NaN check) and scales by 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(block.parameters(), cfg.optimizer.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip or math.inf)
         opt.step()
         # free the gradients now, not at the block's next step: otherwise every block trained so far keeps
         # a block's worth of gradients on the device (and on a paged-out block, beside nothing else)

@@ -122,8 +122,9 @@ def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_
     assert sum(len(lst) for _, lst in lists) == total  # the pretrained model kept all its layers
 
 
-def _dit_task(saved, digits):
-    return dbf.CustomTask.for_data(digits, FACTORY, {"path": str(saved["dit"][0])})
+def _dit_task(saved, digits, lora=None):
+    settings = {"path": str(saved["dit"][0])} | ({"lora": lora} if lora else {})
+    return dbf.CustomTask.for_data(digits, FACTORY, settings)
 
 
 def _config(**kw):
@@ -144,10 +145,11 @@ def _same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "differs"
 
 
-def test_a_pretrained_dit_trains_blockwise_in_any_order_alone_resumed_on_disk_and_merged(
-    saved, digits, tmp_path
+@pytest.mark.parametrize("lora, tier", [(None, "disk"), ({"rank": 2}, "disk"), ({"rank": 2}, "host")])
+def test_a_pretrained_dit_trains_in_any_order_alone_resumed_paged_and_merged(
+    saved, digits, tmp_path, lora, tier
 ):
-    task = _dit_task(saved, digits)
+    task = _dit_task(saved, digits, lora)
     assert (task.null_label, task.cond_dropout) == (10, 0.1)  # DiT's own null class and label dropout
     seq = _fit(task, digits, _config(schedule="sequential"))
     assert seq.model.schedule.kind == "flow"  # "auto": the model trains with flow matching
@@ -161,8 +163,8 @@ def test_a_pretrained_dit_trains_blockwise_in_any_order_alone_resumed_on_disk_an
         if sum(trainer.steps_done) == 7:  # saved at 6: block 1 at its step 2
             raise Stop
 
-    run = tmp_path / "disk"
-    cfg = _config(schedule="sequential", offload="disk", out_dir=str(run), ckpt_every=2)
+    run = tmp_path / tier
+    cfg = _config(schedule="sequential", offload=tier, out_dir=str(run), ckpt_every=2)
     with pytest.raises(Stop):
         _fit(task, digits, cfg, callback=stop)
     resumed = dbf.Trainer(task, digits, cfg, resume=True)
@@ -178,6 +180,15 @@ def test_a_pretrained_dit_trains_blockwise_in_any_order_alone_resumed_on_disk_an
     for b in range(2):
         a, c = seq.model.blocks[b].state_dict(), merged.blocks[b].state_dict()
         assert all(torch.equal(a[k], c[k]) for k in a)
+    if lora:  # only the adapters trained, and only they (and their moments) are in the run folder
+        pretrained = dict(saved["dit"][1].named_parameters())
+        for name, p in seq.model.blocks[0].named_parameters():
+            assert p.requires_grad == (".lora_" in name)
+            base = name.removeprefix("model.").replace(".base_layer", "")
+            if not p.requires_grad and base in pretrained:
+                assert torch.equal(p, pretrained[base]), name
+        stored = checkpoint.read_block(run, checkpoint.read_manifest(run), 0)
+        assert stored and all(".lora_" in k for k in stored)
 
 
 def test_the_cli_trains_a_diffusers_model_and_samples_it(saved, tmp_path, capsys):
@@ -246,3 +257,36 @@ def test_what_cannot_be_split_is_refused_with_the_class_and_what_was_expected(sa
         dbf.Trainer(task, digits, _config(num_blocks=5))
     with pytest.raises(ValueError, match="dtype must name a torch dtype"):
         dd.transformer(str(saved["dit"][0]), dtype="float33")
+    bad = _dit_task(saved, digits, {"rank": 2, "targets": ["no_such_linear"]})
+    with pytest.raises(ValueError, match=r"LoRA targets \['no_such_linear'\] match no module of DiTTrans"):
+        dbf.Trainer(bad, digits, _config())
+    with pytest.raises(ValueError, match="lora takes rank, alpha and targets"):
+        dd.transformer(str(saved["dit"][0]), lora={"r": 2})
+
+
+def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(saved, digits, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    task = _dit_task(saved, digits, {"rank": 2, "targets": ["to_q", "to_v"]})
+    run = tmp_path / "run"
+    model = dbf.train(task, digits, _config(out_dir=str(run)))
+    folders = dd.export_lora(run, tmp_path / "lora")
+    g = torch.Generator().manual_seed(2)
+    x, labels, t = torch.randn(4, 1, 8, 8, generator=g), torch.arange(4), torch.rand(4, generator=g)
+    for b, layers in enumerate([range(0, 2), range(2, 4)]):
+        state = load_file(folders[b] / "adapter_model.safetensors")
+        assert any(k.startswith(f"transformer_blocks.{layers[0]}.") for k in state)  # the whole model's names
+        fresh = type(saved["dit"][1]).from_pretrained(saved["dit"][0]).eval()
+        inject_adapter_in_model(LoraConfig.from_pretrained(str(folders[b])), fresh)
+        assert not set_peft_model_state_dict(fresh, state).unexpected_keys
+        block = dd.DiffusersBlock(dd.split(fresh, layers), 1000.0).eval()
+        with torch.no_grad():
+            assert torch.equal(block(x, 4 * t, labels), model.blocks[b].eval()(x, 4 * t, labels))
+    assert (folders[1] / "adapter_config.json").read_bytes() == (
+        folders[0] / "adapter_config.json"
+    ).read_bytes()
+    full = tmp_path / "full"
+    dbf.train(_dit_task(saved, digits), digits, _config(out_dir=str(full), steps_per_block=1))
+    with pytest.raises(ValueError, match="was not trained with LoRA"):
+        dd.export_lora(full, tmp_path / "none")

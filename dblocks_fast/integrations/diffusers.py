@@ -56,7 +56,15 @@ except ImportError as e:  # an optional extra
 
 from ..custom import Blocks
 
-__all__ = ["DiffusersBlock", "PipelineTransformer", "layer_lists", "split", "transformer"]
+__all__ = [
+    "DiffusersBlock",
+    "PipelineTransformer",
+    "add_lora",
+    "export_lora",
+    "layer_lists",
+    "split",
+    "transformer",
+]
 
 LAYER_LISTS = ("transformer_blocks", "single_transformer_blocks")  # in the order the forward runs them
 TIMESTEP_SCALE = {  # the model's timestep for flow time t: scale x t
@@ -119,10 +127,45 @@ def split(model: nn.Module, layers: range) -> nn.Module:
 
 @functools.lru_cache(maxsize=1)
 def _pretrained(path: str, subfolder: str | None, dtype: str) -> nn.Module:
-    """The pretrained model, loaded once per process (the blocks are copies of its parts)."""
+    """The pretrained model, loaded once per process onto the CPU (the blocks are copies of its parts)."""
     cls, _ = model_config(path, subfolder)
-    model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
+    with torch.device("cpu"):  # also when a block is asked for on the meta device (sizes only)
+        model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
     return model.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=1)
+def _skeleton(path: str, subfolder: str | None, dtype: str) -> nn.Module:
+    """The model on the meta device: what a block built for its sizes alone is cut from."""
+    cls, config = model_config(path, subfolder)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    return model if dtype == "float32" else model.to(getattr(torch, dtype))
+
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every supported class
+
+
+def add_lora(
+    model: nn.Module, rank: int = 8, alpha: float | None = None, targets=DEFAULT_TARGETS
+) -> nn.Module:
+    """Add LoRA adapters (peft, adapter name "default") to `model`'s modules named by `targets` (peft's
+    target_modules: names or name suffixes) and freeze everything else: only the adapters train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"the LoRA rank must be a positive integer, got {rank!r}")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=0.0)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as e:
+        raise ValueError(
+            f"LoRA targets {list(targets)} match no module of {type(model).__name__} ({e}); name its linear "
+            f"layers, e.g. {list(DEFAULT_TARGETS)} for the attention projections"
+        ) from None
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return model
 
 
 class DiffusersBlock(nn.Module):
@@ -151,12 +194,20 @@ class DiffusersBlock(nn.Module):
         return out
 
 
-def transformer(path: str, subfolder: str | None = None, dtype: str = "float32") -> Blocks:
+def transformer(
+    path: str, subfolder: str | None = None, dtype: str = "float32", lora: dict | None = None
+) -> Blocks:
     """A CustomTask model factory: the diffusers transformer saved at `path` (its folder, or a pipeline's
     folder with subfolder="transformer"), split into blocks (see the module docstring).
 
     dtype: the blocks' parameter dtype ("float32" for full fine-tuning with AdamW; "bfloat16" halves memory).
+    lora: None trains every weight of a block; {"rank": r, "alpha": a, "targets": [...]} (all optional;
+        alpha defaults to r, targets to DEFAULT_TARGETS) trains LoRA adapters only (add_lora): the frozen base
+        weights have no optimizer state and are not in checkpoints (the pretrained folder gives them again).
     """
+    lora = dict(lora) if lora is not None else None
+    if lora is not None and set(lora) - {"rank", "alpha", "targets"}:
+        raise ValueError(f"lora takes rank, alpha and targets, got {sorted(lora)}")
     if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     cls, config = model_config(path, subfolder)
@@ -170,9 +221,12 @@ def transformer(path: str, subfolder: str | None = None, dtype: str = "float32")
     path = str(Path(path).resolve())
 
     def make_block(index: int, layers: range) -> nn.Module:
-        return DiffusersBlock(split(_pretrained(path, subfolder, str(dtype)), layers), scale).requires_grad_(
-            True
-        )
+        sizes_only = torch.get_default_device().type == "meta"  # the trainer sizing the blocks
+        base = (_skeleton if sizes_only else _pretrained)(path, subfolder, str(dtype))
+        part = split(base, layers).requires_grad_(True)
+        if lora is not None:
+            add_lora(part, **lora)
+        return DiffusersBlock(part, scale)
 
     return Blocks(make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",))
 
@@ -211,3 +265,42 @@ class PipelineTransformer(nn.Module):
             )
         with self.run_model.block(owners[0]) as block:
             return block.model(hidden_states, *args, timestep=timestep, **kwargs)
+
+
+def export_lora(run, out) -> list[Path]:
+    """Write each block's LoRA adapters of a finished `run` (trained with lora=...) in peft's format:
+    out/block<b>/adapter_config.json and adapter_model.safetensors, named as in the whole pretrained model
+    (block b's layers under their own indices in it), so that peft's inject_adapter_in_model and
+    set_peft_model_state_dict load them into the pretrained model; `split` of that model to block b's layers
+    then computes what block b computes. Adapters on modules outside the layers (the embeddings, the head)
+    are block b's own. Returns the folders."""
+    from peft import get_peft_model_state_dict
+
+    from .. import load
+    from ..checkpoint import atomic_save, atomic_write
+    from ..model import layer_ranges
+
+    model = load(run, device="cpu")
+    if not model.task.settings.get("lora"):
+        raise ValueError(f"{run} was not trained with LoRA adapters (no 'lora' in its model settings)")
+    folders = []
+    for b, (block, layers) in enumerate(zip(model.blocks, layer_ranges(model.layers))):
+        lists = layer_lists(
+            _skeleton(model.task.settings["path"], model.task.settings.get("subfolder"), "float32")
+        )
+        renames, start = {}, 0
+        for name, lst in lists:
+            mine = [i - start for i in layers if start <= i < start + len(lst)]
+            renames.update({f"{name}.{local}.": f"{name}.{i}." for local, i in enumerate(mine)})
+            start += len(lst)
+        state = {}
+        for key, value in get_peft_model_state_dict(block.model).items():
+            prefix = next((p for p in renames if key.startswith(p)), None)
+            state[renames[prefix] + key[len(prefix) :] if prefix else key] = value.contiguous()
+        folder = Path(out) / f"block{b}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = block.model.peft_config["default"].to_dict()
+        atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True, default=sorted).encode())
+        atomic_save(folder / "adapter_model.safetensors", state, metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
