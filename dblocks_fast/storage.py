@@ -351,9 +351,9 @@ class _PagedStorage:
     # --- the protocol ---------------------------------------------------------------------------------------
     def add(self, b: int, block: nn.Module, optimizer) -> None:
         """Take block b (its module on the CPU) and page it out at once."""
-        dtypes = {p.dtype for p in block.parameters()}
-        if dtypes != {torch.float32}:
-            raise TypeError(f"block {b}: paging needs float32 parameters, found {sorted(map(str, dtypes))}")
+        dtypes = sorted(str(p.dtype) for _, p in trained(block))  # frozen ones (a LoRA base) may be bf16
+        if set(dtypes) != {"torch.float32"}:
+            raise TypeError(f"block {b}: paging needs float32 trained parameters, found {dtypes}")
         for m in block.modules():  # buffers (position tables): not trained or saved; kept on the device
             for k, v in m._buffers.items():
                 if v is not None:

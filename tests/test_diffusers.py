@@ -260,8 +260,21 @@ def test_what_cannot_be_split_is_refused_with_the_class_and_what_was_expected(sa
     bad = _dit_task(saved, digits, {"rank": 2, "targets": ["no_such_linear"]})
     with pytest.raises(ValueError, match=r"LoRA targets \['no_such_linear'\] match no module of DiTTrans"):
         dbf.Trainer(bad, digits, _config())
+    with pytest.raises(ValueError, match="dtype='bfloat16' is for the frozen base of a LoRA run"):
+        dd.transformer(str(saved["dit"][0]), dtype="bfloat16")
     with pytest.raises(ValueError, match="lora takes rank, alpha and targets"):
         dd.transformer(str(saved["dit"][0]), lora={"r": 2})
+
+
+def test_a_bfloat16_base_with_float32_adapters_trains_the_same_bits_resident_and_on_disk(saved, digits):
+    task = _dit_task(saved, digits, {"rank": 2})
+    task = dbf.CustomTask.for_data(digits, FACTORY, {**task.settings, "dtype": "bfloat16"})
+    runs = [_fit(task, digits, _config(offload=tier, schedule="sequential")) for tier in ("none", "disk")]
+    dtypes = {n: p.dtype for n, p in runs[0].model.blocks[0].named_parameters()}
+    assert {d for n, d in dtypes.items() if ".lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    for b in range(2):
+        _same(runs[0].block_tensors(b), runs[1].block_tensors(b))
 
 
 def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(saved, digits, tmp_path):

@@ -138,9 +138,13 @@ def _pretrained(path: str, subfolder: str | None, dtype: str) -> nn.Module:
 def _skeleton(path: str, subfolder: str | None, dtype: str) -> nn.Module:
     """The model on the meta device: what a block built for its sizes alone is cut from."""
     cls, config = model_config(path, subfolder)
-    with torch.device("meta"):
-        model = cls.from_config(config)
-    return model if dtype == "float32" else model.to(getattr(torch, dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in the dtype (diffusers warns of a .to() after)
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of every supported class
@@ -165,6 +169,8 @@ def add_lora(
         ) from None
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
+        if p.requires_grad:
+            p.data = p.data.float()  # the adapters train in float32 (AdamW's state too), whatever the base
     return model
 
 
@@ -200,16 +206,22 @@ def transformer(
     """A CustomTask model factory: the diffusers transformer saved at `path` (its folder, or a pipeline's
     folder with subfolder="transformer"), split into blocks (see the module docstring).
 
-    dtype: the blocks' parameter dtype ("float32" for full fine-tuning with AdamW; "bfloat16" halves memory).
+    dtype: the pretrained weights' dtype in the blocks: "float32", or with lora "bfloat16" (half the memory of
+        the frozen base; the adapters and their AdamW state stay float32).
     lora: None trains every weight of a block; {"rank": r, "alpha": a, "targets": [...]} (all optional;
         alpha defaults to r, targets to DEFAULT_TARGETS) trains LoRA adapters only (add_lora): the frozen base
         weights have no optimizer state and are not in checkpoints (the pretrained folder gives them again).
     """
+    if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     lora = dict(lora) if lora is not None else None
     if lora is not None and set(lora) - {"rank", "alpha", "targets"}:
         raise ValueError(f"lora takes rank, alpha and targets, got {sorted(lora)}")
-    if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
-        raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
+    if lora is None and dtype != "float32":
+        raise ValueError(
+            f"full fine-tuning trains float32 weights (AdamW's flat state); dtype={dtype!r} is for the "
+            f"frozen base of a LoRA run: give lora={{'rank': ...}} or dtype='float32'"
+        )
     cls, config = model_config(path, subfolder)
     with torch.device("meta"):  # the layer lists, and DiT's label dropout, without memory
         skeleton = cls.from_config(config)
@@ -300,7 +312,8 @@ def export_lora(run, out) -> list[Path]:
         folder = Path(out) / f"block{b}"
         folder.mkdir(parents=True, exist_ok=True)
         config = block.model.peft_config["default"].to_dict()
-        atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True, default=sorted).encode())
+        text = json.dumps(config, indent=2, sort_keys=True, default=sorted)  # target_modules: a set
+        atomic_write(folder / "adapter_config.json", text.encode())
         atomic_save(folder / "adapter_model.safetensors", state, metadata={"format": "pt"})
         folders.append(folder)
     return folders
