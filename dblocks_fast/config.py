@@ -173,7 +173,11 @@ class TrainConfig:
     schedule: str = _f(
         "random", "block order: 'random' (seeded interleaving), 'sequential', 'chunked'", SCHEDULES
     )
-    chunk_steps: int = _f(50, "schedule='chunked': a block takes this many steps before another block's turn")
+    chunk_steps: int = _f(
+        50,
+        "schedule='chunked': a block takes this many steps before another block's turn; 0: a whole epoch "
+        "of the data (len(data) // batch_size steps)",
+    )
     only_blocks: list[int] | None = _f(
         None, "train just these blocks here; None = all (see dblocks-fast merge)"
     )
@@ -251,7 +255,7 @@ class TrainConfig:
         for name, value in self.flat().items():
             choices = _CHOICES.get(name)
             need(choices is None or value in choices, f"{name} must be one of {choices}, got {value!r}")
-        need(self.chunk_steps >= 1, f"chunk_steps must be >= 1, got {self.chunk_steps}")
+        need(self.chunk_steps >= 0, f"chunk_steps must be >= 0 (0: an epoch), got {self.chunk_steps}")
         need(io.log_every >= 1, f"log_every must be >= 1, got {io.log_every}")
         need(io.ckpt_every >= 0, f"ckpt_every must be >= 0, got {io.ckpt_every}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

@@ -131,8 +131,9 @@ class Trainer:
         self._build(task, config)
         self.steps_done = [0] * config.num_blocks
         self.saved_steps = [0] * config.num_blocks
+        chunk = config.chunk_steps or max(1, len(data) // config.batch_size)  # 0: an epoch a turn
         self.order = block_order(
-            config.schedule, config.num_blocks, config.steps_per_block, config.seed, config.chunk_steps
+            config.schedule, config.num_blocks, config.steps_per_block, config.seed, chunk
         )
         self._perm: dict[int, tuple[int, torch.Tensor]] = {}
         self._windows = [_Window() for _ in range(config.num_blocks)]

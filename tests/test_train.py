@@ -1,5 +1,6 @@
 """The independence invariant (DESIGN.md section 3) and the trainer's promises: resume, saves, errors."""
 
+import itertools
 import json
 import math
 
@@ -237,6 +238,17 @@ def test_block_order_and_learning_rate_schedule(tiny_config):
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)
     assert lr_at(99, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_chunked_turns_of_a_whole_epoch_with_chunk_steps_0(tiny_task, digits, tiny_config):
+    data = digits.subset(np.arange(40), "forty")
+    t = Trainer(tiny_task, data, tiny_config(schedule="chunked", chunk_steps=0, steps_per_block=12))
+    # 40 // 8 = 5 steps an epoch: each block's 12 steps in turns of 5, 5 and 2 (turns of one block may meet)
+    assert t.order.tolist() == block_order("chunked", 3, 12, 0, chunk_steps=5).tolist()
+    turns = [len(list(g)) for _, g in itertools.groupby(t.order.tolist())]
+    assert set(turns) <= {2, 5, 7, 10, 12} and 2 in turns and sum(turns) == 36
+    with pytest.raises(ValueError, match="chunk_steps must be >= 0"):
+        tiny_config(chunk_steps=-1).validate()
 
 
 @pytest.mark.parametrize(
