@@ -67,6 +67,10 @@ class Blocks:
     null_label: int | None = None
     cond_dropout: float = 0.0
     processes: tuple[str, ...] = ("edm", "flow")
+    # mode "shared": `shared()` builds the frozen part every block uses (built once, not in run folders) and
+    # `make_part(index, layers)` a block without it, called as part(x, c_noise, cond, shared=that module)
+    shared: Callable[[], nn.Module] | None = None
+    make_part: Callable[[int, range], nn.Module] | None = None
 
 
 class SplitBlock(nn.Module):
@@ -173,10 +177,10 @@ class CustomTask:
             raise ValueError(
                 f"the model factory {self.factory} gives {self.num_layers} layers; it needs >= 1"
             )
-        if mode == "shared" and not self.split:
+        if mode == "shared" and not self.split and (spec.shared is None or spec.make_part is None):
             raise ValueError(
-                "mode='shared' needs a Network (layers, stem, head) from the factory: a Blocks factory "
-                "builds whole blocks, so there is no stem or head to share"
+                "mode='shared' needs a Network (layers, stem, head) from the factory, or a Blocks with "
+                "shared and make_part: this Blocks factory builds whole blocks only: nothing to share"
             )
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
@@ -235,10 +239,13 @@ class CustomTask:
             raise ValueError(f"layers {layers} of block {index} are not within the model's {self.num_layers}")
         spec = self._spec()
         if not self.split:
+            make, name = (
+                (spec.make_part, "make_part") if self.mode == "shared" else (spec.make_block, "make_block")
+            )
             try:
-                return spec.make_block(index, layers)
+                return make(index, layers)
             except Exception as e:
-                raise ValueError(f"{self.factory}'s make_block({index}, {layers}) raised: {e}") from e
+                raise ValueError(f"{self.factory}'s {name}({index}, {layers}) raised: {e}") from e
         if len(spec.layers) != self.num_layers:
             raise ValueError(
                 f"the model factory {self.factory} gave {len(spec.layers)} layers, then {self.num_layers}: "
@@ -292,21 +299,23 @@ class CustomTask:
             return {k: batch[k] for k in self.cond}
         return None if self.cond is None else batch[self.cond]
 
-    def _shared_parts(self, device: torch.device) -> tuple[nn.Module, nn.Module]:
-        """The frozen stem and head of mode "shared" on `device`, built once from `seed`."""
+    def _shared_parts(self, device: torch.device) -> tuple[nn.Module, ...]:
+        """The frozen parts of mode "shared" on `device`, built once from `seed`: a Network's (stem, head), a
+        Blocks factory's (shared(),)."""
         if device not in self._shared:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(rng.derive_seed(self.seed, rng.INIT, 1 << 20))  # not any block's seed
                 spec = self._spec()
-                stem, head = spec.stem().to(device), spec.head().to(device)
-            for p in [*stem.parameters(), *head.parameters()]:
-                p.requires_grad_(False)
-            self._shared[device] = (stem.eval(), head.eval())
+                parts = (spec.stem(), spec.head()) if self.split else (spec.shared(),)
+            parts = tuple(part.to(device).eval().requires_grad_(False) for part in parts)
+            self._shared[device] = parts
         return self._shared[device]
 
     def _forward(self, block: nn.Module, x, c_noise, cond):
-        if self.mode == "independent" or not self.split:
+        if self.mode == "independent":
             return block(x, c_noise, cond)
+        if not self.split:
+            return block(x, c_noise, cond, shared=self._shared_parts(x.device)[0])
         stem, head = self._shared_parts(x.device)
         return block(x, c_noise, cond, stem=stem, head=head)
 

@@ -101,9 +101,14 @@ def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_
     x, cond, kwargs = _inputs(name, 3, g)
     t = torch.rand(3, generator=g, dtype=torch.float64).float()
     whole = spec.make_block(0, range(total)).eval()
+    shared = spec.make_part(0, range(total)).eval()  # mode "shared": the layers alone, and one frame
+    frame = spec.shared().eval()
+    assert sum(len(lst) for name, lst in frame.named_children() if name in dd.LAYER_LISTS) == 0
     with torch.no_grad():
         want = model(x, timestep=t * MODELS[name][1], return_dict=False, **kwargs)[0][:, : x.shape[1]]
         assert torch.equal(whole(x, 4 * t, cond), want)  # c_noise = 4 t under flow matching
+        assert torch.equal(shared(x, 4 * t, cond, shared=frame), want)
+    assert {n.split(".")[0] for n, _ in shared.named_parameters()} == {"layers"}
 
     layers = [layer for _, lst in lists for layer in lst]
     part = range(1, total - 1)
@@ -122,9 +127,9 @@ def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_
     assert sum(len(lst) for _, lst in lists) == total  # the pretrained model kept all its layers
 
 
-def _dit_task(saved, digits, lora=None):
+def _dit_task(saved, digits, lora=None, mode="independent"):
     settings = {"path": str(saved["dit"][0])} | ({"lora": lora} if lora else {})
-    return dbf.CustomTask.for_data(digits, FACTORY, settings)
+    return dbf.CustomTask.for_data(digits, FACTORY, settings, mode=mode)
 
 
 def _config(**kw):
@@ -145,11 +150,20 @@ def _same(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "differs"
 
 
-@pytest.mark.parametrize("lora, tier", [(None, "disk"), ({"rank": 2}, "disk"), ({"rank": 2}, "host")])
+@pytest.mark.parametrize(
+    "lora, tier, mode",
+    [
+        (None, "disk", "independent"),
+        ({"rank": 2}, "disk", "independent"),
+        ({"rank": 2}, "host", "independent"),
+        (None, "host", "shared"),
+        ({"rank": 2}, "disk", "shared"),
+    ],
+)
 def test_a_pretrained_dit_trains_in_any_order_alone_resumed_paged_and_merged(
-    saved, digits, tmp_path, lora, tier
+    saved, digits, tmp_path, lora, tier, mode
 ):
-    task = _dit_task(saved, digits, lora)
+    task = _dit_task(saved, digits, lora, mode)
     assert (task.null_label, task.cond_dropout) == (10, 0.1)  # DiT's own null class and label dropout
     seq = _fit(task, digits, _config(schedule="sequential"))
     assert seq.model.schedule.kind == "flow"  # "auto": the model trains with flow matching
@@ -206,19 +220,24 @@ def test_the_cli_trains_a_diffusers_model_and_samples_it(saved, tmp_path, capsys
     assert not (tmp_path / "edm").exists()
 
 
-def test_a_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning_its_timestep(saved):
+@pytest.mark.parametrize("mode", ["independent", "shared"])
+def test_a_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning_its_timestep(saved, mode):
     task = dbf.CustomTask(
         FACTORY,
         {"path": str(saved["sd3"][0])},
         shape=(4, 8, 8),
         cond=["encoder_hidden_states", "pooled_projections"],
+        mode=mode,
     )
     process = task.noise_process(NoiseConfig(), 2)
     model = BlockModel.create(task, process, [2, 2], seed=0).eval()
     calls = []
     for b, block in enumerate(model.blocks):
-        block.model.register_forward_pre_hook(  # the pipeline calls the block's diffusers model
-            lambda m, args, kw, b=b: calls.append((b, kw["timestep"])), with_kwargs=True
+        first = next(
+            iter(block.layers["transformer_blocks"] if mode == "shared" else block.model.transformer_blocks)
+        )
+        first.register_forward_pre_hook(  # the pipeline runs the block's own first layer
+            lambda m, args, kw, b=b: calls.append((b, kw["temb"])), with_kwargs=True
         )
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=dd.PipelineTransformer(model), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
@@ -234,7 +253,8 @@ def test_a_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning
     ).images  # fmt: skip
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
     assert len(calls) == steps
-    owners = [process.block_of(float(t[0]) / 1000) for _, t in calls]
+    timesteps = pipe.scheduler.timesteps
+    owners = [process.block_of(float(t) / 1000) for t in timesteps]
     assert [b for b, _ in calls] == owners and set(owners) == {0, 1}  # both blocks, each at its own steps
     with pytest.raises(ValueError, match="timesteps of one block at a time"):
         dd.PipelineTransformer(model)(torch.zeros(2, 4, 8, 8), timestep=torch.tensor([999.0, 1.0]))
@@ -277,11 +297,14 @@ def test_a_bfloat16_base_with_float32_adapters_trains_the_same_bits_resident_and
         _same(runs[0].block_tensors(b), runs[1].block_tensors(b))
 
 
-def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(saved, digits, tmp_path):
+@pytest.mark.parametrize("mode", ["independent", "shared"])
+def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(
+    saved, digits, tmp_path, mode
+):
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    task = _dit_task(saved, digits, {"rank": 2, "targets": ["to_q", "to_v"]})
+    task = _dit_task(saved, digits, {"rank": 2, "targets": ["to_q", "to_v"]}, mode)
     run = tmp_path / "run"
     model = dbf.train(task, digits, _config(out_dir=str(run)))
     folders = dd.export_lora(run, tmp_path / "lora")
@@ -295,7 +318,9 @@ def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(
         assert not set_peft_model_state_dict(fresh, state).unexpected_keys
         block = dd.DiffusersBlock(dd.split(fresh, layers), 1000.0).eval()
         with torch.no_grad():
-            assert torch.equal(block(x, 4 * t, labels), model.blocks[b].eval()(x, 4 * t, labels))
+            assert torch.equal(
+                block(x, 4 * t, labels), task._forward(model.blocks[b].eval(), x, 4 * t, labels)
+            )
     assert (folders[1] / "adapter_config.json").read_bytes() == (
         folders[0] / "adapter_config.json"
     ).read_bytes()

@@ -32,11 +32,17 @@ config and forward signature and routes each call to the block that owns its tim
 matching one, e.g. FlowMatchEulerDiscreteScheduler). With a StreamedBlockModel only the active block's layers
 are on the device.
 
-Not yet here (see the issue): LoRA adapters, one shared frozen copy of the embeddings and head.
+Two modes (CustomTask's `mode`): "independent", every block a whole model copy with its own embeddings and
+head; "shared", one frozen copy of the embeddings and head (`frame`) for all blocks, which then hold their
+layers alone (DiffusersLayers).
+
+LoRA (`lora={...}`, peft): adapters on the blocks' linear layers, the rest frozen; `export_lora` writes them
+in peft's format under the whole model's layer names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -58,6 +64,7 @@ from ..custom import Blocks
 
 __all__ = [
     "DiffusersBlock",
+    "DiffusersLayers",
     "PipelineTransformer",
     "add_lora",
     "export_lora",
@@ -105,9 +112,8 @@ def layer_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
-def split(model: nn.Module, layers: range) -> nn.Module:
-    """A copy of `model` that holds only the layers `layers` (indices over its layer lists, in order), its
-    embeddings and output head; `model` itself is left as it was."""
+def _share(model: nn.Module, layers: range) -> dict[str, nn.ModuleList]:
+    """{list name: a ModuleList of the layers `layers` in it} (indices over the layer lists, in order)."""
     lists = layer_lists(model)
     total = sum(len(lst) for _, lst in lists)
     if len(layers) < 1 or layers.start < 0 or layers.stop > total:
@@ -116,13 +122,36 @@ def split(model: nn.Module, layers: range) -> nn.Module:
     for name, lst in lists:
         kept[name] = nn.ModuleList(lst[i - start] for i in layers if start <= i < start + len(lst))
         start += len(lst)
+    return kept
+
+
+@contextlib.contextmanager
+def _holding(model: nn.Module, lists: dict[str, nn.ModuleList]):
+    """`model` with its layer lists replaced by `lists` for the `with`, then as it was."""
+    saved = {name: model._modules[name] for name in lists}
     try:
-        for name, mine in kept.items():
-            model._modules[name] = mine  # deepcopy then copies only these
-        return copy.deepcopy(model)
+        model._modules.update(lists)
+        yield model
     finally:
-        for name, lst in lists:
-            model._modules[name] = lst
+        model._modules.update(saved)
+
+
+def split(model: nn.Module, layers: range) -> nn.Module:
+    """A copy of `model` that holds only the layers `layers` (indices over its layer lists, in order), its
+    embeddings and output head; `model` itself is left as it was."""
+    with _holding(model, _share(model, layers)):
+        return copy.deepcopy(model)  # copies only these layers
+
+
+def frame(model: nn.Module) -> nn.Module:
+    """A copy of `model` without layers: its embeddings and output head, what mode "shared" shares."""
+    with _holding(model, {name: nn.ModuleList() for name, _ in layer_lists(model)}):
+        return copy.deepcopy(model)
+
+
+def cut(model: nn.Module, layers: range) -> nn.ModuleDict:
+    """Copies of the layers `layers` of `model` alone, under their list names (a block of mode "shared")."""
+    return copy.deepcopy(nn.ModuleDict(_share(model, layers)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,7 +180,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projecti
 
 
 def add_lora(
-    model: nn.Module, rank: int = 8, alpha: float | None = None, targets=DEFAULT_TARGETS
+    model: nn.Module, rank: int = 8, alpha: float | None = None, targets=DEFAULT_TARGETS, name: str = ""
 ) -> nn.Module:
     """Add LoRA adapters (peft, adapter name "default") to `model`'s modules named by `targets` (peft's
     target_modules: names or name suffixes) and freeze everything else: only the adapters train."""
@@ -164,8 +193,8 @@ def add_lora(
         inject_adapter_in_model(config, model)
     except ValueError as e:
         raise ValueError(
-            f"LoRA targets {list(targets)} match no module of {type(model).__name__} ({e}); name its linear "
-            f"layers, e.g. {list(DEFAULT_TARGETS)} for the attention projections"
+            f"LoRA targets {list(targets)} match no module of {name or type(model).__name__} ({e}); name its "
+            f"linear layers, e.g. {list(DEFAULT_TARGETS)} for the attention projections"
         ) from None
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
@@ -174,30 +203,61 @@ def add_lora(
     return model
 
 
+def _no_label_dropout(module: nn.Module) -> nn.Module:
+    for m in module.modules():  # the task drops labels, with the trainer's generator
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+    return module
+
+
+def _run(model: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, cond, timestep_scale: float):
+    """The model's forward as a CustomTask block: x_t, the timestep in the model's scale, the condition."""
+    dtype = next(model.parameters()).dtype
+    t = c_noise.float() / FLOW_C_NOISE
+    if isinstance(cond, dict):
+        kwargs = dict(cond)
+    else:
+        kwargs = {} if cond is None else {"class_labels": cond}
+    timestep = (t * timestep_scale).to(dtype)
+    out = model(x.to(dtype), timestep=timestep, return_dict=False, **kwargs)[0]
+    if out.shape != x.shape and out.shape[1] == 2 * x.shape[1]:  # a learned variance beside the output
+        out = out[:, : x.shape[1]]
+    return out
+
+
 class DiffusersBlock(nn.Module):
-    """One block: a diffusers model holding a share of the layers, called as a CustomTask block."""
+    """One block (mode "independent"): a diffusers model holding a share of the layers."""
 
     def __init__(self, model: nn.Module, timestep_scale: float):
         super().__init__()
-        self.model, self.timestep_scale = model, float(timestep_scale)
-        for m in model.modules():  # the task drops labels, with the trainer's generator
-            if isinstance(m, LabelEmbedding):
-                m.dropout_prob = 0.0
+        self.model, self.timestep_scale = _no_label_dropout(model), float(timestep_scale)
+
+    @contextlib.contextmanager
+    def bound(self, shared: nn.Module | None = None):
+        """The diffusers model this block runs as (its own)."""
+        yield self.model
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        t = c_noise.float() / FLOW_C_NOISE
-        if isinstance(cond, dict):
-            kwargs = dict(cond)
-        else:
-            kwargs = {} if cond is None else {"class_labels": cond}
-        out = self.model(
-            x.to(dtype), timestep=(t * self.timestep_scale).to(dtype), return_dict=False, **kwargs
-        )
-        out = out[0]
-        if out.shape != x.shape and out.shape[1] == 2 * x.shape[1]:  # a learned variance beside the output
-            out = out[:, : x.shape[1]]
-        return out
+        return _run(self.model, x, c_noise, cond, self.timestep_scale)
+
+
+class DiffusersLayers(nn.Module):
+    """One block of mode "shared": its layers alone; the frozen embeddings and head (`frame`) are the
+    task's, one copy for every block, and the block runs as that frame holding its layers."""
+
+    def __init__(self, layers: nn.ModuleDict, timestep_scale: float):
+        super().__init__()
+        self.layers, self.timestep_scale = _no_label_dropout(layers), float(timestep_scale)
+
+    @contextlib.contextmanager
+    def bound(self, shared: nn.Module):
+        """The shared frame holding this block's layers, for the `with`."""
+        with _holding(shared, dict(self.layers.items())) as model:
+            yield model
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond, shared: nn.Module) -> torch.Tensor:
+        with self.bound(shared) as model:
+            return _run(model, x, c_noise, cond, self.timestep_scale)
 
 
 def transformer(
@@ -232,15 +292,26 @@ def transformer(
     scale = TIMESTEP_SCALE.get(cls.__name__, 1000.0)
     path = str(Path(path).resolve())
 
-    def make_block(index: int, layers: range) -> nn.Module:
+    def base() -> nn.Module:
         sizes_only = torch.get_default_device().type == "meta"  # the trainer sizing the blocks
-        base = (_skeleton if sizes_only else _pretrained)(path, subfolder, str(dtype))
-        part = split(base, layers).requires_grad_(True)
+        return (_skeleton if sizes_only else _pretrained)(path, subfolder, str(dtype))
+
+    def make_block(index: int, layers: range) -> nn.Module:
+        part = split(base(), layers).requires_grad_(True)
         if lora is not None:
-            add_lora(part, **lora)
+            add_lora(part, **lora, name=cls.__name__)
         return DiffusersBlock(part, scale)
 
-    return Blocks(make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",))
+    def make_part(index: int, layers: range) -> nn.Module:
+        part = cut(base(), layers).requires_grad_(True)
+        if lora is not None:
+            add_lora(part, **lora, name=cls.__name__)
+        return DiffusersLayers(part, scale)
+
+    return Blocks(
+        make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",),
+        shared=lambda: _no_label_dropout(frame(base())), make_part=make_part,
+    )  # fmt: skip
 
 
 class PipelineTransformer(nn.Module):
@@ -275,8 +346,11 @@ class PipelineTransformer(nn.Module):
                 f"timesteps {t.tolist()} fall in blocks {owners}: call the transformer with timesteps of one "
                 f"block at a time (pipelines give every row the same timestep)"
             )
+        task = self.run_model.task
         with self.run_model.block(owners[0]) as block:
-            return block.model(hidden_states, *args, timestep=timestep, **kwargs)
+            shared = task._shared_parts(hidden_states.device)[0] if task.mode == "shared" else None
+            with block.bound(shared) as model:
+                return model(hidden_states, *args, timestep=timestep, **kwargs)
 
 
 def export_lora(run, out) -> list[Path]:
@@ -306,12 +380,13 @@ def export_lora(run, out) -> list[Path]:
             renames.update({f"{name}.{local}.": f"{name}.{i}." for local, i in enumerate(mine)})
             start += len(lst)
         state = {}
-        for key, value in get_peft_model_state_dict(block.model).items():
+        adapted = block.model if isinstance(block, DiffusersBlock) else block.layers
+        for key, value in get_peft_model_state_dict(adapted).items():
             prefix = next((p for p in renames if key.startswith(p)), None)
             state[renames[prefix] + key[len(prefix) :] if prefix else key] = value.contiguous()
         folder = Path(out) / f"block{b}"
         folder.mkdir(parents=True, exist_ok=True)
-        config = block.model.peft_config["default"].to_dict()
+        config = adapted.peft_config["default"].to_dict()
         text = json.dumps(config, indent=2, sort_keys=True, default=sorted)  # target_modules: a set
         atomic_write(folder / "adapter_config.json", text.encode())
         atomic_save(folder / "adapter_model.safetensors", state, metadata={"format": "pt"})
