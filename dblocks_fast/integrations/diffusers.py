@@ -155,11 +155,17 @@ def cut(model: nn.Module, layers: range) -> nn.ModuleDict:
 
 
 @functools.lru_cache(maxsize=1)
-def _pretrained(path: str, subfolder: str | None, dtype: str) -> nn.Module:
-    """The pretrained model, loaded once per process onto the CPU (the blocks are copies of its parts)."""
-    cls, _ = model_config(path, subfolder)
+def _pretrained(path: str, subfolder: str | None, dtype: str, weights: str = "pretrained") -> nn.Module:
+    """The pretrained model, loaded once per process onto the CPU (the blocks are copies of its parts);
+    weights="random": the class's own initialisation from the config alone, seeded (seed 0)."""
+    cls, config = model_config(path, subfolder)
     with torch.device("cpu"):  # also when a block is asked for on the meta device (sizes only)
-        model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
+        if weights == "random":
+            with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+                torch.manual_seed(0)
+                model = cls.from_config(config)
+        else:
+            model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
     return model.eval().requires_grad_(False)
 
 
@@ -167,11 +173,17 @@ def _pretrained(path: str, subfolder: str | None, dtype: str) -> nn.Module:
 def _skeleton(path: str, subfolder: str | None, dtype: str) -> nn.Module:
     """The model on the meta device: what a block built for its sizes alone is cut from."""
     cls, config = model_config(path, subfolder)
+    with _default_dtype(dtype), torch.device("meta"):
+        return cls.from_config(config)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: str):
+    """Modules built in the `with` get parameters of `dtype` (diffusers warns of a .to() after building)."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype))  # built in the dtype (diffusers warns of a .to() after)
+    torch.set_default_dtype(getattr(torch, dtype))
     try:
-        with torch.device("meta"):
-            return cls.from_config(config)
+        yield
     finally:
         torch.set_default_dtype(default)
 
@@ -212,10 +224,16 @@ def _no_label_dropout(module: nn.Module) -> nn.Module:
 
 def _run(model: nn.Module, x: torch.Tensor, c_noise: torch.Tensor, cond, timestep_scale: float):
     """The model's forward as a CustomTask block: x_t, the timestep in the model's scale, the condition."""
-    dtype = next(model.parameters()).dtype
+    dtype = next(p.dtype for n, p in model.named_parameters() if ".lora_" not in n)  # the base's
     t = c_noise.float() / FLOW_C_NOISE
     if isinstance(cond, dict):
-        kwargs = dict(cond)
+        kwargs = {}
+        for key, value in cond.items():
+            if key in ("img_ids", "txt_ids"):  # Flux's positions are per sequence: the batch's first row's
+                value = value[0] if value.ndim == 3 else value
+            elif value.is_floating_point():  # text embeddings: in the base's dtype
+                value = value.to(dtype)
+            kwargs[key] = value
     else:
         kwargs = {} if cond is None else {"class_labels": cond}
     timestep = (t * timestep_scale).to(dtype)
@@ -261,7 +279,11 @@ class DiffusersLayers(nn.Module):
 
 
 def transformer(
-    path: str, subfolder: str | None = None, dtype: str = "float32", lora: dict | None = None
+    path: str,
+    subfolder: str | None = None,
+    dtype: str = "float32",
+    lora: dict | None = None,
+    weights: str = "pretrained",
 ) -> Blocks:
     """A CustomTask model factory: the diffusers transformer saved at `path` (its folder, or a pipeline's
     folder with subfolder="transformer"), split into blocks (see the module docstring).
@@ -271,7 +293,11 @@ def transformer(
     lora: None trains every weight of a block; {"rank": r, "alpha": a, "targets": [...]} (all optional;
         alpha defaults to r, targets to DEFAULT_TARGETS) trains LoRA adapters only (add_lora): the frozen base
         weights have no optimizer state and are not in checkpoints (the pretrained folder gives them again).
+    weights: "pretrained" (from_pretrained) or "random": the architecture of the folder's config.json,
+        initialised by its class (seed 0), to train a diffusers architecture from scratch or to measure one.
     """
+    if weights not in ("pretrained", "random"):
+        raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
     if not hasattr(torch, str(dtype)) or not isinstance(getattr(torch, str(dtype)), torch.dtype):
         raise ValueError(f"dtype must name a torch dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     lora = dict(lora) if lora is not None else None
@@ -294,7 +320,9 @@ def transformer(
 
     def base() -> nn.Module:
         sizes_only = torch.get_default_device().type == "meta"  # the trainer sizing the blocks
-        return (_skeleton if sizes_only else _pretrained)(path, subfolder, str(dtype))
+        if sizes_only:
+            return _skeleton(path, subfolder, str(dtype))
+        return _pretrained(path, subfolder, str(dtype), weights)
 
     def make_block(index: int, layers: range) -> nn.Module:
         part = split(base(), layers).requires_grad_(True)
