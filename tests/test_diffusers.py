@@ -328,3 +328,44 @@ def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(
     dbf.train(_dit_task(saved, digits), digits, _config(out_dir=str(full), steps_per_block=1))
     with pytest.raises(ValueError, match="was not trained with LoRA"):
         dd.export_lora(full, tmp_path / "none")
+
+
+class _FluxBatches:
+    """Random Flux inputs, as a text-to-image dataset would give them (batch keys of the forward's names)."""
+
+    name = "flux-inputs"
+
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randn(n, 16, 8, generator=g)
+        self.text, self.pooled = torch.randn(n, S, TXT, generator=g), torch.randn(n, POOLED, generator=g)
+        self.img_ids, self.txt_ids = torch.randn(n, 16, 3, generator=g), torch.zeros(n, S, 3)
+
+    def __len__(self):
+        return len(self.y)
+
+    def batch(self, idx):
+        return {
+            "y": self.y[idx], "encoder_hidden_states": self.text[idx], "pooled_projections": self.pooled[idx],
+            "img_ids": self.img_ids[idx], "txt_ids": self.txt_ids[idx],
+        }  # fmt: skip
+
+
+def test_a_flux_architecture_from_its_config_alone_trains_lora_on_a_bf16_base_resident_and_paged(
+    saved, tmp_path
+):
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((saved["flux"][0] / "config.json").read_bytes())  # no weights
+    data = _FluxBatches()
+    settings = {"path": str(folder), "weights": "random", "dtype": "bfloat16", "lora": {"rank": 2}}
+    cond = ["encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"]
+    task = dbf.CustomTask.for_data(data, FACTORY, settings, cond=cond, mode="shared")
+    assert task.num_layers == 5  # 2 double- + 3 single-stream layers; layers=[3, 2]: block 0 holds both kinds
+    runs = [_fit(task, data, _config(layers=[3, 2], offload=tier)) for tier in ("none", "host", "disk")]
+    for b in range(2):
+        _same(runs[0].block_tensors(b), runs[1].block_tensors(b))
+        _same(runs[0].block_tensors(b), runs[2].block_tensors(b))
+    assert all(torch.isfinite(v).all() for v in runs[0].block_tensors(1).values())
+    with pytest.raises(ValueError, match="weights must be 'pretrained' or 'random'"):
+        dd.transformer(str(folder), weights="zeros")
