@@ -213,8 +213,20 @@ def test_the_cli_trains_a_diffusers_model_and_samples_it(saved, tmp_path, capsys
     manifest = checkpoint.read_manifest(run)
     assert manifest["complete"] and manifest["schedule"]["kind"] == "flow"
     out = tmp_path / "g.png"
-    assert cli(["sample", "--run", str(run), "--per-class", "1", "--num-steps", "2", "--out", str(out)]) == 0
+    sample = ["--per-class", "1", "--num-steps", "2", "--out", str(out)]
+    assert cli(["sample", "--run", str(run), *sample]) == 0
     assert out.is_file()
+    # LoRA, one block a run (one a night, one a machine), merged, sampled
+    lora = {"path": str(saved["dit"][0]), "lora": {"rank": 2}}
+    model_lora = ["--model", FACTORY, "--model-config", json.dumps(lora)]
+    for b in range(2):
+        only = ["--only-blocks", str(b), "--out", str(tmp_path / f"only{b}")]
+        assert cli(["train", *model_lora, *fast, "--no-eval", *only]) == 0
+    merged = tmp_path / "merged"
+    assert cli(["merge", str(tmp_path / "only0"), str(tmp_path / "only1"), "--out", str(merged)]) == 0
+    assert checkpoint.read_manifest(merged)["complete"]
+    assert cli(["sample", "--run", str(merged), *sample]) == 0
+    assert len(dd.export_lora(merged, tmp_path / "adapters")) == 2
     assert cli(["train", *model, *fast, "--noise", "edm", "--out", str(tmp_path / "edm")]) == 2
     assert "trains with the flow noise process, not 'edm'" in capsys.readouterr().err
     assert not (tmp_path / "edm").exists()
