@@ -29,9 +29,11 @@ from benchmarks import (  # noqa: E402
     bench_distributed,
     bench_inference,
     bench_memory,
+    bench_memory_diffusers,
     bench_paging,
     common,
     quality,
+    quality_diffusers,
     quality_vit,
 )
 
@@ -47,6 +49,8 @@ SCRIPTS = [
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
     ("bench_crash", "Does a run survive being killed at any moment, a full disk, a read-only folder?"),
+    ("quality_diffusers", "How good is LoRA fine-tuning of a pretrained diffusers DiT, block-wise?"),
+    ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
 ]
 
 
@@ -168,6 +172,8 @@ TABLES = {
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
     "bench_crash": bench_crash.table,
+    "quality_diffusers": quality_diffusers.table,
+    "bench_memory_diffusers": bench_memory_diffusers.table,
 }
 
 

@@ -200,7 +200,14 @@ def main(argv=None) -> dict:
 
 
 def _markdown(prov: dict, record: dict) -> list[str]:
-    lines = common.header("LoRA step memory of a Flux-architecture transformer", prov, record["quick"])
+    return common.header(
+        "LoRA step memory of a Flux-architecture transformer", prov, record["quick"]
+    ) + table(record)
+
+
+def table(record: dict) -> list[str]:
+    """What was measured and the table (also used by the results page)."""
+    lines = []
     cfg = MODELS[record["model"]]["config"]
     gpu = any("peak_device_bytes" in r for r in record["rows"])
     lines += [
@@ -227,9 +234,10 @@ def _markdown(prov: dict, record: dict) -> list[str]:
     if not gpu:
         lines += [
             "",
-            "**GPU: pending.** On a CPU the paged tiers keep blocks in the same host memory the RSS "
-            "measures, so only the device figures (`python benchmarks/bench_memory_diffusers.py` on a GPU "
-            "machine, with diffusers and peft installed) answer how much a paged block-wise LoRA step saves.",
+            "The device figures are pending. On a CPU the paged tiers keep blocks in the same host memory "
+            "the RSS measures, so only the device figures (`python benchmarks/bench_memory_diffusers.py` on "
+            "a GPU machine, with diffusers and peft installed) answer how much a paged block-wise LoRA step "
+            "saves.",
         ]
     return lines
 

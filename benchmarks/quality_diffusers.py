@@ -192,7 +192,13 @@ def _markdown(summary: list[dict], settings: dict, prov: dict) -> str:
     lines = common.header(
         "Fine-tuning a pretrained diffusers DiT with LoRA: block-wise vs end to end", prov, settings["quick"]
     )
-    lines += [
+    return "\n".join(lines + table({"settings": settings, "summary": summary}))
+
+
+def table(record: dict) -> list[str]:
+    """What was run and the table (also used by the results page)."""
+    summary, settings = record["summary"], record["settings"]
+    lines = [
         f"DiTTransformer2DModel (6 layers, width 64) pretrained end to end with flow matching on digits 0-8 "
         f"({settings['pretrain_steps']} steps), then fine-tuned on the held-back class {HELD_BACK} with LoRA "
         f"(rank {LORA['rank']}, {', '.join(LORA['targets'])}), {settings['steps_per_block']} steps a block "
@@ -217,7 +223,7 @@ def _markdown(summary: list[dict], settings: dict, prov: dict) -> str:
         "it beats that floor in both Frechet distance and flow loss.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _plot(summary: list[dict], prov: dict, out: Path) -> None:
