@@ -56,6 +56,7 @@ class Network:
     null_label: int | None = None  # the condition that means "none" (classifier-free guidance); None: no CFG
     cond_dropout: float = 0.0  # probability a training condition is replaced by null_label
     processes: tuple[str, ...] = ("edm", "flow")  # the noise processes it trains with; the first is "auto"
+    name: str | None = None  # what messages call the model (default: the factory's import path)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Blocks:
     # `make_part(index, layers)` a block without it, called as part(x, c_noise, cond, shared=that module)
     shared: Callable[[], nn.Module] | None = None
     make_part: Callable[[int, range], nn.Module] | None = None
+    name: str | None = None
 
 
 class SplitBlock(nn.Module):
@@ -171,6 +173,7 @@ class CustomTask:
         self.num_layers = len(spec.layers) if self.split else int(spec.num_layers)
         self.null_label, self.cond_dropout = spec.null_label, float(spec.cond_dropout)
         self.processes = tuple(spec.processes)
+        self.name = spec.name or f"the model of {self.factory}"
         if not self.processes or not set(self.processes) <= {"edm", "flow"}:
             raise ValueError(f"a model's processes are some of ('edm', 'flow'), got {spec.processes!r}")
         if self.num_layers < 1:
@@ -287,6 +290,11 @@ class CustomTask:
 
     def noise_process(self, noise, num_blocks: int):
         """EDM or flow matching, of those the model names (Network/Blocks.processes); "auto": its first."""
+        if num_blocks > self.num_layers:
+            raise ValueError(
+                f"{self.name} has {self.num_layers} layers, fewer than the {num_blocks} blocks asked for: "
+                f"each block needs at least one layer; use num_blocks <= {self.num_layers}"
+            )
         return continuous_process(self, noise, num_blocks, allowed=self.processes)
 
     def cond_keys(self) -> list[str]:

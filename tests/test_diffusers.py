@@ -16,9 +16,7 @@ import diffusers  # noqa: E402
 import dblocks_fast as dbf  # noqa: E402
 from dblocks_fast import checkpoint  # noqa: E402
 from dblocks_fast.cli import main as cli  # noqa: E402
-from dblocks_fast.config import NoiseConfig  # noqa: E402
 from dblocks_fast.integrations import diffusers as dd  # noqa: E402
-from dblocks_fast.model import BlockModel  # noqa: E402
 from tests.invariants import assert_a_step_touches_only_its_block, block_states  # noqa: E402
 
 FACTORY = "dblocks_fast.integrations.diffusers:transformer"
@@ -127,6 +125,32 @@ def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_
     assert sum(len(lst) for _, lst in lists) == total  # the pretrained model kept all its layers
 
 
+class _TextBatches:
+    """Random inputs of a text-conditioned model, as a dataset would give them: the target y, and the
+    forward's keyword arguments under their own names (Flux: its positions too)."""
+
+    name = "text-inputs"
+
+    def __init__(self, shape, n=16, ids=False):
+        g = torch.Generator().manual_seed(0)
+        self.items = {
+            "y": torch.randn(n, *shape, generator=g),
+            "encoder_hidden_states": torch.randn(n, S, TXT, generator=g),
+            "pooled_projections": torch.randn(n, POOLED, generator=g),
+        }
+        if ids:
+            self.items |= {
+                "img_ids": torch.randn(n, shape[0], 3, generator=g),
+                "txt_ids": torch.zeros(n, S, 3),
+            }
+
+    def __len__(self):
+        return len(self.items["y"])
+
+    def batch(self, idx):
+        return {k: v[idx] for k, v in self.items.items()}
+
+
 def _dit_task(saved, digits, lora=None, mode="independent"):
     settings = {"path": str(saved["dit"][0])} | ({"lora": lora} if lora else {})
     return dbf.CustomTask.for_data(digits, FACTORY, settings, mode=mode)
@@ -233,16 +257,16 @@ def test_the_cli_trains_a_diffusers_model_and_samples_it(saved, tmp_path, capsys
 
 
 @pytest.mark.parametrize("mode", ["independent", "shared"])
-def test_a_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning_its_timestep(saved, mode):
-    task = dbf.CustomTask(
-        FACTORY,
-        {"path": str(saved["sd3"][0])},
-        shape=(4, 8, 8),
-        cond=["encoder_hidden_states", "pooled_projections"],
-        mode=mode,
-    )
-    process = task.noise_process(NoiseConfig(), 2)
-    model = BlockModel.create(task, process, [2, 2], seed=0).eval()
+def test_a_trained_run_samples_inside_a_diffusers_pipeline_each_step_by_the_block_owning_its_timestep(
+    saved, mode, tmp_path
+):
+    data = _TextBatches((4, 8, 8))
+    cond = ["encoder_hidden_states", "pooled_projections"]
+    task = dbf.CustomTask.for_data(data, FACTORY, {"path": str(saved["sd3"][0])}, cond=cond, mode=mode)
+    run = tmp_path / "run"
+    dbf.train(task, data, _config(steps_per_block=2, out_dir=str(run)))
+    model = dbf.load(run, device="cpu").eval()  # the run folder, as a user samples it later
+    process = model.schedule
     calls = []
     for b, block in enumerate(model.blocks):
         first = next(
@@ -285,7 +309,7 @@ def test_what_cannot_be_split_is_refused_with_the_class_and_what_was_expected(sa
     with pytest.raises(FileNotFoundError, match="holds no config.json"):
         dd.transformer(str(tmp_path))
     task = _dit_task(saved, digits)
-    with pytest.raises(ValueError, match="larger than the number of layers"):
+    with pytest.raises(ValueError, match="DiTTransformer2DModel at .* has 4 layers, fewer than the 5 blocks"):
         dbf.Trainer(task, digits, _config(num_blocks=5))
     with pytest.raises(ValueError, match="dtype must name a torch dtype"):
         dd.transformer(str(saved["dit"][0]), dtype="float33")
@@ -342,34 +366,13 @@ def test_lora_adapters_export_in_peft_format_and_load_into_the_pretrained_model(
         dd.export_lora(full, tmp_path / "none")
 
 
-class _FluxBatches:
-    """Random Flux inputs, as a text-to-image dataset would give them (batch keys of the forward's names)."""
-
-    name = "flux-inputs"
-
-    def __init__(self, n=16):
-        g = torch.Generator().manual_seed(0)
-        self.y = torch.randn(n, 16, 8, generator=g)
-        self.text, self.pooled = torch.randn(n, S, TXT, generator=g), torch.randn(n, POOLED, generator=g)
-        self.img_ids, self.txt_ids = torch.randn(n, 16, 3, generator=g), torch.zeros(n, S, 3)
-
-    def __len__(self):
-        return len(self.y)
-
-    def batch(self, idx):
-        return {
-            "y": self.y[idx], "encoder_hidden_states": self.text[idx], "pooled_projections": self.pooled[idx],
-            "img_ids": self.img_ids[idx], "txt_ids": self.txt_ids[idx],
-        }  # fmt: skip
-
-
 def test_a_flux_architecture_from_its_config_alone_trains_lora_on_a_bf16_base_resident_and_paged(
     saved, tmp_path
 ):
     folder = tmp_path / "config-only"
     folder.mkdir()
     (folder / "config.json").write_bytes((saved["flux"][0] / "config.json").read_bytes())  # no weights
-    data = _FluxBatches()
+    data = _TextBatches((16, 8), ids=True)
     settings = {"path": str(folder), "weights": "random", "dtype": "bfloat16", "lora": {"rank": 2}}
     cond = ["encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"]
     task = dbf.CustomTask.for_data(data, FACTORY, settings, cond=cond, mode="shared")

@@ -339,6 +339,7 @@ def transformer(
     return Blocks(
         make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",),
         shared=lambda: _no_label_dropout(frame(base())), make_part=make_part,
+        name=f"{cls.__name__} at {path}",
     )  # fmt: skip
 
 
