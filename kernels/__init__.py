@@ -11,7 +11,13 @@ triton is not installed (then this package holds only those two).
 
 import importlib.util
 
-if importlib.util.find_spec("triton") is not None:
+if __name__ != "dblocks_fast.kernels":
+    # This folder imported by its own name, "kernels": the repository root is on sys.path and another library
+    # probed for a package of that name (transformers looks for Hugging Face's `kernels`). Register nothing:
+    # the ops are dblocks_fast.kernels', and a second copy would redefine every dblocks:: op (then calls run
+    # the copy's code, not this package's). Without a __version__ the probe finds no usable `kernels`.
+    __all__ = []
+elif importlib.util.find_spec("triton") is not None:
     from .adaln import adaln_modulate, gated_residual_adaln
     from .edm_loss import edm_l2_loss
     from .linear_cross_entropy import weighted_linear_cross_entropy

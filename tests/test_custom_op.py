@@ -184,3 +184,24 @@ def test_triton_gated_adaln_with_one_output_used(used, dtype, poison_outputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_gated_adaln_with_one_output_used(used, dtype):
     _check_one_output_used(cuda_ops.gated_residual_adaln, used, dtype, torch.device("cuda"))
+
+
+def test_the_kernels_folder_imported_by_its_own_name_registers_nothing():
+    """transformers (through peft) probes for Hugging Face's `kernels` package with import_module("kernels"),
+    which finds this repository's kernels/ folder when the repository root is on sys.path. That import must
+    define no op a second time: the dblocks:: ops would then run the copy's code."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, importlib\n"
+        f"sys.path.insert(0, {str(root)!r})\n"
+        "import dblocks_fast.kernels as ours\n"
+        "probe = importlib.import_module('kernels')\n"
+        "assert probe is not ours and probe.__all__ == [] and not hasattr(probe, '__version__')\n"
+        "assert not [m for m in sys.modules if m.startswith('kernels.')], sorted(sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
