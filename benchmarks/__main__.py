@@ -34,12 +34,14 @@ from benchmarks import (  # noqa: E402
     common,
     quality,
     quality_diffusers,
+    quality_digits,
     quality_vit,
 )
 
 # (script, the question it answers); the order of the results page
 SCRIPTS = [
     ("quality_digits", "How good: does block-wise training match end-to-end training?"),
+    ("quality_digits_flow", "How good with flow matching instead of EDM: block-wise vs end to end?"),
     ("quality_vit", "How good for classification: does a block-wise ViT match the end-to-end one?"),
     ("quality", "How good across the paper's tasks: image generation, classification, language models?"),
     ("bench_memory", "How much memory does block-wise training need?"),
@@ -52,6 +54,8 @@ SCRIPTS = [
     ("quality_diffusers", "How good is LoRA fine-tuning of a pretrained diffusers DiT, block-wise?"),
     ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
 ]
+# a record that one script writes under another name, with the arguments that make it
+COMMANDS = {"quality_digits_flow": ("quality_digits", ["--flow"])}
 
 
 def parse_args(argv=None):
@@ -66,7 +70,8 @@ def parse_args(argv=None):
 
 
 def run_script(name: str, quick: bool, out: Path) -> dict:
-    cmd = [sys.executable, str(HERE / f"{name}.py"), "--out", str(out)] + (["--quick"] if quick else [])
+    script, extra = COMMANDS.get(name, (name, []))
+    cmd = [sys.executable, str(HERE / f"{script}.py"), *extra, "--out", str(out)] + (["--quick"] * quick)
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
@@ -105,20 +110,6 @@ def _records(out: Path, name: str) -> dict[str, dict]:
 def _where(r: dict) -> str:
     quick = " **(--quick: a pipeline check, not a measurement)**" if r.get("quick") else ""
     return f"{r['device']}; torch {r['versions']['torch']}; commit {r['commit']}; {r['date']}{quick}"
-
-
-def _quality(r: dict) -> list[str]:
-    base = next(s for s in r["summary"] if s["num_blocks"] == 1)
-    lines = [
-        "| configuration | Frechet distance / end to end | sample accuracy | Frechet distance | floor |",
-        "|---|---|---|---|---|",
-    ]
-    for s in r["summary"]:
-        lines.append(
-            f"| {s['config']} | {s['frechet_distance'] / base['frechet_distance']:.2f} | "
-            f"{s['sample_accuracy']:.3f} | {s['frechet_distance']:.2f} | {s['real_frechet']:.2f} |"
-        )
-    return lines
 
 
 def _kernels(r: dict) -> list[str]:
@@ -162,7 +153,8 @@ def _kernels(r: dict) -> list[str]:
 
 
 TABLES = {
-    "quality_digits": _quality,
+    "quality_digits": quality_digits.table,
+    "quality_digits_flow": quality_digits.table,
     "quality_vit": quality_vit.table,
     "quality": quality.table,
     "bench_memory": bench_memory.table,
@@ -191,7 +183,8 @@ def report(out: Path, runs: list[dict]) -> str:
         lines += [f"**These scripts failed in the last run: {', '.join(failed)}** (their older records, if "
                   "any, are shown).", ""]  # fmt: skip
     for name, question in SCRIPTS:
-        lines += [f"## {question}", "", f"`python benchmarks/{name}.py`", ""]
+        script, extra = COMMANDS.get(name, (name, []))
+        lines += [f"## {question}", "", f"`{' '.join(['python', f'benchmarks/{script}.py', *extra])}`", ""]
         recs = _records(out, name)
         for dev in ("cpu", "cuda"):
             label = "CPU" if dev == "cpu" else "GPU"

@@ -24,6 +24,7 @@ def quick(tmp_path_factory):
 
 NAMES = [
     "quality_digits",
+    "quality_digits_flow",
     "quality_vit",
     "quality",
     "bench_memory",
@@ -50,6 +51,47 @@ def test_quality_record(quick):
     assert [r["num_blocks"] for r in record["summary"]] == [1, 2, 3, 4, 3]
     for r in record["runs"]:
         assert 0.0 <= r["sample_accuracy"] <= 1.0 and r["frechet_distance"] > 0 and r["train_s"] > 0
+
+
+def test_quality_flow_record_sets_flow_beside_edm(quick):
+    record = json.loads((quick / f"quality_digits_flow-{DEV}.json").read_text())
+    rows = [(r["process"], r["num_blocks"]) for r in record["summary"]]
+    assert rows == [("edm", 1), ("edm", 3), ("flow", 1), ("flow", 3)]
+    assert [(r["process"], r["num_blocks"]) for r in record["runs"]] == rows  # --quick: one seed
+    table = (quick / f"quality_digits_flow-{DEV}.md").read_text()
+    assert "| EDM B=3" in table and "| flow B=3" in table and "Real-data floor" in table
+    assert table.count("**not learned**") == 5  # 4 steps a block learn nothing, and the table says so
+
+
+def test_quality_configs_run_a_subset_under_a_name_of_its_own(tmp_path):
+    from benchmarks import quality_digits as qd
+
+    assert qd.selected(qd.parse_args([]).configs) == qd.PRESETS["edm"]  # the default run is unchanged
+    assert qd.selected(qd.parse_args(["--flow"]).configs) == qd.PRESETS["flow"]
+    assert qd.PRESETS["flow"][1] == "quality_digits_flow"
+    assert qd.selected(["flow-b3", "edm", "b3"]) == (
+        ["flow-b3", *qd.PRESETS["edm"][0]],
+        "quality_digits_subset",
+    )
+    with pytest.raises(SystemExit):
+        qd.parse_args(["--configs", "b5"])
+    record = qd.main(["--quick", "--configs", "flow-b1", "--out", str(tmp_path)])
+    assert [(r["name"], r["process"], r["num_blocks"]) for r in record["runs"]] == [("flow-b1", "flow", 1)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"quality_digits_subset-{DEV}.{e}" for e in ("json", "md", "png")
+    ]
+
+    # the results page's table: each row against the B = 1 row of its own process; learned rows unmarked
+    row = dict(sample_accuracy=0.9, real_frechet=3.0, learned=True)
+    summary = [
+        dict(row, config="B=1 (end to end)", num_blocks=1, process="edm", frechet_distance=10.0),
+        dict(row, config="flow B=1 (end to end)", num_blocks=1, process="flow", frechet_distance=8.0),
+        dict(row, config="flow B=3", num_blocks=3, process="flow", frechet_distance=6.0, learned=False),
+    ]
+    lines = qd.table({"summary": summary})
+    assert lines[2].startswith("| EDM B=1 (end to end) | 1.00 |")
+    assert lines[3].startswith("| flow B=1 (end to end) | 1.00 |")
+    assert lines[4].startswith("| flow B=3 **not learned** | 0.75 |")
 
 
 def test_quality_summary_has_a_row_per_task(quick):
