@@ -121,8 +121,9 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def _run(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def _run(spec: dict, script: Path = Path(__file__)) -> dict:
+    """Run `script --worker spec` in a process of its own (peaks do not mix) and return its JSON line."""
+    cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(spec)]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         raise RuntimeError(f"{spec} failed:\n{res.stderr[-3000:]}")

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,9 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks import common  # noqa: E402
+from benchmarks import bench_memory, common  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "dblocks_fast.integrations.diffusers:transformer"
 
 MODELS = {  # FluxTransformer2DModel configs; tokens: (image, text) sequence lengths of one example
@@ -106,11 +103,6 @@ class _Batches:
         }  # fmt: skip
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def worker(spec: dict) -> dict:
     """One configuration in its own process: two LoRA steps a block; the peak (and, with a cap, whether it
     fit)."""
@@ -125,7 +117,7 @@ def worker(spec: dict) -> dict:
     cond = ["encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"]
     settings = {"path": spec["path"], "weights": "random", "dtype": "bfloat16", "lora": LORA}
     task = dbf.CustomTask.for_data(data, FACTORY, settings, cond=cond, mode="shared")
-    baseline = _rss_now()
+    baseline = bench_memory._rss_now()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     config = dbf.TrainConfig(
@@ -147,11 +139,7 @@ def worker(spec: dict) -> dict:
 
 
 def _run(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if res.returncode != 0:
-        raise RuntimeError(f"{spec} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return bench_memory._run(spec, Path(__file__))  # this script's worker, in a process of its own
 
 
 def main(argv=None) -> dict:
