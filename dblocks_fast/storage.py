@@ -6,12 +6,15 @@ One protocol, `BlockStorage`, and one implementation per tier, built by `create(
   "host"  `HostStorage`: inactive blocks in host memory (pinned at their exact size on CUDA).
   "disk"  `DiskStorage`: inactive blocks in safetensors files; host memory holds at most the two slots.
 
-A paged block's parameters and both moments are one flat fp32 buffer laid out by `optim.FlatLayout`; the
-module's parameters and the optimizer's state are views of whichever copy is current, so paging a block is
-one copy. Two device slots hold the active block and the next one, which `prefetch` loads while the active
-one trains. The difference between a CPU and a CUDA device (plain copies, or copy streams ordered by events)
-lives in one small copier, `_Copier` / `_CudaCopier`; the difference between host and disk lives in the
-two subclasses of `_PagedStorage`. The trainer calls only the protocol: it never asks which tier it has.
+A paged block's parameters and both moments are one flat fp32 buffer laid out by `optim.FlatLayout`,
+followed by the raw bytes of its frozen parameters (a LoRA block's base weights, in their own dtypes); the
+module's parameters, the optimizer's state and the frozen weights are views of whichever copy is current,
+so paging a block in is one copy. The frozen region never changes: it is never written back (the disk tier
+writes it once, to its own file). Two device slots hold the active block and the next one, which `prefetch`
+loads while the active one trains. The difference between a CPU and a CUDA device (plain copies, or copy
+streams ordered by events) lives in one small copier, `_Copier` / `_CudaCopier`; the difference between
+host and disk lives in the two subclasses of `_PagedStorage`. The trainer calls only the protocol: it never
+asks which tier it has.
 """
 
 from __future__ import annotations
@@ -74,10 +77,12 @@ def create(
     folder: Path | None = None,
     prefetch: bool = True,
     numels: list[int] | None = None,
+    frozen: list[int] | None = None,
 ) -> BlockStorage:
     """The storage for `tier` on `device`. folder: where the disk tier keeps its files (None: a temporary
-    folder). numels: the parameter counts of the blocks it will hold; the paged tiers then refuse, before
-    anything is allocated, a model that does not fit (`preflight`)."""
+    folder). numels: the trained parameter counts of the blocks it will hold, frozen: their frozen parameters'
+    bytes; the paged tiers then refuse, before anything is allocated, a model that does not fit
+    (`preflight`)."""
     if tier not in TIERS:
         raise ValueError(f"offload must be one of {TIERS}, got {tier!r}")
     device = torch.device(device)
@@ -86,7 +91,7 @@ def create(
     cls = HostStorage if tier == "host" else DiskStorage
     if numels:
         probe = folder if folder is not None else Path(tempfile.gettempdir())
-        preflight(tier, numels, device, probe if tier == "disk" else None)
+        preflight(tier, numels, device, probe if tier == "disk" else None, frozen=frozen)
     return cls(device, folder=folder, prefetch=prefetch)
 
 
@@ -271,17 +276,26 @@ class _CudaCopier(_Copier):
 
 # --- paged tiers -------------------------------------------------------------------------------------------
 class _Paged:
-    """One paged block: its trained parameters, its optimizer, its layout, and where its flat buffer is now;
-    its frozen parameters (a LoRA block's base weights), which stay in host memory while it is paged out and
-    are copied to the device (never back: they do not change) with its buffer."""
+    """One paged block: its trained parameters, its optimizer, its layout, and where its flat buffer is now.
+
+    The buffer is [the trained state (FlatLayout, `size` fp32) | the frozen parameters' bytes (`fsize` fp32
+    words, each parameter 16-byte aligned)]: one copy pages both in; only the trained part is written back.
+    """
+
+    ALIGN = 16  # bytes: any dtype's view of a frozen parameter starts aligned
 
     def __init__(self, index: int, block: nn.Module, optimizer):
         self.index = index
         self.params = [p for _, p in trained(block)]
         self.frozen = frozen(block)
-        self.frozen_home = [p.data for p in self.frozen]  # on the CPU, where the block was built
         self.optimizer = optimizer
         self.layout = FlatLayout.of(block)
+        offsets, n = [], 0
+        for p in self.frozen:
+            offsets.append(n)
+            n += -(-p.numel() * p.element_size() // self.ALIGN) * self.ALIGN
+        self.frozen_offsets = offsets
+        self.fsize = n // 4
         self.host: torch.Tensor | None = None  # host tier: the block's buffer while paged out
         self.slot: _Slot | None = None  # the device slot holding it, if any
         self.dirty = False  # trained since it was paged in: must be written back
@@ -296,22 +310,44 @@ class _Paged:
 
     @property
     def size(self) -> int:
+        """The trained part's length (fp32 elements): what is written back and checkpointed."""
         return self.layout.size
 
+    @property
+    def total(self) -> int:
+        """The whole buffer's length (fp32 elements), frozen bytes included: what is paged in."""
+        return self.layout.size + self.fsize
+
+    def _frozen_views(self, buf: torch.Tensor):
+        raw = buf[self.size : self.total].view(torch.uint8)
+        for p, off in zip(self.frozen, self.frozen_offsets):
+            yield p, raw[off : off + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+
+    def gather(self, buf: torch.Tensor) -> None:
+        """Copy the block's current values (trained state and frozen weights) into `buf` (total long)."""
+        self.layout.gather(buf, self.params, self.optimizer.state)
+        for p, view in self._frozen_views(buf):
+            view.copy_(p.data)
+
     def point_at(self, buf: torch.Tensor | None) -> None:
-        """Make the parameters and moments views of `buf`, or zero-stride placeholders when None; the frozen
-        parameters follow (to buf's device, or home)."""
+        """Make the parameters, moments and frozen weights views of `buf`, or zero-stride placeholders that
+        hold no memory when None (paged out to disk)."""
         self.layout.bind(buf, self.params, self.optimizer.state)
-        for p, home in zip(self.frozen, self.frozen_home):
-            p.data = home.to(buf.device, non_blocking=True) if buf is not None else home
+        if buf is None:
+            for p in self.frozen:
+                p.data = torch.zeros((), dtype=p.dtype).expand(p.shape)
+        else:
+            for p, view in self._frozen_views(buf):
+                p.data = view
 
 
 class _PagedStorage:
     """What the host and disk tiers share: two device slots, LRU eviction, prefetch, write-back.
 
-    A subclass says where a paged-out block's buffer is kept: `_keep` (store a host buffer there and point
-    the block at its home), `_home` (point the block at its home, unchanged), `_read_in` (bring it into a
-    slot), `_write_back` (store a slot's trained values), `_fetch` (a CPU copy).
+    A subclass says where a paged-out block's buffer is kept: `_adopt` (a new block's whole buffer, frozen
+    bytes included), `_keep` (store the trained part of a host buffer there and point the block at its
+    home), `_home` (point the block at its home, unchanged), `_read_in` (bring the whole buffer into a slot),
+    `_write_back` (store a slot's trained values), `_fetch` (a CPU copy of the trained part).
     """
 
     tier = ""
@@ -331,6 +367,9 @@ class _PagedStorage:
 
     # --- what the tiers differ in ---------------------------------------------------------------------------
     def _new_buffer(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adopt(self, blk: _Paged, buf: torch.Tensor) -> None:
         raise NotImplementedError
 
     def _keep(self, blk: _Paged, buf: torch.Tensor) -> None:
@@ -360,9 +399,9 @@ class _PagedStorage:
                     m._buffers[k] = v.to(self.device)
         blk = _Paged(b, block, optimizer)
         self.blocks[b] = blk
-        buf = self._new_buffer(blk.size)
-        blk.layout.gather(buf, blk.params, optimizer.state)
-        self._keep(blk, buf)
+        buf = self._new_buffer(blk.total)
+        blk.gather(buf)
+        self._adopt(blk, buf)
 
     def activate(self, b: int) -> None:
         blk, last = self.blocks[b], self._active
@@ -410,10 +449,10 @@ class _PagedStorage:
     # --- the slots ------------------------------------------------------------------------------------------
     def _slot_for(self, blk: _Paged, keep: _Paged | None) -> _Slot:
         for s in self.slots:
-            if s.block is None and s.buf.numel() >= blk.size:
+            if s.block is None and s.buf.numel() >= blk.total:
                 return s
         if len(self.slots) < 2:
-            self.slots.append(self.copier.slot(max(b.size for b in self.blocks.values())))
+            self.slots.append(self.copier.slot(max(b.total for b in self.blocks.values())))
             return self.slots[-1]
         victim = next(s for s in self.slots if s.block is not keep)
         self._page_out(victim)
@@ -424,7 +463,7 @@ class _PagedStorage:
         self._read_in(blk, slot)
         slot.block, blk.slot, slot.used = blk, slot, None
         blk.point_at(slot.buf)
-        self.bytes_in += blk.size * 4
+        self.bytes_in += blk.total * 4
         return slot
 
     def _page_out(self, slot: _Slot) -> None:
@@ -450,11 +489,13 @@ class HostStorage(_PagedStorage):
     def _new_buffer(self, size: int) -> torch.Tensor:
         return self.copier.host_buffer(size)
 
+    def _adopt(self, blk: _Paged, buf: torch.Tensor) -> None:
+        blk.host = buf  # its home from now on: the block's own copies of its tensors are dropped
+        blk.point_at(blk.host)
+
     def _keep(self, blk: _Paged, buf: torch.Tensor) -> None:
-        if blk.host is None:
-            blk.host = buf  # a new block: this buffer is its home from now on
-        elif buf is not blk.host:
-            blk.host.copy_(buf)
+        if buf is not blk.host:
+            blk.host[: blk.size].copy_(buf[: blk.size])
         blk.point_at(blk.host)
 
     def _home(self, blk: _Paged) -> None:
@@ -464,17 +505,18 @@ class HostStorage(_PagedStorage):
         self.copier.to_slot(slot, blk.host, self.slots)
 
     def _write_back(self, blk: _Paged, slot: _Slot) -> None:
-        self.copier.to_host(slot, blk.host, active=blk is self._active)
+        self.copier.to_host(slot, blk.host[: blk.size], active=blk is self._active)
         blk.point_at(blk.host)
 
     def _fetch(self, blk: _Paged) -> torch.Tensor:
-        return blk.host
+        return blk.host[: blk.size]
 
 
 class DiskStorage(_PagedStorage):
     """offload="disk": a paged-out block's buffer is a safetensors file under `folder`, so host memory holds
-    at most the blocks in the two slots. The files are scratch: written atomically (a temporary file, then a
-    rename) but not fsynced, since a crashed run resumes from its checkpoint, never from them."""
+    at most the blocks in the two slots. A block's frozen weights go to a second file, written once. The files
+    are scratch: written atomically (a temporary file, then a rename) but not fsynced, since a crashed run
+    resumes from its checkpoint, never from them."""
 
     tier = "disk"
 
@@ -492,21 +534,36 @@ class DiskStorage(_PagedStorage):
     def _path(self, b: int) -> Path:
         return self.folder / f"paged-block{b:03d}.safetensors"
 
+    def _frozen_path(self, b: int) -> Path:
+        return self.folder / f"paged-frozen{b:03d}.safetensors"
+
     def _new_buffer(self, size: int) -> torch.Tensor:
         # only passed on to the file: pinning memory that is then freed would leave the range registered
         return torch.empty(size, dtype=torch.float32)
 
+    def _adopt(self, blk: _Paged, buf: torch.Tensor) -> None:
+        from .checkpoint import atomic_save
+
+        if blk.fsize:
+            atomic_save(self._frozen_path(blk.index), {"flat": buf[blk.size : blk.total]}, scratch=True)
+        self._keep(blk, buf)
+
     def _keep(self, blk: _Paged, buf: torch.Tensor) -> None:
         from .checkpoint import atomic_save
 
-        atomic_save(self._path(blk.index), {"flat": buf}, scratch=True)
+        atomic_save(self._path(blk.index), {"flat": buf[: blk.size]}, scratch=True)
         blk.point_at(None)
 
     def _home(self, blk: _Paged) -> None:
         blk.point_at(None)
 
     def _read_in(self, blk: _Paged, slot: _Slot) -> None:
-        self.copier.read_into_slot(slot, blk.size, lambda out: self._read_paged(blk, out), self.slots)
+        def read(out: torch.Tensor) -> None:
+            self._read_paged(self._path(blk.index), out[: blk.size])
+            if blk.fsize:
+                self._read_paged(self._frozen_path(blk.index), out[blk.size :])
+
+        self.copier.read_into_slot(slot, blk.total, read, self.slots)
 
     def _write_back(self, blk: _Paged, slot: _Slot) -> None:
         # .cpu() waits for the compute that wrote the slot (on a CPU the slot is host memory already)
@@ -517,11 +574,11 @@ class DiskStorage(_PagedStorage):
 
         return load_file(self._path(blk.index))["flat"]
 
-    def _read_paged(self, blk: _Paged, out: torch.Tensor) -> None:
-        """Read the block's paged file straight into `out` (CPU, fp32, blk.size), with no temporary copy."""
+    @staticmethod
+    def _read_paged(path: Path, out: torch.Tensor) -> None:
+        """Read a paged file straight into `out` (CPU, fp32, its length), with no temporary copy."""
         from .checkpoint import CheckpointError
 
-        path = self._path(blk.index)
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             info = json.loads(f.read(size))["flat"]
@@ -553,6 +610,7 @@ class DiskStorage(_PagedStorage):
         if run is not None:
             for b in self.blocks:
                 self._path(b).unlink(missing_ok=True)
+                self._frozen_path(b).unlink(missing_ok=True)
             self._run = run
 
 
@@ -572,30 +630,34 @@ def _host_available() -> int:
     return -1  # unknown: not checked
 
 
-def needs(tier: str, numels: list[int]) -> dict[str, int]:
-    """Bytes each tier needs for blocks of `numels` fp32 parameters (weights, 2 AdamW moments, gradients).
+def needs(tier: str, numels: list[int], frozen: list[int] | None = None) -> dict[str, int]:
+    """Bytes each tier needs for blocks of `numels` trained fp32 parameters (weights, 2 AdamW moments,
+    gradients) and `frozen` bytes of frozen parameters (a LoRA base; none if None).
 
     Activations are not counted (they depend on the batch); the device figure is what the blocks' state
     needs before any forward pass.
     """
-    state = [12 * n for n in numels]  # param + exp_avg + exp_avg_sq
+    frozen = frozen or [0] * len(numels)
+    state = [12 * n + f for n, f in zip(numels, frozen)]  # param + exp_avg + exp_avg_sq, frozen weights
     # only the block that trains has gradients, and the fused AdamW step gathers them into one flat copy
     grads = 8 * max(numels)
     if tier == "none":
         return {"device": sum(state) + grads, "host": 0, "disk": 0}
-    slots = 2 * 12 * max(numels)
+    slots = 2 * max(state)
     if tier == "host":
         return {"device": slots + grads, "host": sum(state), "disk": 0}
     # a paged file is rewritten beside the old one, then renamed over it
-    return {"device": slots + grads, "host": 2 * 12 * max(numels), "disk": sum(state) + 12 * max(numels)}
+    return {"device": slots + grads, "host": slots, "disk": sum(state) + 12 * max(numels)}
 
 
-def preflight(tier: str, numels: list[int], device: torch.device, folder: Path | None) -> dict[str, int]:
+def preflight(
+    tier: str, numels: list[int], device: torch.device, folder: Path | None, frozen: list[int] | None = None
+) -> dict[str, int]:
     """Refuse, before anything is allocated, a tier whose blocks do not fit; returns what it needs.
 
     On a CPU device the "device" bytes are host memory too. folder: where the disk tier's files go.
     """
-    need = needs(tier, numels)
+    need = needs(tier, numels, frozen)
     if device.type == "cpu":
         need = {"device": 0, "host": need["host"] + need["device"], "disk": need["disk"]}
     have = {"host": _host_available(), "disk": -1, "device": -1}
@@ -615,12 +677,13 @@ def preflight(tier: str, numels: list[int], device: torch.device, folder: Path |
         where = "; ".join(f"{k}: needs {_gb(need[k])}, {_gb(have[k])} free" for k in short)
         alt = []
         for t in (t for t in TIERS if t != tier):
-            sizes = ", ".join(f"{k} {_gb(v)}" for k, v in needs(t, numels).items() if v)
+            sizes = ", ".join(f"{k} {_gb(v)}" for k, v in needs(t, numels, frozen).items() if v)
             alt.append(f"offload={t!r} needs {sizes}")
         alt = "; ".join(alt)
+        fixed = f" and {_gb(sum(frozen))} of frozen weights" if frozen and sum(frozen) else ""
         raise MemoryError(
             f"offload={tier!r} does not fit {len(numels)} blocks ({sum(numels) / 1e6:.1f}M parameters, "
-            f"{_gb(12 * sum(numels))} of weights and AdamW state): {where}. Activations come on top. "
+            f"{_gb(12 * sum(numels))} of weights and AdamW state{fixed}): {where}. Activations come on top. "
             f"Other tiers: {alt}. More blocks (--blocks) make each slot smaller."
         )
     return need

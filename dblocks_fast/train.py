@@ -180,11 +180,12 @@ class Trainer:
         with torch.device("meta"):  # sizes without memory
             skeletons = [task.build_block(b, self.ranges[b]) for b in self.owned]
             numels = [sum(p.numel() for _, p in optim.trained(blk)) for blk in skeletons]
+            frozen = [sum(p.numel() * p.element_size() for p in optim.frozen(blk)) for blk in skeletons]
         st = config.storage
         rank = self.comm.rank if self.comm.distributed else None
         folder = self.run.paged_folder(rank) if self.run is not None else None
         self.storage = storage.create(
-            st.offload, self.device, folder=folder, prefetch=st.prefetch, numels=numels
+            st.offload, self.device, folder=folder, prefetch=st.prefetch, numels=numels, frozen=frozen
         )
         blocks, self.optimizers = [], [None] * config.num_blocks
         for b, layers in enumerate(self.ranges):

@@ -203,6 +203,13 @@ def test_preflight_refuses_what_does_not_fit_with_the_numbers(monkeypatch):
         storage.preflight("host", numels, torch.device("cpu"), None)
     assert "host: needs 20.00 GB, 8.00 GB free" in str(e.value) and "offload='disk' needs" in str(e.value)
     assert storage.preflight("host", [1000] * 4, torch.device("cpu"), None)["host"] > 0
+    # a LoRA model: 1 MB of adapters and 2 GB of frozen base a block; the frozen bytes page with the blocks
+    frozen = [2 * 10**9] * 4
+    assert storage.needs("host", [250_000] * 4, frozen) == {"device": 2 * 2_003_000_000 + 2_000_000,
+                                                           "host": 4 * 2_003_000_000, "disk": 0}  # fmt: skip
+    assert storage.needs("disk", [250_000] * 4, frozen)["disk"] == 4 * 2_003_000_000 + 3_000_000
+    with pytest.raises(MemoryError, match=r"and 8.00 GB of frozen weights\): host: needs 12.02 GB"):
+        storage.preflight("host", [250_000] * 4, torch.device("cpu"), None, frozen=frozen)
 
 
 def test_preflight_stops_training_before_anything_is_built(
@@ -318,3 +325,46 @@ def test_a_block_of_odd_size_pages_with_aligned_parts_and_the_same_bits(tier, tm
         store.flush()
     got, want = store.tensors(0), checkpoint.block_state(ref, ref_opt)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_frozen_weights_page_with_their_block_and_stay_where_the_tier_says(tier, tmp_path):
+    """A LoRA-like block: a frozen bf16 base of odd sizes beside a trained fp32 adapter. The frozen bytes ride
+    in the block's buffer (one copy pages both in), are never written back, and, paged out, live in the
+    tier's home: the host buffer, or a file of their own on disk with no memory held."""
+    import copy
+
+    from dblocks_fast import checkpoint, optim, storage
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    ref[0].to(torch.bfloat16).requires_grad_(False)  # 40 bf16 values: padded to 16-byte boundaries
+    ref[2].requires_grad_(False)  # frozen fp32 too
+    frozen_before = [p.detach().clone() for p in optim.frozen(ref)]
+    paged = copy.deepcopy(ref)
+    ref_opt = optim.AdamW([p for _, p in optim.trained(ref)])
+    opt = optim.AdamW([p for _, p in optim.trained(paged)], pack=False)
+    store = storage.create(tier, torch.device("cpu"), folder=tmp_path)
+    store.add(0, paged, opt)
+    blk = store.blocks[0]
+    assert blk.fsize * 4 == 80 + 16 + 16 + 16  # 70 and 10 bytes of bf16, 12 and 12 of fp32: each to 16 bytes
+    x = torch.randn(4, 7)
+    for _ in range(3):
+        store.activate(0)
+        for module, o in ((paged, opt), (ref, ref_opt)):
+            module[2](module[1](module[0](x.to(torch.bfloat16)).float())).square().sum().backward()
+            o.step()
+            o.zero_grad()
+        store.flush()
+        if tier == "disk":  # paged out: placeholders, no memory; the frozen file was written once
+            assert all(p.untyped_storage().nbytes() <= 4 for p in optim.frozen(paged))
+            assert (tmp_path / "paged-frozen000.safetensors").stat().st_size > blk.fsize * 4
+        else:
+            lo, hi = blk.host.data_ptr(), blk.host.data_ptr() + blk.host.numel() * 4
+            assert all(lo <= p.data_ptr() < hi for p in optim.frozen(paged))
+    store.activate(0)
+    assert all(torch.equal(p, q) for p, q in zip(optim.frozen(paged), frozen_before))
+    assert all(p.dtype == q.dtype for p, q in zip(optim.frozen(paged), frozen_before))
+    got, want = store.tensors(0), checkpoint.block_state(ref, ref_opt)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert store.bytes_in == 4 * blk.total * 4 and store.bytes_out == 3 * blk.size * 4  # frozen: in only
