@@ -125,6 +125,76 @@ def test_one_block_of_all_layers_is_the_pretrained_model_and_a_block_holds_only_
     assert sum(len(lst) for _, lst in lists) == total  # the pretrained model kept all its layers
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_block_reads_only_its_own_layers_from_the_files_and_equals_the_loaded_model(
+    saved, name, dtype, tmp_path, monkeypatch
+):
+    """Host memory holds one block's share while it is built: its tensors are read from the safetensors files
+    (sharded ones too), never the whole model; the result is what from_pretrained gives, bit for bit, dtypes
+    and computed buffers included."""
+    import safetensors
+
+    folder, model = saved[name]
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")  # an index and several files, as large models are
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    total = sum(len(lst) for _, lst in dd.layer_lists(model))
+    loaded = type(model).from_pretrained(folder, torch_dtype=getattr(torch, dtype)).eval()
+    read, real = [], safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *a, **kw):
+            self.f = real(*a, **kw)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self.f.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    spec = dd.transformer(str(sharded), dtype=dtype, lora={"rank": 2} if dtype != "float32" else None)
+    dd._pretrained.cache_clear()
+    part = range(1, total - 1)
+    for got, want in (
+        (spec.make_block(1, part).model, dd.split(loaded, part)),
+        (spec.make_part(1, part).layers, dd.cut(loaded, part)),
+        (spec.shared(), dd.frame(loaded)),
+    ):
+        a = {k.replace(".base_layer", ""): v for k, v in got.state_dict().items() if "lora_" not in k}
+        b = want.state_dict()
+        assert a.keys() == b.keys()
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in b)
+    assert dd._pretrained.cache_info().currsize == 0  # the whole model was never loaded
+    prefixes = [f"{n}.{i}." for n, lst in dd.layer_lists(model) for i in range(len(lst))]
+    mine = tuple(prefixes[i] for i in part)
+    others = tuple(p for i, p in enumerate(prefixes) if i not in part)
+    assert any(k.startswith(mine) for k in read) and not any(k.startswith(others) for k in read)
+
+
+def test_a_checkpoint_that_lacks_a_tensor_of_its_class_names_it(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, model = saved["dit"]
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["transformer_blocks.1.attn1.to_q.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(KeyError, match=r"holds no tensor 'transformer_blocks.1.attn1.to_q.weight', which "):
+        dd.transformer(str(broken)).make_block(1, range(1, 2))
+
+
 class _TextBatches:
     """Random inputs of a text-conditioned model, as a dataset would give them: the target y, and the
     forward's keyword arguments under their own names (Flux: its positions too)."""

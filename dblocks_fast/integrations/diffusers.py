@@ -10,6 +10,9 @@ asks for it, as a copy of the pretrained model that holds only the layers [l_b, 
 embeddings, block b's share of its layers, the model's own output norm and projection, called through the
 model's own forward. With B = 1 a block is the pretrained model. Layers are the `nn.ModuleList`s
 `transformer_blocks` and then `single_transformer_blocks` (Flux), in the order the forward runs them.
+A block reads only its own tensors from the model's safetensors files (one file, or the shards of an
+index), so host memory never holds the whole model; with offload="disk" a LoRA block's frozen base then
+waits on disk, and with "host" in (pinned) host memory, once.
 
 Supported, and tested with tiny random configs loaded through `from_pretrained`: DiTTransformer2DModel,
 PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel. Other classes with those layer lists
@@ -156,8 +159,9 @@ def cut(model: nn.Module, layers: range) -> nn.ModuleDict:
 
 @functools.lru_cache(maxsize=1)
 def _pretrained(path: str, subfolder: str | None, dtype: str, weights: str = "pretrained") -> nn.Module:
-    """The pretrained model, loaded once per process onto the CPU (the blocks are copies of its parts);
-    weights="random": the class's own initialisation from the config alone, seeded (seed 0)."""
+    """The whole model, loaded once per process onto the CPU: through from_pretrained when its weights are
+    not safetensors files (`_part` reads only a block's share otherwise); weights="random": the class's own
+    initialisation from the config alone, seeded (seed 0)."""
     cls, config = model_config(path, subfolder)
     with torch.device("cpu"):  # also when a block is asked for on the meta device (sizes only)
         if weights == "random":
@@ -167,6 +171,85 @@ def _pretrained(path: str, subfolder: str | None, dtype: str, weights: str = "pr
         else:
             model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=getattr(torch, dtype))
     return model.eval().requires_grad_(False)
+
+
+def _weight_files(path: str, subfolder: str | None) -> dict[str, Path] | None:
+    """{tensor name: the safetensors file holding it} of a saved model (one file or an index of shards), or
+    None when its weights are in another form (.bin, a variant): then the whole model is loaded."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+    from safetensors import safe_open
+
+    folder = Path(path) / (subfolder or "")
+    if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        index = json.loads((folder / SAFE_WEIGHTS_INDEX_NAME).read_text())
+        return {k: folder / f for k, f in index["weight_map"].items()}
+    if (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        with safe_open(folder / SAFETENSORS_WEIGHTS_NAME, framework="pt") as f:
+            return dict.fromkeys(f.keys(), folder / SAFETENSORS_WEIGHTS_NAME)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _empty(path: str, subfolder: str | None) -> nn.Module:
+    """The model with its parameters on the meta device and its buffers real: what `_part` cuts a block
+    from and fills. A buffer the files do not hold stays as the class computes it (float32, as
+    from_pretrained leaves it whatever the weights' dtype)."""
+    from accelerate import init_empty_weights
+
+    cls, config = model_config(path, subfolder)
+    with torch.device("cpu"), init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+    return model.eval().requires_grad_(False)
+
+
+def _part(path: str, subfolder: str | None, dtype: str, cutter, layers: range | None) -> nn.Module:
+    """`cutter(model)` (split, frame or cut) of the pretrained model, with only that part's weights read
+    from the model's safetensors files: building block b reads block b's layers, never the whole model, so
+    host memory holds one block's share at a time (then the storage pages it)."""
+    files = _weight_files(path, subfolder)
+    if files is None:
+        return cutter(_pretrained(path, subfolder, dtype))
+    from safetensors import safe_open
+
+    model = _empty(path, subfolder)
+    part = cutter(model)
+    # a layer's index in the part -> its index in the model's own lists, which name it in the files
+    origin = {}
+    if layers is not None:
+        start = 0
+        for name, lst in layer_lists(model):
+            origin[name] = [i - start for i in layers if start <= i < start + len(lst)]
+            start += len(lst)
+
+    def saved_name(name: str) -> str:
+        head, _, rest = name.partition(".")
+        if head in origin:
+            index, _, rest = rest.partition(".")
+            return f"{head}.{origin[head][int(index)]}.{rest}"
+        return name
+
+    want = getattr(torch, dtype)
+    handles: dict[Path, object] = {}
+    with contextlib.ExitStack() as stack:
+        for mod_name, module in part.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in list(getattr(module, kind).items()):
+                    key = saved_name(f"{mod_name}.{name}" if mod_name else name)
+                    if t is None or (kind == "_buffers" and key not in files):
+                        continue  # a buffer the class computes (kept from construction)
+                    if key not in files:
+                        raise KeyError(
+                            f"{Path(path) / (subfolder or '')} holds no tensor {key!r}, which "
+                            f"{type(model).__name__} has: is it a checkpoint of this class and config?"
+                        )
+                    if files[key] not in handles:
+                        handles[files[key]] = stack.enter_context(safe_open(files[key], framework="pt"))
+                    value = handles[files[key]].get_tensor(key)
+                    value = value.to(want) if value.is_floating_point() else value
+                    if kind == "_parameters":
+                        value = nn.Parameter(value, requires_grad=False)
+                    getattr(module, kind)[name] = value
+    return part
 
 
 @functools.lru_cache(maxsize=1)
@@ -318,27 +401,29 @@ def transformer(
     scale = TIMESTEP_SCALE.get(cls.__name__, 1000.0)
     path = str(Path(path).resolve())
 
-    def base() -> nn.Module:
-        sizes_only = torch.get_default_device().type == "meta"  # the trainer sizing the blocks
-        if sizes_only:
-            return _skeleton(path, subfolder, str(dtype))
-        return _pretrained(path, subfolder, str(dtype), weights)
+    def base(cutter, layers: range | None = None) -> nn.Module:
+        """cutter(the model): its sizes alone when the trainer sizes the blocks (meta device), else read."""
+        if torch.get_default_device().type == "meta":
+            return cutter(_skeleton(path, subfolder, str(dtype)))
+        if weights == "random":
+            return cutter(_pretrained(path, subfolder, str(dtype), weights))
+        return _part(path, subfolder, str(dtype), cutter, layers)
 
     def make_block(index: int, layers: range) -> nn.Module:
-        part = split(base(), layers).requires_grad_(True)
+        part = base(lambda m: split(m, layers), layers).requires_grad_(True)
         if lora is not None:
             add_lora(part, **lora, name=cls.__name__)
         return DiffusersBlock(part, scale)
 
     def make_part(index: int, layers: range) -> nn.Module:
-        part = cut(base(), layers).requires_grad_(True)
+        part = base(lambda m: cut(m, layers), layers).requires_grad_(True)
         if lora is not None:
             add_lora(part, **lora, name=cls.__name__)
         return DiffusersLayers(part, scale)
 
     return Blocks(
         make_block, num_layers, null_label=null_label, cond_dropout=dropout, processes=("flow",),
-        shared=lambda: _no_label_dropout(frame(base())), make_part=make_part,
+        shared=lambda: _no_label_dropout(base(frame)), make_part=make_part,
         name=f"{cls.__name__} at {path}",
     )  # fmt: skip
 
