@@ -10,7 +10,7 @@ dblocks_fast.integrations.diffusers:
   - end to end: B = 1, every layer on the device;
   - block-wise, resident: B blocks (mode "shared": one copy of the embeddings and head), all on the device;
   - block-wise, paged: the same, with the inactive blocks' frozen layers and adapter state in host memory
-    (offload="host") or the adapter state on disk (offload="disk").
+    (offload="host") or on disk (offload="disk").
 Every configuration runs in its own process. On a GPU the figure is torch.cuda.max_memory_allocated over the
 steps, and each configuration is also run under memory caps of 12, 16 and 24 GB
 (torch.cuda.set_per_process_memory_fraction): fits or out of memory. On a CPU the device memory is the host
