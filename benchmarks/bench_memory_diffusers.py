@@ -3,8 +3,10 @@
     python benchmarks/bench_memory_diffusers.py           # GPU: Flux.1's real shape; CPU: a scaled-down one
     python benchmarks/bench_memory_diffusers.py --quick   # tiny: checks the pipeline, measures nothing
 
-The model is diffusers' FluxTransformer2DModel with random weights (`weights="random"`: the memory and speed
-of a step do not depend on what the weights are, so no checkpoint is needed), the base frozen in bfloat16,
+The model is diffusers' FluxTransformer2DModel with random weights (the memory and speed of a step do not
+depend on what the weights are, so no checkpoint is needed): at Flux.1's size built in each process
+(`weights="random"`), at the smaller sizes saved once with save_pretrained and read as a user's checkpoint is
+(each block reads its own tensors, so the disk tier's host saving shows); the base frozen in bfloat16,
 LoRA adapters (rank 16, attention projections) in float32 with AdamW, trained through
 dblocks_fast.integrations.diffusers:
   - end to end: B = 1, every layer on the device;
@@ -75,6 +77,10 @@ def parse_args(argv=None):
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
+    ap.add_argument(
+        "--weights", choices=("saved", "random"), help="saved checkpoint or built in each process (default: "
+        "random for flux, whose 24 GB checkpoint would not be worth writing, saved otherwise)",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=common.RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -115,7 +121,8 @@ def worker(spec: dict) -> dict:
     m = MODELS[spec["model"]]
     data = _Batches(m, 4 * spec["batch_size"])
     cond = ["encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"]
-    settings = {"path": spec["path"], "weights": "random", "dtype": "bfloat16", "lora": LORA}
+    weights = "random" if spec["weights"] == "random" else "pretrained"
+    settings = {"path": spec["path"], "weights": weights, "dtype": "bfloat16", "lora": LORA}
     task = dbf.CustomTask.for_data(data, FACTORY, settings, cond=cond, mode="shared")
     baseline = bench_memory._rss_now()
     if device.type == "cuda":
@@ -151,12 +158,13 @@ def main(argv=None) -> dict:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     model = "tiny" if args.quick else args.model or ("flux" if device.type == "cuda" else "flux-small")
+    weights = args.weights or ("random" if model == "flux" else "saved")
     prov = common.provenance(device)
     configs = [
         ("end to end (B=1)", 1, "none"),
         (f"block-wise B={args.blocks}, resident", args.blocks, "none"),
         (f"block-wise B={args.blocks}, paged to host", args.blocks, "host"),
-        (f"block-wise B={args.blocks}, adapter state on disk", args.blocks, "disk"),
+        (f"block-wise B={args.blocks}, paged to disk", args.blocks, "disk"),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,10 +174,16 @@ def main(argv=None) -> dict:
         folder.mkdir()
         config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__}
         (folder / "config.json").write_text(json.dumps({**config, **MODELS[model]["config"]}))
+        if weights == "saved":  # a checkpoint as a user has one, read block by block in the workers
+            torch.manual_seed(0)
+            diffusers.FluxTransformer2DModel.from_config(MODELS[model]["config"]).to(
+                torch.bfloat16
+            ).save_pretrained(folder)
         for label, blocks, offload in configs:
             spec = dict(
-                model=model, path=str(folder), blocks=blocks, offload=offload, device=str(device),
-                batch_size=args.batch_size, out_dir=str(Path(tmp) / f"run-{blocks}-{offload}"),
+                model=model, path=str(folder), weights=weights, blocks=blocks, offload=offload,
+                device=str(device), batch_size=args.batch_size,
+                out_dir=str(Path(tmp) / f"run-{blocks}-{offload}"),
             )  # fmt: skip
             r = _run(spec)
             row = {"config": label, "blocks": blocks, "offload": offload, **r}
@@ -178,7 +192,8 @@ def main(argv=None) -> dict:
                 row["fits_under_gb"] = {cap: _run({**spec, "cap_gb": cap})["fits"] for cap in CAPS_GB}
             rows.append(row)
             print(label, json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
-    record = {"quick": args.quick, "model": model, "settings": vars(args) | {"out": None}, "rows": rows}
+    settings = vars(args) | {"out": None, "weights": weights}
+    record = {"quick": args.quick, "model": model, "settings": settings, "rows": rows}
     record["settings"]["lora"], record["settings"]["tokens"] = LORA, MODELS[model]["tokens"]
     md = "\n".join(_markdown(prov, record)) + "\n"
     path = common.write("bench_memory_diffusers", prov, record, md, args.out)
@@ -198,10 +213,13 @@ def table(record: dict) -> list[str]:
     lines = []
     cfg = MODELS[record["model"]]["config"]
     gpu = any("peak_device_bytes" in r for r in record["rows"])
+    saved = record["settings"].get("weights") == "saved"
+    how = "read from a saved checkpoint" if saved else "built in each process"
     lines += [
         f"FluxTransformer2DModel `{record['model']}` ({cfg['num_layers']} double + "
         f"{cfg['num_single_layers']} single layers, width "
-        f"{cfg['num_attention_heads'] * cfg['attention_head_dim']}), random weights, "
+        f"{cfg['num_attention_heads'] * cfg['attention_head_dim']}), random weights "
+        f"({how}), "
         f"base bf16, LoRA rank {LORA['rank']} on {', '.join(LORA['targets'])} (fp32, AdamW); batch "
         f"{record['settings']['batch_size']} of {record['settings']['tokens'][0]} image + "
         f'{record["settings"]["tokens"][1]} text tokens; block-wise in mode "shared".',
@@ -222,10 +240,10 @@ def table(record: dict) -> list[str]:
     if not gpu:
         lines += [
             "",
-            "The device figures are pending. On a CPU the paged tiers keep blocks in the same host memory "
-            "the RSS measures, so only the device figures (`python benchmarks/bench_memory_diffusers.py` on "
-            "a GPU machine, with diffusers and peft installed) answer how much a paged block-wise LoRA step "
-            "saves.",
+            "The device figures are pending. On a CPU the host tier keeps blocks in the same memory the RSS "
+            "measures (the disk tier does not), so only the device figures "
+            "(`python benchmarks/bench_memory_diffusers.py` on a GPU machine, with diffusers, peft and "
+            "accelerate installed) answer how much a paged block-wise LoRA step saves on the device.",
         ]
     return lines
 
