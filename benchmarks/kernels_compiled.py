@@ -130,9 +130,10 @@ def record_size(size: dict) -> list[Launch]:
     with recording() as launches:
         if "rows" in size:
             r, d, v = size["rows"], size["d"], size["v"]
+            chunk = linear_cross_entropy.default_chunk(r, v, d, dt.itemsize)
             linear_cross_entropy._launch(
                 _meta(r, d, dtype=dt), _meta(v, d, dtype=dt), _meta(r, dtype=torch.int64),
-                _meta(r, dtype=torch.float32), linear_cross_entropy.default_chunk(r, v, d, dt.itemsize), True, True, False,
+                _meta(r, dtype=torch.float32), chunk, True, True, False,
             )  # fmt: skip
             return launches
         n, t, d = size["n"], size["t"], size["d"]
