@@ -45,8 +45,11 @@ def _fwd_kernel(
             tl.float32
         )
         g = tl.load(gate_ptr + n[:, None] * sgn + c[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
-        x = x + g * y
-        tl.store(xnew_ptr + out, x.to(xnew_ptr.dtype.element_ty), mask=mask)
+        # the statistics and h are those of x' as stored (rounded to its dtype): the backward re-reads the
+        # stored x', and the CUDA kernel and the torch reference normalise that same rounded x'
+        x = (x + g * y).to(xnew_ptr.dtype.element_ty)
+        tl.store(xnew_ptr + out, x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
