@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import (  # noqa: E402
+    bench_block_step,
     bench_capacity,
     bench_crash,
     bench_distributed,
@@ -51,6 +52,7 @@ SCRIPTS = [
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
+    ("bench_block_step", "How fast is a whole training step of a DiT-XL block with the fused kernels?"),
     ("bench_crash", "Does a run survive being killed at any moment, a full disk, a read-only folder?"),
     ("quality_diffusers", "How good is LoRA fine-tuning of a pretrained diffusers DiT, block-wise?"),
     ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
@@ -168,6 +170,7 @@ TABLES = {
     "bench_inference": bench_inference.table,
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
+    "bench_block_step": bench_block_step.table,
     "bench_crash": bench_crash.table,
     "quality_diffusers": quality_diffusers.table,
     "bench_memory_diffusers": bench_memory_diffusers.table,

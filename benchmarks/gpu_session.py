@@ -16,9 +16,10 @@ calls with a machine start fit the 15 minutes):
         build      _C for sm_90 only, the package installed
         tests      pytest -m gpu (not the sanitizer runs): do the kernels compute the right thing on a GPU?
         kernels    bench_kernels.py: the kernel table, each row timed under CUDA graphs and eager
+        step       bench_block_step.py: a DiT-XL/2 block's training step, ours vs eager vs torch.compile
         memory     bench_memory.py --blocks 8 4 --offload none: peak memory, end to end vs B = 8 and 4
-        sanitizer  compute-sanitizer memcheck over the CUDA ops (racecheck in call 2)
-        (issue 23's bench_peers goes here, as a stage of its own, its limit taken from `kernels`)
+        sanitizer  compute-sanitizer memcheck over the CUDA ops (racecheck: a stage of its own, for later)
+        (issue 23's bench_peers: a stage of its own after `step`, its seconds taken from `kernels`/`step`)
     call 2, optional, --budget 180, only if the machine is still warm from call 1 (it stays 30 s: call at
     once) or 4 minutes of device time are left: build (reuses _C), paging, capacity.
 Every stage writes its results as it goes (the benchmarks rewrite their record after each row, pytest logs
@@ -66,11 +67,12 @@ MACHINE_START = 150  # seconds a call that finds no warm machine spends before t
 PYTEST = [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
 # name: (time limit in seconds, command). "{left}" is replaced by the seconds left to the stage.
 STAGES: dict[str, tuple[int, list[str]]] = {
-    "build": (150, []),  # done in-process: see build()
-    "tests": (140, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
+    "build": (110, []),  # done in-process: see build()
+    "tests": (130, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
     "kernels": (120, [PY, "benchmarks/bench_kernels.py"]),  # CUDA graphs and eager, row by row
+    "step": (60, [PY, "benchmarks/bench_block_step.py"]),  # a DiT-XL/2 block's training step
     "memory": (
-        70,
+        60,
         [PY, "benchmarks/bench_memory.py", "--device", "cuda", "--blocks", "8", "4", "--offload", "none"],
     ),
     # issue 23: a "peers" stage (bench_peers.py) goes here, with its seconds taken from "kernels"
@@ -97,9 +99,10 @@ class Call:
 
 
 PLAN = [
+    # issue 23: insert ("peers", N) after ("step", 60) and take its N seconds from "kernels" and "step"
     Call(
         540,
-        (("build", 150), ("tests", 140), ("kernels", 120), ("memory", 70), ("sanitizer", 40)),
+        (("build", 110), ("tests", 130), ("kernels", 120), ("step", 60), ("memory", 60), ("sanitizer", 40)),
         True,
         "the evidence that matters most, first",
     ),

@@ -33,6 +33,7 @@ NAMES = [
     "bench_inference",
     "bench_distributed",
     "bench_kernels",
+    "bench_block_step",
 ]
 
 
@@ -327,7 +328,7 @@ def test_gpu_session_plan_adds_up_to_the_device_budget():
     assert spent <= gs.DEVICE_BUDGET, spent
     first = [stage for stage, _ in gs.PLAN[0].stages]
     # the first call brings the most valuable evidence first, in this order
-    assert first == ["build", "tests", "kernels", "memory", "sanitizer"]
+    assert first == ["build", "tests", "kernels", "step", "memory", "sanitizer"]
     assert gs.PLAN[0].needs_start and not gs.PLAN[1].needs_start
     assert {"paging", "capacity"} <= {stage for stage, _ in gs.PLAN[1].stages}
 
@@ -497,3 +498,11 @@ def test_kernel_table_shows_cuda_graph_times_beside_eager_and_what_could_not_be_
     )
     page = "\n".join(_kernels({"copy_GBps": 4000.0, "rows": [row]}))
     assert "| 1.50x | 3000 (75%) |" in page
+
+
+def test_block_step_record_never_invents_a_gpu_figure(quick):
+    record = json.loads((quick / f"bench_block_step-{DEV}.json").read_text())
+    assert [r["variant"] for r in record["rows"]] == ["eager", "torch.compile", "ours", "ours + compile"]
+    if DEV == "cpu":
+        assert all("pending" in r["status"] and "ms" not in r for r in record["rows"])
+        assert "GPU figures pending" in (quick / "bench_block_step-cpu.md").read_text()
