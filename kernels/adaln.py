@@ -121,6 +121,36 @@ def _bwd_kernel(
         tl.store(dgate_part + part, acc_gate, mask=cmask)
 
 
+@triton.jit
+def _sum_parts_kernel(
+    dshift_part, dscale_part, dgate_part,  # (N, CHUNKS, D) fp32 partial sums of the backward
+    dshift_ptr, dscale_ptr, dgate_ptr,  # (N, D) results, each in its own dtype
+    CHUNKS, D,
+    GATED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dshift, dscale (and dgate) = the partials summed over chunks, in fp32, written once in their dtypes:
+    one launch instead of a sum and a cast per result."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, CHUNKS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < CHUNKS)[:, None] & cmask[None, :]
+        offs = (n * CHUNKS + c)[:, None] * D + cols[None, :]
+        acc_shift += tl.sum(tl.load(dshift_part + offs, mask=mask, other=0.0), axis=0)
+        acc_scale += tl.sum(tl.load(dscale_part + offs, mask=mask, other=0.0), axis=0)
+        if GATED:
+            acc_gate += tl.sum(tl.load(dgate_part + offs, mask=mask, other=0.0), axis=0)
+    out = n * D + cols
+    tl.store(dshift_ptr + out, acc_shift.to(dshift_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dscale_ptr + out, acc_scale.to(dscale_ptr.dtype.element_ty), mask=cmask)
+    if GATED:
+        tl.store(dgate_ptr + out, acc_gate.to(dgate_ptr.dtype.element_ty), mask=cmask)
+
+
 # --- launchers ----------------------------------------------------------------------------------------------
 def _block_sizes(d: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_R, num_warps) of the forward: about 4K elements a program, whole rows in registers."""
@@ -206,8 +236,19 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
         *_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(scale),
         GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
-    dgate = parts[2].sum(1) if gated else None
-    return _custom_op.as_requested((dx, dy, dgate, parts[0].sum(1), parts[1].sum(1)), dtypes)
+    # the three column sums in one launch, each written in the dtype asked for (fp32 where none was: unused)
+    dgate_dt, dshift_dt, dscale_dt = (dt or torch.float32 for dt in dtypes[2:])
+    sums = [
+        _utils.empty((n, d), dt, x.device) for dt in (dshift_dt, dscale_dt, dgate_dt)[: 3 if gated else 2]
+    ]
+    block = min(256, block_d)
+    _sum_parts_kernel[(n, triton.cdiv(d, block))](
+        parts[0], parts[1], parts[-1], sums[0], sums[1], sums[-1],  # the last: unread unless gated
+        chunks, d,
+        GATED=gated, BLOCK_C=min(16, triton.next_power_of_2(chunks)), BLOCK_D=block, num_warps=4,
+    )  # fmt: skip
+    dgate = sums[2] if gated else None
+    return _custom_op.as_requested((dx, dy, dgate, sums[0], sums[1]), dtypes)
 
 
 # custom ops with the schemas, fakes and autograd of kernels/_opdefs.py (the CUDA ops' too)
