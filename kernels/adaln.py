@@ -122,6 +122,78 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _bwd_tiled_kernel(
+    dh_ptr, dxnew_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # inputs
+    rowsum_ptr,  # (N*T, 2) fp32 scratch: each row's mean of g and of g * x-hat
+    dx_ptr, dy_ptr, dshift_part, dscale_part, dgate_part,  # outputs, as _bwd_kernel's
+    T, D, rows_per_prog,
+    sdn, sdt, sdd, sen, set_, sed, sxn, sxt, sxd, syn, syt, syd, sgn, sgd, scn, scd,
+    GATED: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """_bwd_kernel for rows too wide for registers: the row in tiles of BLOCK_D, in two passes. Pass 1 takes
+    each row's two sums of the LayerNorm backward (reading x and dh); pass 2, tile by tile over the same
+    rows, writes dx (and dy) and keeps the tile's column sums in registers. x and dh are read twice."""
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    t_begin = chunk * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for t in range(t_begin, t_end):
+        row = n * T + t
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        a1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            cmask = c < D
+            x = tl.load(x_ptr + n * sxn + t * sxt + c * sxd, mask=cmask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + n * sdn + t * sdt + c * sdd, mask=cmask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + n * scn + c * scd, mask=cmask, other=0.0).to(tl.float32)
+            xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+            g = dh * (1.0 + scale)
+            a1 += g
+            a2 += g * xhat
+        tl.store(rowsum_ptr + 2 * row, tl.sum(a1, axis=0) / D)
+        tl.store(rowsum_ptr + 2 * row + 1, tl.sum(a2, axis=0) / D)
+    tl.debug_barrier()  # pass 2's threads read the sums other threads of this program stored
+    for d0 in range(0, D, BLOCK_D):
+        c = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        cmask = c < D
+        scale = tl.load(scale_ptr + n * scn + c * scd, mask=cmask, other=0.0).to(tl.float32)
+        if GATED:
+            gate = tl.load(gate_ptr + n * sgn + c * sgd, mask=cmask, other=0.0).to(tl.float32)
+        acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t in range(t_begin, t_end):
+            row = n * T + t
+            mean = tl.load(mean_ptr + row)
+            rstd = tl.load(rstd_ptr + row)
+            m1 = tl.load(rowsum_ptr + 2 * row)
+            m2 = tl.load(rowsum_ptr + 2 * row + 1)
+            x = tl.load(x_ptr + n * sxn + t * sxt + c * sxd, mask=cmask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + n * sdn + t * sdt + c * sdd, mask=cmask, other=0.0).to(tl.float32)
+            xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+            acc_shift += dh
+            acc_scale += dh * xhat
+            dx = rstd * (dh * (1.0 + scale) - m1 - xhat * m2)
+            out = row * D + c
+            if GATED:
+                dxn = tl.load(dxnew_ptr + n * sen + t * set_ + c * sed, mask=cmask, other=0.0)
+                dx = dx + dxn.to(tl.float32)
+                y = tl.load(y_ptr + n * syn + t * syt + c * syd, mask=cmask, other=0.0).to(tl.float32)
+                acc_gate += tl.where(cmask, dx * y, 0.0)
+                tl.store(dy_ptr + out, (dx * gate).to(dy_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
+        part = (n * chunks + chunk) * D + c
+        tl.store(dshift_part + part, acc_shift, mask=cmask)
+        tl.store(dscale_part + part, acc_scale, mask=cmask)
+        if GATED:
+            tl.store(dgate_part + part, acc_gate, mask=cmask)
+
+
+@triton.jit
 def _sum_parts_kernel(
     dshift_part, dscale_part, dgate_part,  # (N, CHUNKS, D) fp32 partial sums of the backward
     dshift_ptr, dscale_ptr, dgate_ptr,  # (N, D) results, each in its own dtype
@@ -157,6 +229,10 @@ def _block_sizes(d: int) -> tuple[int, int, int]:
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
     return block_d, block_r, min(8, max(1, block_d * block_r // 1024))
+
+
+_MAX_BWD_ROW = 8192  # BLOCK_D above which the backward walks rows in tiles (_bwd_tiled_kernel)
+_BWD_TILE = 4096  # the tiled backward's columns at a time: 16 a thread over 8 warps
 
 
 def _bwd_block_sizes(d: int) -> tuple[int, int, int]:
@@ -222,6 +298,9 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
     dh = torch.zeros_like(x) if dh is None else dh
     dxnew = torch.zeros_like(x) if gated and dxnew is None else dxnew
     block_d, block_r, warps = _bwd_block_sizes(d)
+    tiled = block_d > _MAX_BWD_ROW
+    if tiled:  # too wide a row for registers even over 32 warps (D = 16384 spilled): tiles, one row a time
+        block_d, block_r, warps = min(_BWD_TILE, block_d), 1, max(1, min(8, _BWD_TILE // 512))
     # a few programs per SM in all, each owning whole rows of one sample
     chunks = max(1, min(triton.cdiv(t, block_r), triton.cdiv(4 * _utils.num_sms(x.device), n)))
     rows_per_prog = triton.cdiv(triton.cdiv(t, chunks), block_r) * block_r
@@ -229,13 +308,21 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
     dx = _utils.empty((n, t, d), dtypes[0] or x.dtype, x.device)
     dy = _utils.empty((n, t, d), y.dtype, x.device) if gated else dx
     parts = [_utils.empty((n, chunks, d), torch.float32, x.device) for _ in range(3 if gated else 2)]
-    _bwd_kernel[(n, chunks)](
-        dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd,
-        dx, dy, parts[0], parts[1], parts[2] if gated else parts[1],
-        t, d, rows_per_prog,
-        *_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(scale),
-        GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-    )  # fmt: skip
+    inputs = (dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd)
+    outputs = (dx, dy, parts[0], parts[1], parts[2] if gated else parts[1])
+    strides = (*_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate),
+               *_strides2(scale))  # fmt: skip
+    if tiled:
+        rowsum = _utils.empty((n * t * 2,), torch.float32, x.device)
+        _bwd_tiled_kernel[(n, chunks)](
+            *inputs, rowsum, *outputs, t, d, rows_per_prog, *strides,
+            GATED=gated, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+    else:
+        _bwd_kernel[(n, chunks)](
+            *inputs, *outputs, t, d, rows_per_prog, *strides,
+            GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
     # the three column sums in one launch, each written in the dtype asked for (fp32 where none was: unused)
     dgate_dt, dshift_dt, dscale_dt = (dt or torch.float32 for dt in dtypes[2:])
     sums = [

@@ -163,3 +163,34 @@ def test_gated_statistics_are_those_of_the_stored_residual(dtype, poison_outputs
     torch.testing.assert_close(
         h.double(), ref, rtol=0, atol=4 * torch.finfo(dtype).eps * ref.abs().max().item()
     )
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_backward_for_wide_rows(gated, dtype, monkeypatch, poison_outputs):
+    """Rows wider than _MAX_BWD_ROW take the two-pass tiled backward (D = 16384 spilled in registers): here
+    with tiles of 16 over D = 37 (three tiles, the last partial) and 7 rows a sample."""
+    from dblocks_fast.kernels import adaln
+
+    monkeypatch.setattr(adaln, "_MAX_BWD_ROW", 16)
+    monkeypatch.setattr(adaln, "_BWD_TILE", 16)
+    launched = []
+    real = adaln._bwd_tiled_kernel
+    monkeypatch.setattr(adaln, "_bwd_tiled_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())  # fmt: skip
+    shape = (3, 7, 37)
+    if gated:
+        inputs = _inputs(shape, dtype, 21, ["x", "y", "gate", "shift", "scale"])
+
+        def ref(x, y, gate, shift, scale):
+            x_new = x + gate[:, None] * y
+            return x_new, _adaln(x_new, shift, scale)
+
+        upstream = [torch.randn(shape, device=device()), torch.randn(shape, device=device())]
+        _check_op("tiled gated_residual_adaln", gated_residual_adaln, ref, inputs, upstream)
+    else:
+        inputs = _inputs(shape, dtype, 22, ["x", "shift", "scale"])
+        upstream = [torch.randn(shape, device=device())]
+        fn = lambda **a: (adaln_modulate(**a),)  # noqa: E731
+        _check_op("tiled adaln_modulate", fn, lambda **a: (_adaln(**a),), inputs, upstream)
+    assert launched, "the tiled backward did not run"

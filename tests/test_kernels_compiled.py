@@ -26,7 +26,7 @@ def compiled():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_every_triton_kernel_is_launched_at_the_benchmark_sizes(compiled):
+def test_every_triton_kernel_is_launched_at_the_sizes_of_the_table(compiled):
     defined = set(compiled["defined"])
     assert len(defined) >= 5 and defined <= set(compiled["launched"]), defined - set(compiled["launched"])
 
