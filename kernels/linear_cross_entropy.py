@@ -52,7 +52,7 @@ def _ce_rows_kernel(
     row_weight_ptr,  # (C,) float, read only when HAS_WEIGHT
     row_loss_ptr,  # (C,) fp32 out: row_weight * CE
     V,
-    stride,  # elements between rows: V rounded up to ROW_ALIGN, so Triton sees it divisible by 16
+    stride,  # elements between rows, all in the buffer: V rounded up to ROW_ALIGN (Triton: divisible by 16)
     HAS_WEIGHT: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -67,9 +67,12 @@ def _ce_rows_kernel(
     # Online logsumexp: one pass keeps the running max m and sum s of exp(z - m).
     m = float("-inf")
     s = 0.0
-    for start in range(0, V, BLOCK_V):
+    # Loads and stores run over the padded row (`stride`, a multiple of 64: Triton sees it divisible by 16):
+    # a mask at V = 50257 would split every vector access. The pad's values are replaced, never used.
+    for start in range(0, stride, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        z = tl.load(row + offs, mask=offs < stride, other=float("-inf")).to(tl.float32)
+        z = tl.where(offs < V, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
@@ -84,10 +87,11 @@ def _ce_rows_kernel(
     if WRITE_GRAD:
         # Second pass: the row is re-read (from L2 at typical chunk sizes) and overwritten by its gradient
         # (without the 1/R, which the GEMMs apply).
-        for start in range(0, V, BLOCK_V):
+        for start in range(0, stride, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            mask = offs < V
-            z = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+            mask = offs < stride
+            z = tl.load(row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            z = tl.where(offs < V, z, float("-inf"))  # the pad gets exp(-inf) = 0: zeros, read by nothing
             g = tl.exp(z - lse) - tl.where(offs == t, 1.0, 0.0)
             tl.store(row + offs, (w * g).to(logits_ptr.dtype.element_ty), mask=mask)
 
@@ -199,7 +203,7 @@ def _launch(
     acc = _utils.empty((V, D), torch.float32, device) if need_dweight and not direct else None
     fp32_out = acc is not None and fp32_addmm_available(device)
 
-    BLOCK_V = min(_MAX_BLOCK_V, triton.next_power_of_2(V))
+    BLOCK_V = min(_MAX_BLOCK_V, triton.next_power_of_2(stride))
     num_warps = 8 if BLOCK_V >= 2048 else 4
     for i in range(n_chunks):
         lo, hi = i * chunk, min((i + 1) * chunk, R)
