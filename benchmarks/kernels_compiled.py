@@ -467,8 +467,13 @@ def table(r: dict) -> list[str]:
             lines.append(f"| {x['size']} | {x['kernel']} {consts} | {x['registers']} | "
                          f"{x['local_loads']}/{x['local_stores']} | {x['occupancy_warps']} |")  # fmt: skip
     bad = failures(r)
+    known = sum(x["status"] == "known spill" for x in r["nvcc"])
     csrc = f"csrc/: {len(r['nvcc'])} kernels through nvcc" if r["nvcc"] else f"csrc/: {r['nvcc_skipped']}"
-    lines += ["", f"{csrc}. " + (f"**Failures**: {'; '.join(bad)}" if bad else "No compile error, no spill.")]
+    csrc += f", {known} with a known spill of a few bytes (KNOWN_CSRC_SPILLS)" if known else ""
+    lines += [
+        "",
+        f"{csrc}. " + (f"**Failures**: {'; '.join(bad)}" if bad else "No compile error, no other spill."),
+    ]
     return lines
 
 
