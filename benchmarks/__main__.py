@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import (  # noqa: E402
+    bench_block_step,
     bench_capacity,
     bench_crash,
     bench_distributed,
@@ -32,6 +33,7 @@ from benchmarks import (  # noqa: E402
     bench_memory_diffusers,
     bench_paging,
     common,
+    kernels_compiled,
     quality,
     quality_diffusers,
     quality_digits,
@@ -50,6 +52,7 @@ SCRIPTS = [
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
+    ("bench_block_step", "How fast is a whole training step of a DiT-XL block with the fused kernels?"),
     ("bench_crash", "Does a run survive being killed at any moment, a full disk, a read-only folder?"),
     ("quality_diffusers", "How good is LoRA fine-tuning of a pretrained diffusers DiT, block-wise?"),
     ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
@@ -119,15 +122,19 @@ def _kernels(r: dict) -> list[str]:
     lines = [] if r.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
     lines += [
         "| op | size | fwd vs compile | fwd+bwd vs compile | fwd vs eager | fwd+bwd vs eager "
-        "| fwd GB/s (of copy) |",
-        "|---|---|---|---|---|---|---|",
+        "| fwd GB/s (of copy) | fwd+bwd vs compile, CUDA graphs | fwd GB/s, graphs (of copy) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["rows"]:
+        vs = x.get("forward_backward_graph_speedup_vs_compile")
+        frac = x.get("forward_graph_fraction_of_copy")
+        graph = f"{vs:.2f}x" if vs else "-"
+        graph_bw = f"{x['forward_ours_graph_GBps']:.0f} ({100 * frac:.0f}%)" if frac else "-"
         lines.append(
             f"| {x['op']} | {x['size']} | {x['forward_speedup_vs_compile']:.2f}x | "
             f"{x['forward_backward_speedup_vs_compile']:.2f}x | {x['forward_speedup_vs_eager']:.2f}x | "
             f"{x['forward_backward_speedup_vs_eager']:.2f}x | {x['forward_ours_GBps']:.0f} "
-            f"({100 * x['forward_fraction_of_copy']:.0f}%) |"
+            f"({100 * x['forward_fraction_of_copy']:.0f}%) | {graph} | {graph_bw} |"
         )
     lines = [x.replace("| op |", "| op (Triton) |", 1) if x.startswith("| op |") else x for x in lines]
     cuda = [x for x in r["rows"] if "forward_cuda_vs_best" in x]
@@ -163,10 +170,31 @@ TABLES = {
     "bench_inference": bench_inference.table,
     "bench_distributed": bench_distributed.table,
     "bench_kernels": _kernels,
+    "bench_block_step": bench_block_step.table,
     "bench_crash": bench_crash.table,
     "quality_diffusers": quality_diffusers.table,
     "bench_memory_diffusers": bench_memory_diffusers.table,
 }
+
+
+def _compiled_section(out: Path) -> list[str]:
+    """The sm_90 compile table: no device needed, so one record (kernels_compiled.json), never pending."""
+    lines = [
+        "## Are the kernels compiled well for Hopper (sm_90)? Registers, spills, occupancy",
+        "",
+        "`python benchmarks/kernels_compiled.py` (CI runs it; it fails on a compile error or a spill)",
+        "",
+    ]
+    path = out / "kernels_compiled.json"
+    if not path.is_file():
+        return lines + ["No record here yet: run the command above (no GPU needed).", ""]
+    r = json.loads(path.read_text())
+    try:
+        lines += [f"{r['device']}; triton {r['triton_version']}; commit {r['commit']}; {r['date']}", "",
+                  *kernels_compiled.table(r)]  # fmt: skip
+    except (KeyError, TypeError) as e:
+        lines += [f"(this record does not have the fields this page reads: {e!r}; rerun the script)"]
+    return lines + ["", "Details: [kernels_compiled.md](kernels_compiled.md)", ""]
 
 
 def report(out: Path, runs: list[dict]) -> str:
@@ -182,6 +210,7 @@ def report(out: Path, runs: list[dict]) -> str:
     if failed:
         lines += [f"**These scripts failed in the last run: {', '.join(failed)}** (their older records, if "
                   "any, are shown).", ""]  # fmt: skip
+    lines += _compiled_section(out)
     for name, question in SCRIPTS:
         script, extra = COMMANDS.get(name, (name, []))
         lines += [f"## {question}", "", f"`{' '.join(['python', f'benchmarks/{script}.py', *extra])}`", ""]

@@ -51,6 +51,13 @@ def parse_args(argv=None):
     ap.add_argument("--model", choices=sorted(MODELS), help="default: dit-1b on GPU, dit-118m on CPU")
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--steps-per-block", type=int, default=2)
+    ap.add_argument(
+        "--offload",
+        nargs="+",
+        choices=("none", "host", "disk"),
+        default=["none", "host", "disk"],
+        help="block tiers to run at each B (none: resident)",
+    )
     ap.add_argument("--batch-size", type=int, help="default 32 on GPU, 8 on CPU")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline, measures nothing")
     ap.add_argument("--out", type=Path, default=common.RESULTS)
@@ -143,10 +150,11 @@ def main(argv=None) -> dict:
     model = args.model or ("dit-1b" if gpu else "dit-118m")
     batch = args.batch_size or (32 if gpu else 8)
     prov = common.provenance(device)
-    # the largest B first (the targets are at B = 4 and 8): a run stopped by a time limit keeps those, and the
-    # record is rewritten after every configuration ("complete": false until the last)
+    # resident first, the largest B first (the targets are at B = 4 and 8): a run stopped by a time limit
+    # keeps those, and the record is rewritten after every configuration ("complete": false until the last)
     blocks = sorted(args.blocks, reverse=True)
-    configs = [(1, "none")] + [(b, tier) for b in blocks for tier in ("none", "host", "disk")]
+    tiers = [t for t in ("none", "host", "disk") if t in args.offload]
+    configs = [(1, "none")] + [(b, tier) for tier in tiers for b in blocks]
     key = "peak_device_bytes" if gpu else "peak_rss_bytes"
     record = {
         "quick": args.quick,

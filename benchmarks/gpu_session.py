@@ -1,29 +1,37 @@
-"""The GPU tests and benchmarks in a few calls of at most ten minutes each: a short lease on a GPU machine.
+"""The GPU tests and benchmarks in one call of about nine minutes: a short lease on a GPU machine.
 
-A session that is lent a GPU (an H100 or H200 through the `device` tool) has about 30 minutes of device time,
-at most 10 minutes a call, and every call may land on a bare machine. This driver runs named stages in
-order, each under its own time limit and all under one budget, so a call always ends in time and brings back
-what it made, even when a stage hangs or fails:
+A session lent a GPU (an H100 or H200 through the `device` tool) has 15 minutes of device time in all,
+machine starts included, at most 10 minutes a call, and every call may land on a bare machine. This driver
+runs named stages in order, each under its own time limit and all under one budget, so a call always ends
+in time and brings back what it made, even when a stage hangs or fails:
 
     # here, to print the command for the device machine (it bakes in the commit, which has no .git there):
-    python benchmarks/gpu_session.py --print-command build tests
-    # there (that command), then here again with the files that came back:
+    python benchmarks/gpu_session.py --print-command --call 1
+    # there (that command, with timeout_s 600), then here again with the files that came back:
     python benchmarks/gpu_session.py --unpack FILES_AT
 
-The plan for a 30-minute lease, three calls of --budget 500 (a call also spends a minute or two starting a
-machine; each starts with `build`, which reuses the `_C` the first call built when `.gpubuild` is carried):
-    1. build tests sanitizer       the `gpu` tests; the compute-sanitizer runs (memcheck, racecheck)
-    2. build kernels paging        bench_kernels.py (issue 5's table), bench_paging.py
-    3. build memory capacity       bench_memory.py (the 1B DiT), bench_capacity.py in the time left
-Every benchmark rewrites its record after each row, so a stage stopped at its limit keeps what it measured.
-Between calls: `--unpack` the files, then `--print-command` the next; keep the turns short (a machine stays
-warm for 30 s only).
+The plan (PLAN; tests/test_benchmarks.py holds that each call's stage limits add up to its budget, and the
+calls with a machine start fit the 15 minutes):
+    call 1, --budget 540, the evidence that matters most, first:
+        build      _C for sm_90 only, the package installed
+        tests      pytest -m gpu (not the sanitizer runs): do the kernels compute the right thing on a GPU?
+        kernels    bench_kernels.py: the kernel table, each row timed under CUDA graphs and eager
+        step       bench_block_step.py: a DiT-XL/2 block's training step, ours vs eager vs torch.compile
+        memory     bench_memory.py --blocks 8 4 --offload none: peak memory, end to end vs B = 8 and 4
+        sanitizer  compute-sanitizer memcheck over the CUDA ops (racecheck: a stage of its own, for later)
+        (issue 23's bench_peers: a stage of its own after `step`, its seconds taken from `kernels`/`step`)
+    call 2, optional, --budget 180, only if the machine is still warm from call 1 (it stays 30 s: call at
+    once) or 4 minutes of device time are left: build (reuses _C), paging, capacity.
+Every stage writes its results as it goes (the benchmarks rewrite their record after each row, pytest logs
+each test as it finishes), so a stage stopped at its limit keeps what it measured. A stage that ends early
+hands its unused seconds to the next ones. Between calls: `--unpack` the files, then `--print-command` the
+next.
 
 Stages:
-    build      `pip install --no-deps --no-build-isolation -e .`; builds _C unless .gpubuild/ holds one built
-               from the same csrc/ (the previous call's, carried with `carry: [".gpubuild"]`)
-    tests      pytest -m gpu, all but the compute-sanitizer runs; JUnit XML in the archive
-    sanitizer  the compute-sanitizer runs of the CUDA ops (tests/test_cuda_ops.py)
+    build      `pip install --no-deps --no-build-isolation -e .` with DBLOCKS_CUDA_ARCHS=90-real; builds _C
+               unless .gpubuild/ holds one built from the same csrc/ (carried with `carry: [".gpubuild"]`)
+    tests      pytest -m gpu, all but the compute-sanitizer runs, one line per test; JUnit XML in the archive
+    sanitizer  compute-sanitizer memcheck of the CUDA ops (tests/test_cuda_ops.py); racecheck: `racecheck`
     kernels, paging, memory, capacity, inference: the benchmark scripts of the same names, on CUDA
 
 On the device machine everything goes to $OUT (or --out): summary.json, session.tgz (every stage's log and
@@ -43,6 +51,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,25 +62,69 @@ RESERVE = 20  # seconds kept back from the budget to pack and report
 MIN_STAGE = 30  # a stage with less time left than this is not started
 PY = sys.executable
 
-PYTEST = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider"]
+DEVICE_BUDGET = 900  # seconds of device time a session is lent, machine starts included
+MACHINE_START = 150  # seconds a call that finds no warm machine spends before the command runs (and after)
+PYTEST = [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
 # name: (time limit in seconds, command). "{left}" is replaced by the seconds left to the stage.
 STAGES: dict[str, tuple[int, list[str]]] = {
-    "build": (300, []),  # done in-process: see build()
-    "tests": (360, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
-    "sanitizer": (240, [*PYTEST, "-k", "compute_sanitizer"]),
-    "kernels": (300, [PY, "benchmarks/bench_kernels.py"]),
-    "paging": (330, [PY, "benchmarks/bench_paging.py"]),
-    "memory": (360, [PY, "benchmarks/bench_memory.py", "--device", "cuda"]),
-    "capacity": (480, [PY, "benchmarks/bench_capacity.py", "--budget", "{left}"]),
-    "inference": (240, [PY, "benchmarks/bench_inference.py", "--device", "cuda"]),
+    "build": (110, []),  # done in-process: see build()
+    "tests": (130, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
+    "kernels": (120, [PY, "benchmarks/bench_kernels.py"]),  # CUDA graphs and eager, row by row
+    "step": (60, [PY, "benchmarks/bench_block_step.py"]),  # a DiT-XL/2 block's training step
+    "memory": (
+        60,
+        [PY, "benchmarks/bench_memory.py", "--device", "cuda", "--blocks", "8", "4", "--offload", "none"],
+    ),
+    # issue 23: a "peers" stage (bench_peers.py) goes here, with its seconds taken from "kernels"
+    "sanitizer": (40, [*PYTEST, "-k", "compute_sanitizer and memcheck"]),
+    "racecheck": (60, [*PYTEST, "-k", "compute_sanitizer and racecheck"]),
+    "paging": (60, [PY, "benchmarks/bench_paging.py"]),
+    "capacity": (80, [PY, "benchmarks/bench_capacity.py", "--budget", "{left}"]),
+    "inference": (120, [PY, "benchmarks/bench_inference.py", "--device", "cuda"]),
 }
-PLAN = [["build", "tests", "sanitizer"], ["build", "kernels", "paging"], ["build", "memory", "capacity"]]
+
+
+@dataclass(frozen=True)
+class Call:
+    budget: int  # --budget: the stages' limits and RESERVE add up to it
+    stages: tuple[tuple[str, int], ...]  # (stage, its limit in seconds in this call)
+    needs_start: (
+        bool  # a fresh machine (MACHINE_START more seconds) rather than the warm one of the last call
+    )
+    note: str
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return dict(self.stages)
+
+
+PLAN = [
+    # issue 23: insert ("peers", N) after ("step", 60) and take its N seconds from "kernels" and "step"
+    Call(
+        540,
+        (("build", 110), ("tests", 130), ("kernels", 120), ("step", 60), ("memory", 60), ("sanitizer", 40)),
+        True,
+        "the evidence that matters most, first",
+    ),
+    Call(
+        180,
+        (("build", 30), ("paging", 60), ("capacity", 70)),  # build: pip only, _C is still there
+        False,
+        "optional: at once while call 1's machine is warm (30 s), else only with 4 minutes of device time",
+    ),
+]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stages", nargs="*", help=f"stages to run, in order: {', '.join(STAGES)}")
     ap.add_argument("--budget", type=float, default=500, help="seconds for all the stages of this call")
+    ap.add_argument(
+        "--call",
+        type=int,
+        choices=range(1, len(PLAN) + 1),
+        help="run call N of PLAN: its stages, limits, budget",
+    )
     ap.add_argument("--out", type=Path, help="where the files to bring back go (default: $OUT)")
     ap.add_argument("--print-command", action="store_true", help="print the command for the device and stop")
     ap.add_argument("--unpack", type=Path, metavar="FILES_AT", help="take in the files a call brought back")
@@ -79,8 +132,15 @@ def parse_args(argv=None):
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown stage(s) {unknown}: choose from {list(STAGES)}")
+    if args.call and args.stages:
+        ap.error("--call N runs the plan's stages: name no stages with it")
+    if args.call:
+        call = PLAN[args.call - 1]
+        args.stages, args.budget, args.limits = [s for s, _ in call.stages], call.budget, call.limits
+    else:
+        args.limits = None
     if not args.unpack and not args.stages:
-        ap.error("name the stages to run (or --unpack FILES_AT)")
+        ap.error("name the stages to run, or --call N (or --unpack FILES_AT)")
     return args
 
 
@@ -109,13 +169,11 @@ def commit() -> str:
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def command_for(stages: list[str], budget: float) -> str:
+def command_for(stages: list[str], budget: float, call: int | None = None) -> str:
     """The command line for the device tool's `run`, with this checkout's commit baked in."""
     rev = commit() or "unknown"
-    return (
-        f"DBLOCKS_COMMIT={rev} PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py "
-        f"{' '.join(stages)} --budget {budget:.0f}"
-    )
+    what = f"--call {call}" if call else f"{' '.join(stages)} --budget {budget:.0f}"
+    return f"DBLOCKS_COMMIT={rev} PYTHONUNBUFFERED=1 python3 benchmarks/gpu_session.py {what}"
 
 
 def _run(cmd: list[str], log: Path, limit: float, env: dict) -> tuple[str, int | None]:
@@ -151,7 +209,12 @@ def build(log: Path, limit: float, env: dict) -> tuple[str, int | None]:
         with open(log, "a") as f:
             f.write(f"reusing the carried {carried[0].name} (sources {digest[:12]})\n")
     else:
-        env = {**env, "DBLOCKS_BUILD_CUDA": "1"}
+        # Hopper only: a third of the build time of the default three targets (the box is an H100/H200)
+        env = {
+            **env,
+            "DBLOCKS_BUILD_CUDA": "1",
+            "DBLOCKS_CUDA_ARCHS": env.get("DBLOCKS_CUDA_ARCHS", "90-real"),
+        }
     t0 = time.monotonic()
     cmd = [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-e", "."]
     status, rc = _run(cmd, log, limit, env)
@@ -206,7 +269,9 @@ def pack(out: Path, logs: Path, started: float) -> Path:
     return tgz
 
 
-def run_session(stages: list[str], budget: float, out: Path) -> list[dict]:
+def run_session(stages: list[str], budget: float, out: Path, limits: dict | None = None) -> list[dict]:
+    """Run the stages in order under `budget` seconds; a stage's limit is limits[name] (else STAGES'), plus
+    what the stages before it left unused."""
     started = time.time()
     deadline = time.monotonic() + budget - RESERVE
     out.mkdir(parents=True, exist_ok=True)
@@ -215,14 +280,17 @@ def run_session(stages: list[str], budget: float, out: Path) -> list[dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     environment(logs / "environment.log", env)
     rows = []
+    banked = 0.0  # seconds the stages so far did not use
     for name in stages:
         limit, template = STAGES[name]
+        limit = (limits or {}).get(name, limit)
         left = deadline - time.monotonic()
         log = logs / f"{name}.log"
         if left < MIN_STAGE:
             rows.append({"stage": name, "status": "not run: no time left", "seconds": 0.0})
             continue
-        limit = min(limit, left)
+        own = limit
+        limit = min(limit + banked, left)
         t0 = time.monotonic()
         print(f"[gpu_session] {name}: up to {limit:.0f} s", flush=True)
         if name == "build":
@@ -231,7 +299,9 @@ def run_session(stages: list[str], budget: float, out: Path) -> list[dict]:
             fill = {"{left}": str(int(limit - 15)), "{log}": str(log.with_suffix(""))}
             cmd = [_fill(a, fill) for a in template]
             status, rc = _run(cmd, log, limit, env)
-        rows.append({"stage": name, "status": status, "rc": rc, "seconds": round(time.monotonic() - t0, 1)})
+        spent = time.monotonic() - t0
+        banked = max(0.0, banked + own - spent)
+        rows.append({"stage": name, "status": status, "rc": rc, "seconds": round(spent, 1)})
         if name == "build" and status != "ok":
             rows += [
                 {"stage": s, "status": "not run: build failed", "seconds": 0.0} for s in stages[len(rows) :]
@@ -286,12 +356,12 @@ def main(argv=None) -> None:
         print(f"logs in {GPUBUILD / 'logs'}; carry '.gpubuild' in the next call to reuse the built _C")
         return
     if args.print_command:
-        print(command_for(args.stages, args.budget))
+        print(command_for(args.stages, args.budget, args.call))
         return
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     if out is None:
         raise SystemExit("no --out and no $OUT: where should the files go?")
-    rows = run_session(args.stages, args.budget, out)
+    rows = run_session(args.stages, args.budget, out, args.limits)
     print("\n| stage | status | seconds | last line of its log |\n|---|---|---|---|")
     for r in rows:
         last = (r["tail"][-1] if r["tail"] else "")[:120].replace("|", "/")

@@ -45,8 +45,11 @@ def _fwd_kernel(
             tl.float32
         )
         g = tl.load(gate_ptr + n[:, None] * sgn + c[None, :] * sgd, mask=mask, other=0.0).to(tl.float32)
-        x = x + g * y
-        tl.store(xnew_ptr + out, x.to(xnew_ptr.dtype.element_ty), mask=mask)
+        # the statistics and h are those of x' as stored (rounded to its dtype): the backward re-reads the
+        # stored x', and the CUDA kernel and the torch reference normalise that same rounded x'
+        x = (x + g * y).to(xnew_ptr.dtype.element_ty)
+        tl.store(xnew_ptr + out, x, mask=mask)
+        x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
@@ -118,12 +121,127 @@ def _bwd_kernel(
         tl.store(dgate_part + part, acc_gate, mask=cmask)
 
 
+@triton.jit
+def _bwd_tiled_kernel(
+    dh_ptr, dxnew_ptr, x_ptr, y_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # inputs
+    rowsum_ptr,  # (N*T, 2) fp32 scratch: each row's mean of g and of g * x-hat
+    dx_ptr, dy_ptr, dshift_part, dscale_part, dgate_part,  # outputs, as _bwd_kernel's
+    T, D, rows_per_prog,
+    sdn, sdt, sdd, sen, set_, sed, sxn, sxt, sxd, syn, syt, syd, sgn, sgd, scn, scd,
+    GATED: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """_bwd_kernel for rows too wide for registers: the row in tiles of BLOCK_D, in two passes. Pass 1 takes
+    each row's two sums of the LayerNorm backward (reading x and dh); pass 2, tile by tile over the same
+    rows, writes dx (and dy) and keeps the tile's column sums in registers. x and dh are read twice."""
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    t_begin = chunk * rows_per_prog
+    t_end = tl.minimum(t_begin + rows_per_prog, T)
+    for t in range(t_begin, t_end):
+        row = n * T + t
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        a1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            cmask = c < D
+            x = tl.load(x_ptr + n * sxn + t * sxt + c * sxd, mask=cmask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + n * sdn + t * sdt + c * sdd, mask=cmask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + n * scn + c * scd, mask=cmask, other=0.0).to(tl.float32)
+            xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+            g = dh * (1.0 + scale)
+            a1 += g
+            a2 += g * xhat
+        tl.store(rowsum_ptr + 2 * row, tl.sum(a1, axis=0) / D)
+        tl.store(rowsum_ptr + 2 * row + 1, tl.sum(a2, axis=0) / D)
+    tl.debug_barrier()  # pass 2's threads read the sums other threads of this program stored
+    for d0 in range(0, D, BLOCK_D):
+        c = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        cmask = c < D
+        scale = tl.load(scale_ptr + n * scn + c * scd, mask=cmask, other=0.0).to(tl.float32)
+        if GATED:
+            gate = tl.load(gate_ptr + n * sgn + c * sgd, mask=cmask, other=0.0).to(tl.float32)
+        acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+        acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for t in range(t_begin, t_end):
+            row = n * T + t
+            mean = tl.load(mean_ptr + row)
+            rstd = tl.load(rstd_ptr + row)
+            m1 = tl.load(rowsum_ptr + 2 * row)
+            m2 = tl.load(rowsum_ptr + 2 * row + 1)
+            x = tl.load(x_ptr + n * sxn + t * sxt + c * sxd, mask=cmask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + n * sdn + t * sdt + c * sdd, mask=cmask, other=0.0).to(tl.float32)
+            xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+            acc_shift += dh
+            acc_scale += dh * xhat
+            dx = rstd * (dh * (1.0 + scale) - m1 - xhat * m2)
+            out = row * D + c
+            if GATED:
+                dxn = tl.load(dxnew_ptr + n * sen + t * set_ + c * sed, mask=cmask, other=0.0)
+                dx = dx + dxn.to(tl.float32)
+                y = tl.load(y_ptr + n * syn + t * syt + c * syd, mask=cmask, other=0.0).to(tl.float32)
+                acc_gate += tl.where(cmask, dx * y, 0.0)
+                tl.store(dy_ptr + out, (dx * gate).to(dy_ptr.dtype.element_ty), mask=cmask)
+            tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
+        part = (n * chunks + chunk) * D + c
+        tl.store(dshift_part + part, acc_shift, mask=cmask)
+        tl.store(dscale_part + part, acc_scale, mask=cmask)
+        if GATED:
+            tl.store(dgate_part + part, acc_gate, mask=cmask)
+
+
+@triton.jit
+def _sum_parts_kernel(
+    dshift_part, dscale_part, dgate_part,  # (N, CHUNKS, D) fp32 partial sums of the backward
+    dshift_ptr, dscale_ptr, dgate_ptr,  # (N, D) results, each in its own dtype
+    CHUNKS, D,
+    GATED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dshift, dscale (and dgate) = the partials summed over chunks, in fp32, written once in their dtypes:
+    one launch instead of a sum and a cast per result."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for c0 in range(0, CHUNKS, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c < CHUNKS)[:, None] & cmask[None, :]
+        offs = (n * CHUNKS + c)[:, None] * D + cols[None, :]
+        acc_shift += tl.sum(tl.load(dshift_part + offs, mask=mask, other=0.0), axis=0)
+        acc_scale += tl.sum(tl.load(dscale_part + offs, mask=mask, other=0.0), axis=0)
+        if GATED:
+            acc_gate += tl.sum(tl.load(dgate_part + offs, mask=mask, other=0.0), axis=0)
+    out = n * D + cols
+    tl.store(dshift_ptr + out, acc_shift.to(dshift_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dscale_ptr + out, acc_scale.to(dscale_ptr.dtype.element_ty), mask=cmask)
+    if GATED:
+        tl.store(dgate_ptr + out, acc_gate.to(dgate_ptr.dtype.element_ty), mask=cmask)
+
+
 # --- launchers ----------------------------------------------------------------------------------------------
 def _block_sizes(d: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps): about 4K elements a program, whole rows in registers."""
+    """(BLOCK_D, BLOCK_R, num_warps) of the forward: about 4K elements a program, whole rows in registers."""
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
     return block_d, block_r, min(8, max(1, block_d * block_r // 1024))
+
+
+_MAX_BWD_ROW = 8192  # BLOCK_D above which the backward walks rows in tiles (_bwd_tiled_kernel)
+_BWD_TILE = 4096  # the tiled backward's columns at a time: 16 a thread over 8 warps
+
+
+def _bwd_block_sizes(d: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps) of the backward: the forward's tile, over more warps. The gated backward
+    keeps about ten values per element live (x', dh, dx', y, x-hat, dx and three column sums); at 32 elements
+    a thread (D = 1152: 2 x 2048 over 4 warps) it took 238 registers, and it spilled from D = 4096 (fp32).
+    16 elements a thread, up to 32 warps (D = 16384), keeps it under 255 without spills."""
+    block_d, block_r, _ = _block_sizes(d)
+    return block_d, block_r, min(32, max(4, block_d * block_r // 512))
 
 
 def _check(op: str, x: torch.Tensor, vectors: dict, tensors: dict, eps: float) -> torch.device:
@@ -179,7 +297,10 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
     # None: that output did not reach the loss. The kernel reads both gradients, so it reads zeros.
     dh = torch.zeros_like(x) if dh is None else dh
     dxnew = torch.zeros_like(x) if gated and dxnew is None else dxnew
-    block_d, block_r, warps = _block_sizes(d)
+    block_d, block_r, warps = _bwd_block_sizes(d)
+    tiled = block_d > _MAX_BWD_ROW
+    if tiled:  # too wide a row for registers even over 32 warps (D = 16384 spilled): tiles, one row a time
+        block_d, block_r, warps = min(_BWD_TILE, block_d), 1, max(1, min(8, _BWD_TILE // 512))
     # a few programs per SM in all, each owning whole rows of one sample
     chunks = max(1, min(triton.cdiv(t, block_r), triton.cdiv(4 * _utils.num_sms(x.device), n)))
     rows_per_prog = triton.cdiv(triton.cdiv(t, chunks), block_r) * block_r
@@ -187,15 +308,34 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
     dx = _utils.empty((n, t, d), dtypes[0] or x.dtype, x.device)
     dy = _utils.empty((n, t, d), y.dtype, x.device) if gated else dx
     parts = [_utils.empty((n, chunks, d), torch.float32, x.device) for _ in range(3 if gated else 2)]
-    _bwd_kernel[(n, chunks)](
-        dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd,
-        dx, dy, parts[0], parts[1], parts[2] if gated else parts[1],
-        t, d, rows_per_prog,
-        *_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate), *_strides2(scale),
-        GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    inputs = (dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd)
+    outputs = (dx, dy, parts[0], parts[1], parts[2] if gated else parts[1])
+    strides = (*_strides3(dh), *_strides3(dxnew), *_strides3(x), *_strides3(y), *_strides2(gate),
+               *_strides2(scale))  # fmt: skip
+    if tiled:
+        rowsum = _utils.empty((n * t * 2,), torch.float32, x.device)
+        _bwd_tiled_kernel[(n, chunks)](
+            *inputs, rowsum, *outputs, t, d, rows_per_prog, *strides,
+            GATED=gated, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+    else:
+        _bwd_kernel[(n, chunks)](
+            *inputs, *outputs, t, d, rows_per_prog, *strides,
+            GATED=gated, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        )  # fmt: skip
+    # the three column sums in one launch, each written in the dtype asked for (fp32 where none was: unused)
+    dgate_dt, dshift_dt, dscale_dt = (dt or torch.float32 for dt in dtypes[2:])
+    sums = [
+        _utils.empty((n, d), dt, x.device) for dt in (dshift_dt, dscale_dt, dgate_dt)[: 3 if gated else 2]
+    ]
+    block = min(256, block_d)
+    _sum_parts_kernel[(n, triton.cdiv(d, block))](
+        parts[0], parts[1], parts[-1], sums[0], sums[1], sums[-1],  # the last: unread unless gated
+        chunks, d,
+        GATED=gated, BLOCK_C=min(16, triton.next_power_of_2(chunks)), BLOCK_D=block, num_warps=4,
     )  # fmt: skip
-    dgate = parts[2].sum(1) if gated else None
-    return _custom_op.as_requested((dx, dy, dgate, parts[0].sum(1), parts[1].sum(1)), dtypes)
+    dgate = sums[2] if gated else None
+    return _custom_op.as_requested((dx, dy, dgate, sums[0], sums[1]), dtypes)
 
 
 # custom ops with the schemas, fakes and autograd of kernels/_opdefs.py (the CUDA ops' too)

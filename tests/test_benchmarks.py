@@ -33,6 +33,7 @@ NAMES = [
     "bench_inference",
     "bench_distributed",
     "bench_kernels",
+    "bench_block_step",
 ]
 
 
@@ -258,17 +259,21 @@ def test_gpu_session_runs_stages_under_their_limits_and_packs_what_they_wrote(tm
     monkeypatch.setattr(gpu_session, "STAGES", stages)
     monkeypatch.setattr(gpu_session, "RESERVE", 0)
     out = tmp_path / "out"
-    rows = gpu_session.run_session(["writes", "fails", "hangs", "late"], budget=300, out=out)
+    # the hang first: nothing is banked yet, so it gets its own 2 s
+    rows = gpu_session.run_session(["hangs", "writes", "fails", "late"], budget=300, out=out)
     assert [(r["stage"], r["status"], r["rc"]) for r in rows] == [
+        ("hangs", "timed out", None),
         ("writes", "ok", 0),
         ("fails", "failed", 3),
-        ("hangs", "timed out", None),
         ("late", "ok", 0),
     ]
-    assert rows[0]["tail"][-1] == "wrote it" and rows[2]["seconds"] < 30
-    assert int(rows[3]["tail"][-1]) == 60 - 15  # {left}: the stage's own limit, less a margin to write up
+    assert rows[1]["tail"][-1] == "wrote it" and rows[0]["seconds"] < 30
+    # {left}: the stage's own limit plus what writes and fails left unused (most of 2 x 60 s), less a margin
+    assert 60 - 15 + 60 < int(rows[3]["tail"][-1]) <= 60 - 15 + 120
+    rows = gpu_session.run_session(["late"], budget=300, out=tmp_path / "alone", limits={"late": 40})
+    assert int(rows[0]["tail"][-1]) == 40 - 15  # a call's own limit for the stage
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["stage"] for r in summary["stages"]] == ["writes", "fails", "hangs", "late"]
+    assert [r["stage"] for r in summary["stages"]] == ["hangs", "writes", "fails", "late"]
     with tarfile.open(out / "session.tgz") as tar:
         names = set(tar.getnames())
     assert {"results/new-cuda.json", "logs/writes.log", "logs/hangs.log", "logs/summary.json"} <= names
@@ -296,11 +301,36 @@ def test_gpu_session_command_line():
     cmd = gpu_session.command_for(["build", "tests"], 570)
     assert cmd.startswith("DBLOCKS_COMMIT=") and cmd.endswith("gpu_session.py build tests --budget 570")
     assert len(cmd) < 2000  # the device tool's limit on a command
+    assert gpu_session.command_for([], 0, call=1).endswith("gpu_session.py --call 1")
     with pytest.raises(SystemExit):
         gpu_session.parse_args(["build", "nosuchstage"])
     with pytest.raises(SystemExit):
         gpu_session.parse_args([])
-    assert all(stage in gpu_session.STAGES for call in gpu_session.PLAN for stage in call)
+    with pytest.raises(SystemExit):
+        gpu_session.parse_args(["build", "--call", "1"])
+    args = gpu_session.parse_args(["--call", "1"])
+    first = gpu_session.PLAN[0]
+    assert args.stages == [s for s, _ in first.stages] and args.budget == first.budget
+    assert args.limits == first.limits
+
+
+def test_gpu_session_plan_adds_up_to_the_device_budget():
+    """Each call's stage limits and the reserve fill its budget exactly; the calls, a machine start for each
+    that needs one, fit the session's device time; one call fits the device tool's 10 minutes a command."""
+    from benchmarks import gpu_session as gs
+
+    for call in gs.PLAN:
+        assert all(stage in gs.STAGES for stage, _ in call.stages)
+        assert sum(limit for _, limit in call.stages) + gs.RESERVE == call.budget, call
+        assert all(limit >= gs.MIN_STAGE for _, limit in call.stages)
+        assert call.budget + 30 <= 600  # the run's timeout_s, with the environment read and the packing
+    spent = sum(call.budget + gs.MACHINE_START * call.needs_start for call in gs.PLAN)
+    assert spent <= gs.DEVICE_BUDGET, spent
+    first = [stage for stage, _ in gs.PLAN[0].stages]
+    # the first call brings the most valuable evidence first, in this order
+    assert first == ["build", "tests", "kernels", "step", "memory", "sanitizer"]
+    assert gs.PLAN[0].needs_start and not gs.PLAN[1].needs_start
+    assert {"paging", "capacity"} <= {stage for stage, _ in gs.PLAN[1].stages}
 
 
 def test_paging_benchmark_logic_runs_on_the_cpu():
@@ -445,3 +475,34 @@ def test_crash_harness_kills_every_process_of_a_run_even_in_a_session_of_its_own
     assert not c.alive() and c.proc.returncode == -9 and time.monotonic() - start < 10
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # dead and reaped
+
+
+def test_kernel_table_shows_cuda_graph_times_beside_eager_and_what_could_not_be_captured():
+    from benchmarks import bench_kernels, common
+    from benchmarks.__main__ import _kernels
+
+    row = {"op": "adaln_modulate", "size": "DiT-XL/2 layer"}
+    for key in ("forward", "forward_backward"):
+        row |= {f"{key}_ours_ms": 0.05, f"{key}_eager_ms": 0.2, f"{key}_compile_ms": 0.08}
+        row |= {f"{key}_ours_graph_ms": 0.02, f"{key}_compile_graph_ms": 0.03}
+        row[f"{key}_eager_graph_error"] = "RuntimeError: operation not permitted when stream is capturing"
+        row |= {f"{key}_speedup_vs_compile": 1.6, f"{key}_speedup_vs_eager": 4.0, f"{key}_ours_GBps": 900.0}
+        row |= {f"{key}_fraction_of_copy": 0.25, f"{key}_graph_speedup_vs_compile": 1.5}
+        row |= {f"{key}_ours_graph_GBps": 3000.0, f"{key}_graph_fraction_of_copy": 0.75}
+    prov = common.provenance(torch.device("cpu"))
+    md = bench_kernels._markdown([row], [], prov, 4000.0)
+    graph_part = md.split("Under CUDA graphs")[1]
+    assert (
+        "| adaln_modulate | DiT-XL/2 layer | fwd | 0.020 | - | not capturable | 0.030 | 1.50x | 3000 (75%) |"
+        in (graph_part)
+    )
+    page = "\n".join(_kernels({"copy_GBps": 4000.0, "rows": [row]}))
+    assert "| 1.50x | 3000 (75%) |" in page
+
+
+def test_block_step_record_never_invents_a_gpu_figure(quick):
+    record = json.loads((quick / f"bench_block_step-{DEV}.json").read_text())
+    assert [r["variant"] for r in record["rows"]] == ["eager", "torch.compile", "ours", "ours + compile"]
+    if DEV == "cpu":
+        assert all("pending" in r["status"] and "ms" not in r for r in record["rows"])
+        assert "GPU figures pending" in (quick / "bench_block_step-cpu.md").read_text()

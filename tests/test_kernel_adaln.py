@@ -139,3 +139,58 @@ def test_bad_inputs_are_refused(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
             adaln_modulate(x, v, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_statistics_are_those_of_the_stored_residual(dtype, poison_outputs):
+    """mean and 1/std (kept for the backward) are x' as stored, rounded to its dtype: the backward re-reads
+    the stored x', and the CUDA kernel uses the same; the unrounded sum's statistics differ by far more."""
+    from dblocks_fast.kernels import adaln
+
+    names = ["x", "y", "gate", "shift", "scale"]
+    a = {k: v.detach() for k, v in _inputs((2, 6, 160), dtype, 7, names).items()}
+    x_new, h, mean, rstd = adaln._forward(a["x"], a["y"], a["gate"], a["shift"], a["scale"], 1e-6)
+    stored = x_new.double().reshape(12, 160)
+    torch.testing.assert_close(mean.double(), stored.mean(-1), rtol=1e-6, atol=1e-6)
+    want_rstd = 1 / torch.sqrt(stored.var(-1, unbiased=False) + 1e-6)
+    torch.testing.assert_close(rstd.double(), want_rstd, rtol=1e-5, atol=0)
+    exact = (a["x"].double() + a["gate"].double()[:, None] * a["y"].double()).reshape(12, 160)
+    assert (
+        exact.mean(-1) - stored.mean(-1)
+    ).abs().max() > 1e-5  # 10x the tolerance: the test tells them apart
+    # h is LN of the stored x' as well, within the rounding of h itself
+    ref = _adaln(x_new.double(), a["shift"].double(), a["scale"].double())
+    torch.testing.assert_close(
+        h.double(), ref, rtol=0, atol=4 * torch.finfo(dtype).eps * ref.abs().max().item()
+    )
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_backward_for_wide_rows(gated, dtype, monkeypatch, poison_outputs):
+    """Rows wider than _MAX_BWD_ROW take the two-pass tiled backward (D = 16384 spilled in registers): here
+    with tiles of 16 over D = 37 (three tiles, the last partial) and 7 rows a sample."""
+    from dblocks_fast.kernels import adaln
+
+    monkeypatch.setattr(adaln, "_MAX_BWD_ROW", 16)
+    monkeypatch.setattr(adaln, "_BWD_TILE", 16)
+    launched = []
+    real = adaln._bwd_tiled_kernel
+    monkeypatch.setattr(adaln, "_bwd_tiled_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launched.append(grid) or real[grid]})())  # fmt: skip
+    shape = (3, 7, 37)
+    if gated:
+        inputs = _inputs(shape, dtype, 21, ["x", "y", "gate", "shift", "scale"])
+
+        def ref(x, y, gate, shift, scale):
+            x_new = x + gate[:, None] * y
+            return x_new, _adaln(x_new, shift, scale)
+
+        upstream = [torch.randn(shape, device=device()), torch.randn(shape, device=device())]
+        _check_op("tiled gated_residual_adaln", gated_residual_adaln, ref, inputs, upstream)
+    else:
+        inputs = _inputs(shape, dtype, 22, ["x", "shift", "scale"])
+        upstream = [torch.randn(shape, device=device())]
+        fn = lambda **a: (adaln_modulate(**a),)  # noqa: E731
+        _check_op("tiled adaln_modulate", fn, lambda **a: (_adaln(**a),), inputs, upstream)
+    assert launched, "the tiled backward did not run"

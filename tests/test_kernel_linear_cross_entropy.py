@@ -147,14 +147,20 @@ def test_chunking_bounds_the_logits(poison_outputs, monkeypatch):
     shapes = _record_allocations(monkeypatch)
     _check(h, weight, target, rw, chunk)
     numels = [int(torch.Size(s).numel()) for s in shapes]
-    assert (chunk, V) in shapes, shapes
+    assert (chunk, 128) in shapes, shapes  # V = 113 rows padded to 128 elements
     assert max(numels) < R * V, f"an allocation of {max(numels)} >= R * V = {R * V} elements: {shapes}"
 
-    # The default chunk keeps a chunk's logits within CHUNK_ELEMENTS.
-    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 3 * V + 5)
+    # The default chunk (here in multiples of 3 rows, at most 12): the largest that keeps the working memory
+    # within PEAK_FRACTION of the (R, V) logits, and the launcher allocates that one buffer, rows padded
+    monkeypatch.setattr(lce, "CHUNK_ROWS", 12)
+    monkeypatch.setattr(lce, "CHUNK_MULTIPLE", 3)
+    monkeypatch.setattr(lce, "PEAK_FRACTION", 0.25)
+    want = lce.default_chunk(R, V, D, 4)
+    bound = 0.25 * R * V * 4
+    assert want == 6 and lce.working_bytes(6, R, V, D, 4) <= bound < lce.working_bytes(9, R, V, D, 4)
     shapes.clear()
     weighted_linear_cross_entropy(h, weight, target, rw).backward()
-    assert (3, V) in shapes and max(int(torch.Size(s).numel()) for s in shapes) < R * V, shapes
+    assert (want, lce.padded(V)) in shapes and max(int(torch.Size(s).numel()) for s in shapes) < R * V, shapes
 
     shapes.clear()
     with torch.no_grad():  # no gradient buffers without grad mode
@@ -208,7 +214,7 @@ def _bad_calls():
         ((h, w, t, (rw > 0).long()), "row_weight must be a float tensor"),
         ((h[:0], w, t[:0]), "h has no rows"),
         ((h, w, t, None, 0), "chunk must be >= 1"),
-        ((h, w, t.clone().fill_(20)), r"target values must lie in \[0, V\) = \[0, 20\), got min 20"),
+        ((h, w, t.clone().fill_(20)), r"must lie in \[0, V\) = \[0, 20\), got min 20 and max 20"),
         ((h, w, torch.full_like(t, -1)), r"target values must lie in \[0, V\).*check_targets=False"),
         ((h.detach().to("meta"), w, t), "all inputs must be on one device"),
     ]
@@ -220,6 +226,70 @@ def test_input_errors_name_the_op_and_the_fix(i):
     with pytest.raises(ValueError, match=match) as info:
         weighted_linear_cross_entropy(*args)
     assert str(info.value).startswith("weighted_linear_cross_entropy: ")
+
+
+@pytest.mark.parametrize("R, V, D", [(65536, 32000, 768), (65536, 50257, 768), (65536, 32000, 1152)])
+def test_default_chunk_is_whole_gemm_tiles_within_an_eighth_of_the_logits(R, V, D):
+    """At the benchmark's LM head and beside it: 2048-4096 rows, a multiple of 256, and the working memory
+    (logits buffer, row losses, fp32 accumulator) at most 1/8 of the unfused head's bf16 logits."""
+    chunk = lce.default_chunk(R, V, D, 2)
+    assert 2048 <= chunk <= 4096 and chunk % 256 == 0, chunk
+    assert lce.working_bytes(chunk, R, V, D, 2) <= R * V * 2 / 8
+    assert lce.default_chunk(65536, 32000, 768, 2) == 4096
+    # half the rows at D = 1152: the fp32 accumulator (147 MB) leaves room for 1536 rows within 262 MB
+    assert lce.default_chunk(32768, 32000, 1152, 2) == 1536
+    # few rows: the bound yields at 256 rows (the accumulator alone passes it), and never more than R rows
+    assert lce.default_chunk(4096, 32000, 768, 2) == 256 and lce.default_chunk(100, 32000, 768, 2) == 100
+
+
+def test_logits_rows_are_padded_to_64_elements_and_the_kernel_reads_them_at_that_stride(poison_outputs):
+    # V = 1000: rows 1024 apart; a NaN-poisoned pad (the poison fixture) must never be read
+    h, weight, target, rw = _inputs((7,), 16, 1000, torch.float32, "rand", seed=11)
+    assert lce.padded(1000) == 1024 and lce.padded(50257) == 50304 and lce.padded(64) == 64
+    _check(h, weight, target, rw, chunk=3)
+
+
+def test_dweight_accumulates_in_fp32_from_the_gemm_where_torch_can(monkeypatch, poison_outputs):
+    """Half inputs over several chunks: the fp32-output addmm where the device has it (probed once, never on
+    the CPU), else each chunk's product rounded once and added in fp32; both match float64."""
+    assert lce.fp32_addmm_available(torch.device("cpu")) is False
+    calls = []
+    real = torch.addmm
+
+    def fp32_addmm(acc, a, b, *, beta, alpha, out_dtype, out):  # what CUDA's out_dtype addmm computes
+        calls.append(out_dtype)
+        out.copy_(real(acc, a.float(), b.float(), beta=beta, alpha=alpha))
+        return out
+
+    h, weight, target, rw = _inputs((10,), 16, 200, torch.bfloat16, "rand", seed=12)
+    _check(h, weight, target, rw, chunk=3)
+    monkeypatch.setitem(lce._FP32_ADDMM, h.device, True)
+    monkeypatch.setattr(torch, "addmm", fp32_addmm)
+    _check(h, weight, target, rw, chunk=3)
+    assert calls == [torch.float32] * 4  # one a chunk: rows 0-2, 3-5, 6-8, 9
+
+
+def test_target_check_on_cuda_needs_no_host_sync(monkeypatch):
+    """The device-side check: no .tolist()/.item() (each a host sync, and not capturable in a CUDA graph)."""
+    target = torch.tensor([0, 5, 19])
+
+    class Cuda:
+        type = "cuda"
+
+    class T(torch.Tensor):
+        pass
+
+    t = target.as_subclass(T)
+    monkeypatch.setattr(T, "device", property(lambda self: Cuda()))
+
+    def no_sync(*a, **k):
+        raise AssertionError("a host sync")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    lce._check_targets(t, 20)
+    with pytest.raises(RuntimeError, match=r"target values must lie in \[0, V\) = \[0, 19\)"):
+        lce._check_targets(t, 19)  # on the CPU _assert_async raises at once; on CUDA at the next sync
 
 
 @pytest.mark.gpu
