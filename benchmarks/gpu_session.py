@@ -29,10 +29,14 @@ next.
 
 Stages:
     build      `pip install --no-deps --no-build-isolation -e .` with DBLOCKS_CUDA_ARCHS=90-real; builds _C
-               unless .gpubuild/ holds one built from the same csrc/ (carried with `carry: [".gpubuild"]`)
+               unless .gpubuild/ holds one built from the same csrc/ (carried with `carry: [".gpubuild"]`);
+               with .wheels/ carried (`python benchmarks/gpu_wheels.py` makes it, 37 MiB), installs the
+               diffusers extra from it (the machine has no package index), so its tests run too
     tests      pytest -m gpu, all but the compute-sanitizer runs, one line per test; JUnit XML in the archive
     sanitizer  compute-sanitizer memcheck of the CUDA ops (tests/test_cuda_ops.py); racecheck: `racecheck`
     kernels, paging, memory, capacity, inference: the benchmark scripts of the same names, on CUDA
+    diffusers  bench_memory_diffusers.py: a LoRA step of a Flux.1-size transformer, end to end vs block-wise,
+               under 12/16/24 GB caps (needs .wheels; not in the plan: a call of its own)
 
 On the device machine everything goes to $OUT (or --out): summary.json, session.tgz (every stage's log and
 the results files the stages wrote, for benchmarks/results/), and the built _C module with the hash of the
@@ -81,7 +85,10 @@ STAGES: dict[str, tuple[int, list[str]]] = {
     "paging": (60, [PY, "benchmarks/bench_paging.py"]),
     "capacity": (80, [PY, "benchmarks/bench_capacity.py", "--budget", "{left}"]),
     "inference": (120, [PY, "benchmarks/bench_inference.py", "--device", "cuda"]),
+    "diffusers": (420, [PY, "benchmarks/bench_memory_diffusers.py", "--device", "cuda"]),
 }
+WHEELS = ROOT / ".wheels"  # git-ignored: benchmarks/gpu_wheels.py's wheels of the optional extras
+EXTRAS = ["diffusers>=0.30", "peft>=0.12", "accelerate>=0.26"]
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,9 @@ def build(log: Path, limit: float, env: dict) -> tuple[str, int | None]:
         "import dblocks_fast._C as C, torch; print('_C:', C.__file__, '| torch', torch.__version__)",
     ]
     status, rc = _run(check, log, left, env)
+    if status == "ok" and any(WHEELS.glob("*.whl")):  # best effort: the diffusers tests skip without them
+        cmd = [PY, "-m", "pip", "install", "--no-index", "--find-links", str(WHEELS), *EXTRAS]
+        _run(cmd, log, max(1.0, limit - (time.monotonic() - t0)), env)
     if status == "ok" and not reuse:
         GPUBUILD.mkdir(exist_ok=True)
         for old in GPUBUILD.glob("_C*.so"):
