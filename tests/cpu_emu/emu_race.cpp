@@ -116,9 +116,9 @@ using dblocks::emu::race::access;
 extern "C" {
 void __tsan_init() {}
 void __tsan_func_entry(void*) {}
-void __tsan_func_exit() {}
-void __tsan_vptr_update(void**, void*) {}
-void __tsan_vptr_read(void**) {}
+void __tsan_func_exit(void*) {}
+void __tsan_vptr_update(void*, void*) {}
+void __tsan_vptr_read(void*) {}
 #define EMU_RW(n)                                                                    \
     void __tsan_read##n(void* p) { access(p, n, false, EMU_PC); }                   \
     void __tsan_write##n(void* p) { access(p, n, true, EMU_PC); }                   \
@@ -131,6 +131,6 @@ EMU_RW(2)
 EMU_RW(4)
 EMU_RW(8)
 EMU_RW(16)
-void __tsan_read_range(void* p, unsigned long n) { access(p, n, false, EMU_PC); }
-void __tsan_write_range(void* p, unsigned long n) { access(p, n, true, EMU_PC); }
+void __tsan_read_range(void* p, long n) { access(p, size_t(n), false, EMU_PC); }
+void __tsan_write_range(void* p, long n) { access(p, size_t(n), true, EMU_PC); }
 }
