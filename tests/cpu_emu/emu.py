@@ -47,10 +47,10 @@ def build(name, options, source=ROOT, build_root=BUILD, jobs=None):
     return out / LIBRARY
 
 
-def sanitizer_env(library):
-    """Environment for a process that loads `library` (an ASan build needs libasan loaded first)."""
+def sanitizer_env(asan):
+    """Environment for a process that loads an emulated build (an ASan build needs libasan loaded first)."""
     env = dict(os.environ)
-    if "/asan" in str(library) or os.environ.get("DBLOCKS_EMU_ASAN") == "1":
+    if asan:
         libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout
         env["LD_PRELOAD"] = libasan.strip()
         env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:halt_on_error=1"
@@ -76,10 +76,13 @@ SIGNATURES = {
 }
 
 
-def load(path):
-    """The emulated library with the argument types of dblocks/ops.h set (plus the emulator's controls)."""
+def load(path, partial=False):
+    """The emulated library with the argument types of dblocks/ops.h set (plus the emulator's controls);
+    `partial`: a planted-fault build of only some csrc/ files, which lacks the others' entry points."""
     lib = ctypes.CDLL(str(path))
     for name, (restype, argtypes) in SIGNATURES.items():
+        if partial and not hasattr(lib, name):
+            continue
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     return lib
