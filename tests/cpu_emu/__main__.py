@@ -5,9 +5,9 @@ tests/cpu_emu/test_cpu_emu.py on each, then checks that planted faults are caugh
     python -m tests.cpu_emu --quick    # the CI default: fewer shapes under the slow race check and ASan,
                                        # the planted faults that need no second build of adaln.cu
 
-Variants (build/cpu_emu/<name>, cached): plain (the real grid caps, forward schedule), caps (grids of 2 blocks,
-reverse schedule; --quick leaves it out since asan and race use the same caps), asan (ASan+UBSan, caps, random
-schedule), race (the race check, caps). Exits nonzero on the first failure.
+Variants (build/cpu_emu/<name>, cached): plain (the real grid caps, forward schedule), caps (grids of 2
+blocks, reverse schedule; --quick leaves it out since asan and race use the same caps), asan (ASan+UBSan,
+caps, random schedule), race (the race check, caps). Exits nonzero on the first failure.
 """
 
 import argparse
@@ -19,11 +19,18 @@ import time
 from tests.cpu_emu import emu, faults
 
 # variant -> (schedule, quick shape set)
-RUNS = {"plain": ("forward", False), "caps": ("reverse", False), "asan": ("random", True), "race": ("forward", True)}
+RUNS = {
+    "plain": ("forward", False),
+    "caps": ("reverse", False),
+    "asan": ("random", True),
+    "race": ("forward", True),
+}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="the CI default (see above)")
     parser.add_argument("--only", help="comma-separated variants to run (default: all of the mode)")
     parser.add_argument("--no-faults", action="store_true", help="skip the planted-fault checks")
@@ -51,8 +58,20 @@ def main(argv=None):
         env = emu.sanitizer_env("address" in emu.VARIANTS[name].get("DBLOCKS_EMU_SANITIZE", ""))
         env.update(DBLOCKS_EMU_LIB=str(libraries[name]), DBLOCKS_EMU_SCHEDULE=schedule)
         env["DBLOCKS_EMU_QUICK"] = "1" if (args.quick and quick) else "0"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/cpu_emu/test_cpu_emu.py"]
-        result = step(f"tests on {name} ({schedule} schedule)", lambda: subprocess.run(cmd, cwd=emu.ROOT, env=env))
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/cpu_emu/test_cpu_emu.py",
+        ]
+        result = step(
+            f"tests on {name} ({schedule} schedule)",
+            lambda cmd=cmd, env=env: subprocess.run(cmd, cwd=emu.ROOT, env=env),
+        )
         if result.returncode != 0:
             print(f"FAILED: the emulated tests on the {name} build", flush=True)
             return 1

@@ -51,7 +51,9 @@ def sanitizer_env(asan):
     """Environment for a process that loads an emulated build (an ASan build needs libasan loaded first)."""
     env = dict(os.environ)
     if asan:
-        libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout
+        libasan = subprocess.run(
+            ["g++", "-print-file-name=libasan.so"], capture_output=True, text=True
+        ).stdout
         env["LD_PRELOAD"] = libasan.strip()
         env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:halt_on_error=1"
         env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"

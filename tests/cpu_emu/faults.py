@@ -1,6 +1,7 @@
-"""Planted faults: each is a one-line change to a real csrc/ kernel, built in its own emulated variant, and a short
-probe that runs the changed op; the stage passes only if the emulator catches every fault with the message
-expected, and the same probe passes on the unchanged source (so it is the fault that is caught)."""
+"""Planted faults: each is a one-line change to a real csrc/ kernel, built in its own emulated variant,
+and a short probe that runs the changed op; the stage passes only if the emulator catches every fault with
+the message expected, and the same probe passes on the unchanged source (so that it is the fault that is
+caught)."""
 
 import re
 import shutil
@@ -35,8 +36,9 @@ def loss(N, M, schedule=0):
     sigma = torch.rand(N, generator=g) + 0.5
     per, out, r = torch.empty(N), torch.empty(1), torch.empty(N, M)
     ws = torch.empty(lib.dblocks_edm_l2_loss_workspace(N, M))
-    assert lib.dblocks_edm_l2_loss_forward(P(z), P(f), P(y), P(sigma), P(per), P(out), P(r), P(ws), N, M, 0.5, 0,
-                                           None) == 0
+    rc = lib.dblocks_edm_l2_loss_forward(P(z), P(f), P(y), P(sigma), P(per), P(out), P(r), P(ws), N, M, 0.5,
+                                         0, None)
+    assert rc == 0
     return out
 def adaln_backward(N, T, D, schedule=0):
     lib.dblocks_emu_set_schedule(schedule, 1)
@@ -47,8 +49,9 @@ def adaln_backward(N, T, D, schedule=0):
     dx, dy = torch.empty_like(x), torch.empty_like(x)
     ds, dc, dg = (torch.empty(N, D) for _ in range(3))
     ws = torch.empty(lib.dblocks_adaln_backward_workspace(N, T, D, 1))
-    assert lib.dblocks_adaln_backward(P(dh), None, P(x), P(y), P(gate), P(scale), P(mean), P(rstd), P(dx), P(dy),
-                                      P(ds), P(dc), P(dg), P(ws), N, T, D, D, 0, 0, None) == 0
+    rc = lib.dblocks_adaln_backward(P(dh), None, P(x), P(y), P(gate), P(scale), P(mean), P(rstd), P(dx),
+                                    P(dy), P(ds), P(dc), P(dg), P(ws), N, T, D, D, 0, 0, None)
+    assert rc == 0, lib.dblocks_last_cuda_error()
     return dx, ds
 """
 
@@ -58,6 +61,7 @@ assert torch.isfinite(outs[0]).all(), f"loss is {outs[0]}"
 assert all(torch.equal(outs[0], o) for o in outs), f"schedules disagree: {outs}"
 """
 
+SHUFFLE_LOOP = "        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);\n"
 FAULTS = [
     # A missing barrier: warp 0 reads the other warps' sums before they are written. The race check names it;
     # without it, the forward schedule reads the NaN-filled shared memory while the reverse one gets it right.
@@ -113,9 +117,8 @@ FAULTS = [
     Fault(
         "shuffle_exited_lane",
         "edm_loss.cu",
-        "        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);\n        if (lane == 0) per",
-        "        if (lane == 31) return;\n"
-        "        for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);\n        if (lane == 0) per",
+        SHUFFLE_LOOP,
+        "        if (lane == 31) return;\n" + SHUFFLE_LOOP,
         "plain",
         "loss(3, 300)",
         r"(names lane 31, which has exited|exited while its warp waits).*edm_loss\.cu:\d+",
@@ -129,6 +132,17 @@ FAULTS = [
         "asan",
         "adaln_backward(2, 9, 40)",
         r"heap-buffer-overflow",
+        quick=False,
+    ),
+    # More than 48 KiB of dynamic shared memory without the opt-in: the launch fails, as on an H100.
+    Fault(
+        "no_smem_optin",
+        "adaln.cu",
+        "    if (smem_bytes > kSmemDefaultBytes) {",
+        "    if (false) {",
+        "plain",
+        "adaln_backward(1, 2, 4104)",
+        r"cudaErrorInvalidValue",
         quick=False,
     ),
     # The barrier after a block's partial sums, which only matters when a block loops to a second chunk: the
@@ -148,7 +162,7 @@ FAULTS = [
 
 
 def source_tree(fault, root):
-    """A copy of the sources with the fault planted (rewritten only when it changed, so builds stay cached)."""
+    """The sources with the fault planted (files rewritten only when they changed: builds stay cached)."""
     src = root / fault.name / "src"
     files = ["CMakeLists.txt", *(p.relative_to(emu.ROOT).as_posix() for p in (emu.ROOT / "csrc").rglob("*"))]
     files += [p.relative_to(emu.ROOT).as_posix() for p in (emu.ROOT / "tests" / "cpu_emu").glob("*.*")]
@@ -158,7 +172,9 @@ def source_tree(fault, root):
             continue
         text = path.read_text()
         if rel == f"csrc/{fault.file}":
-            assert text.count(fault.old) >= 1, f"{fault.name}: the text to change is no longer in csrc/{fault.file}"
+            assert text.count(fault.old) >= 1, (
+                f"{fault.name}: the text to change is no longer in csrc/{fault.file}"
+            )
             text = text.replace(fault.old, fault.new, 1)
         dest = src / rel
         if not dest.exists() or dest.read_text() != text:
@@ -183,13 +199,15 @@ def source_lines(text):
     out = []
     for path, offset in re.findall(r"at pc (\S+)\+(0x[0-9a-f]+)", text):
         if shutil.which("addr2line"):
-            line = subprocess.run(["addr2line", "-e", path, offset], capture_output=True, text=True).stdout.strip()
+            line = subprocess.run(
+                ["addr2line", "-e", path, offset], capture_output=True, text=True
+            ).stdout.strip()
             out.append(line)
     return out
 
 
 def check(fault, library, clean_library):
-    """Raises AssertionError unless the probe passes on the clean build and fails as expected on the fault's."""
+    """AssertionError unless the probe passes on the clean build and fails as expected with the fault."""
     asan = "address" in emu.VARIANTS[fault.variant].get("DBLOCKS_EMU_SANITIZE", "")
     ok = probe(clean_library, fault.probe, asan)
     assert ok.returncode == 0, f"{fault.name}: the probe fails on the unchanged source:\n{ok.stderr[-3000:]}"
@@ -197,5 +215,10 @@ def check(fault, library, clean_library):
     output = bad.stdout + bad.stderr
     lines = source_lines(output)
     assert bad.returncode != 0, f"{fault.name}: not caught (the probe passed with the fault planted)"
-    assert re.search(fault.expect, output, re.S), f"{fault.name}: caught, but not as expected:\n{output[-3000:]}"
-    return [line for line in output.splitlines() if "cpu_emu" in line or "ERROR" in line][:2] + lines
+    assert re.search(fault.expect, output, re.S), (
+        f"{fault.name}: caught, but not as expected:\n{output[-3000:]}"
+    )
+    evidence = [
+        line for line in output.splitlines() if any(k in line for k in ("cpu_emu", "ERROR", "Error:"))
+    ]
+    return evidence[:2] + lines

@@ -1,11 +1,11 @@
 """Every entry point of csrc/include/dblocks/ops.h, run by the CPU emulator, against float64 references.
 
-The library is the one DBLOCKS_EMU_LIB names (`python -m tests.cpu_emu` builds the variants: plain, small grid
-caps, ASan+UBSan, race check, and runs this file on each). Shapes sit at the kernels' boundaries: odd sizes (the
-scalar path), every vector width, the edges of the row caches (kFwdMaxVecs, kBwdMaxVecs), the backward's
-shared-memory opt-in, the loss's 4096-element chunks, misaligned pointers. Tensors are torch CPU tensors: the
-emulator's "device memory" is host memory. Tolerances: the rounding of the output dtype plus float32
-arithmetic on the magnitudes involved (each check says which).
+The library is the one DBLOCKS_EMU_LIB names (`python -m tests.cpu_emu` builds the variants: plain, small
+grid caps, ASan+UBSan, race check, and runs this file on each). Shapes sit at the kernels' boundaries: odd
+sizes (the scalar path), every vector width, the edges of the row caches (kFwdMaxVecs, kBwdMaxVecs), the
+backward's shared-memory opt-in, the loss's 4096-element chunks, misaligned pointers. Tensors are torch CPU
+tensors: the emulator's "device memory" is host memory. Tolerances: the rounding of the output dtype plus
+float32 arithmetic on the magnitudes involved (each check says which).
 """
 
 import os
@@ -65,7 +65,7 @@ def close(name, out, ref, bound, dtype, factor=8.0):
     err = (out - ref).abs()
     worst = (err / tol).argmax()
     assert (err <= tol).all(), (
-        f"{name}: error {err.flatten()[worst]:.3g} > tolerance {tol.flatten()[worst]:.3g} at flat index {worst}"
+        f"{name}: error {err.flatten()[worst]:.3g} > tolerance {tol.flatten()[worst]:.3g} at {int(worst)}"
     )
 
 
@@ -104,7 +104,10 @@ def test_edm_coefficients(lib, n):
     # in place over sigma, one output skipped
     expected = refs[1].float()
     c_in = torch.empty(n)
-    assert lib.dblocks_edm_coefficients_f32(ptr(sigma), n, sd, None, ptr(sigma), ptr(c_in), None, None, None) == 0
+    assert (
+        lib.dblocks_edm_coefficients_f32(ptr(sigma), n, sd, None, ptr(sigma), ptr(c_in), None, None, None)
+        == 0
+    )
     assert torch.equal(sigma, expected)
     assert lib.dblocks_edm_coefficients_f32(ptr(sigma), -1, sd, None, None, None, None, None, None) == 1
 
@@ -188,7 +191,9 @@ def test_adaln_forward_backward(lib, shape, dtype, gated):
             ref_xn = (x.float() + gate.float()[:, None] * y.float()).to(dtype)
             bound = (x.double().abs() + (g64 * y.double()).abs()) * 4
             close("x_new", x_new, x.double() + g64 * y.double(), bound, dtype)
-            assert (x_new.double() - ref_xn.double()).abs().max() <= 2 * ULP[dtype] * ref_xn.double().abs().max()
+            assert (x_new.double() - ref_xn.double()).abs().max() <= 2 * ULP[
+                dtype
+            ] * ref_xn.double().abs().max()
         xs = (x_new if gated else x).double()  # statistics of the stored row, as the backward sees it
         mu = xs.mean(-1, keepdim=True)
         var = ((xs - mu) ** 2).mean(-1, keepdim=True)
@@ -212,13 +217,17 @@ def test_adaln_forward_backward(lib, shape, dtype, gated):
         g = d * (1 + sc64)
         mg, mgx = g.mean(-1, keepdim=True), (g * xhat).mean(-1, keepdim=True)
         ref_dx = r_k * (g - mg - xhat * mgx)
-        bound_dx = r_k * (g.abs() + g.abs().mean(-1, keepdim=True) + xhat.abs() * (g * xhat).abs().mean(-1, keepdim=True))
+        bound_dx = r_k * (
+            g.abs() + g.abs().mean(-1, keepdim=True) + xhat.abs() * (g * xhat).abs().mean(-1, keepdim=True)
+        )
         if gated:
             ref_dx = ref_dx + dx_new.double()
             bound_dx = bound_dx + dx_new.double().abs()
         close("dx", dx, ref_dx, bound_dx * 16, dtype)
         close("dshift", dshift, d.sum(1), d.abs().sum(1) * 4, mod_dtype)
-        close("dscale", dscale, (d * xhat).sum(1), (d * xhat).abs().sum(1) * 16 + d.abs().sum(1) * 4, mod_dtype)
+        close(
+            "dscale", dscale, (d * xhat).sum(1), (d * xhat).abs().sum(1) * 16 + d.abs().sum(1) * 4, mod_dtype
+        )
         if gated:
             close("dy", dy, ref_dx * g64, bound_dx * 16 * g64.abs(), dtype)
             dxf = dx.double()  # the kernel's dx before rounding differs from dx by its rounding: bound it
@@ -231,7 +240,9 @@ def test_adaln_misaligned_and_invalid(lib):
     """Misaligned pointers take the scalar path; bad arguments are refused before any launch."""
     N, T, D = 2, 3, 64
     for dtype in DTYPES:
-        x, y, gate, shift, scale, ms = adaln_inputs(N, T, D, dtype, dtype, True, torch.Generator().manual_seed(1))
+        x, y, gate, shift, scale, ms = adaln_inputs(
+            N, T, D, dtype, dtype, True, torch.Generator().manual_seed(1)
+        )
         _, h_aligned, *_ = adaln_forward(lib, x, y, gate, shift, scale, ms, dtype, dtype)
         _, h_mis, *_ = adaln_forward(lib, misaligned(x), misaligned(y), gate, shift, scale, ms, dtype, dtype)
         close("h misaligned", h_mis, h_aligned.double(), h_aligned.double().abs() * 64, dtype)
@@ -277,9 +288,19 @@ def test_edm_loss_forward_backward(lib, shape, dtype):
     )  # fmt: skip
     assert rc == 0
     ref_per, e, w, c_skip, c_out, _ = loss64(z, f, y, sigma, sd)
-    bound_e = c_skip[:, None] * (z.double().abs() + y.double().abs()) + c_out[:, None] * f.double().abs() + y.double().abs()
+    bound_e = (
+        c_skip[:, None] * (z.double().abs() + y.double().abs())
+        + c_out[:, None] * f.double().abs()
+        + y.double().abs()
+    )
     close("per_sample", per_sample, ref_per, w * (2 * e.abs() * bound_e).mean(1) * 8, torch.float32)
-    close("loss", loss, ref_per.mean().view(1), (w * (2 * e.abs() * bound_e).mean(1)).mean().view(1) * 8, torch.float32)
+    close(
+        "loss",
+        loss,
+        ref_per.mean().view(1),
+        (w * (2 * e.abs() * bound_e).mean(1)).mean().view(1) * 8,
+        torch.float32,
+    )
     ref_r = 2 * w[:, None] * e / M
     close("r", r, ref_r, 2 * w[:, None] * bound_e / M * 4, torch.float32)
 
@@ -298,10 +319,27 @@ def test_edm_loss_forward_backward(lib, shape, dtype):
     close("df", df, c_out[:, None] * dD, c_out[:, None] * bound, dtype)
     close("dy", dyy, -dD, bound, dtype)
     # all gradients NULL: nothing to do; one of them alone
-    assert lib.dblocks_edm_l2_loss_backward(ptr(r), ptr(sigma), None, None, 0, None, None, None, N, M, sd, 0, None) == 0
+    assert (
+        lib.dblocks_edm_l2_loss_backward(
+            ptr(r), ptr(sigma), None, None, 0, None, None, None, N, M, sd, 0, None
+        )
+        == 0
+    )
     dz2 = torch.full((N, M), float("nan"), dtype=dtype)
     rc = lib.dblocks_edm_l2_loss_backward(
-        ptr(r), ptr(sigma), ptr(g_loss), ptr(g_per), g_per.stride(0), ptr(dz2), None, None, N, M, sd, CODES[dtype], None
+        ptr(r),
+        ptr(sigma),
+        ptr(g_loss),
+        ptr(g_per),
+        g_per.stride(0),
+        ptr(dz2),
+        None,
+        None,
+        N,
+        M,
+        sd,
+        CODES[dtype],
+        None,
     )
     assert rc == 0 and torch.equal(dz2, dz)
 
@@ -334,21 +372,60 @@ def test_fused_adamw(lib, n, aligned):
     found_inf = torch.zeros(1)
     before = p.clone()
     rc = lib.dblocks_fused_adamw_f32(
-        ptr(p), ptr(g), ptr(m), ptr(v), ptr(p_bf16), n, lr, b1, b2, eps, wd, step, ptr(scale), ptr(found_inf), None
+        ptr(p),
+        ptr(g),
+        ptr(m),
+        ptr(v),
+        ptr(p_bf16),
+        n,
+        lr,
+        b1,
+        b2,
+        eps,
+        wd,
+        step,
+        ptr(scale),
+        ptr(found_inf),
+        None,
     )
     assert rc == 0
     close("exp_avg", m, ref_m, ref_m.abs() + g.double().abs() / 4, torch.float32)
     close("exp_avg_sq", v, ref_v, ref_v.abs() * 4, torch.float32)
-    close("param", p, ref_p, before.double().abs() + lr * (ref_m.abs() / (ref_v.sqrt() + eps)) * 64, torch.float32)
+    close(
+        "param",
+        p,
+        ref_p,
+        before.double().abs() + lr * (ref_m.abs() / (ref_v.sqrt() + eps)) * 64,
+        torch.float32,
+    )
     assert torch.equal(p_bf16, p.to(torch.bfloat16))
     # the mixed-precision skip changes nothing
     found_inf.fill_(1.0)
     state = [t.clone() for t in (p, m, v, p_bf16)]
     rc = lib.dblocks_fused_adamw_f32(
-        ptr(p), ptr(g), ptr(m), ptr(v), ptr(p_bf16), n, lr, b1, b2, eps, wd, step, ptr(scale), ptr(found_inf), None
+        ptr(p),
+        ptr(g),
+        ptr(m),
+        ptr(v),
+        ptr(p_bf16),
+        n,
+        lr,
+        b1,
+        b2,
+        eps,
+        wd,
+        step,
+        ptr(scale),
+        ptr(found_inf),
+        None,
     )
     assert rc == 0 and all(torch.equal(a, b) for a, b in zip(state, (p, m, v, p_bf16)))
-    assert lib.dblocks_fused_adamw_f32(ptr(p), ptr(g), ptr(m), ptr(v), None, n, lr, 1.0, b2, eps, wd, 1, None, None, None) == 1
+    assert (
+        lib.dblocks_fused_adamw_f32(
+            ptr(p), ptr(g), ptr(m), ptr(v), None, n, lr, 1.0, b2, eps, wd, 1, None, None, None
+        )
+        == 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -364,17 +441,41 @@ def run_all_ops(lib, dtype):
         x_new, h, mean, rstd = adaln_forward(lib, x, y, gate, shift, scale, ms, dtype, dtype)
         dh = rand(N, T, D, dtype=dtype, gen=gen)
         outs += [x_new, h, mean, rstd]
-        outs += adaln_backward(lib, dh, None, x_new if gated else x, y, gate, scale, mean, rstd, ms, dtype, dtype)
+        outs += adaln_backward(
+            lib, dh, None, x_new if gated else x, y, gate, scale, mean, rstd, ms, dtype, dtype
+        )
     N, M = 3, 4100
     z, f, yy = (rand(N, M, dtype=dtype, gen=gen) for _ in range(3))
     sigma = torch.exp(rand(N, gen=gen))
     per, loss, r = torch.empty(N), torch.empty(1), torch.empty(N, M)
     ws = torch.empty(lib.dblocks_edm_l2_loss_workspace(N, M))
-    assert lib.dblocks_edm_l2_loss_forward(ptr(z), ptr(f), ptr(yy), ptr(sigma), ptr(per), ptr(loss), ptr(r), ptr(ws), N, M, 0.5, CODES[dtype], None) == 0
+    assert (
+        lib.dblocks_edm_l2_loss_forward(
+            ptr(z),
+            ptr(f),
+            ptr(yy),
+            ptr(sigma),
+            ptr(per),
+            ptr(loss),
+            ptr(r),
+            ptr(ws),
+            N,
+            M,
+            0.5,
+            CODES[dtype],
+            None,
+        )
+        == 0
+    )
     outs += [per, loss, r]
     p, g, m, v = (rand(2053, gen=gen) for _ in range(4))
     v = v.abs()
-    assert lib.dblocks_fused_adamw_f32(ptr(p), ptr(g), ptr(m), ptr(v), None, 2053, 1e-3, 0.9, 0.999, 1e-8, 0.0, 3, None, None, None) == 0
+    assert (
+        lib.dblocks_fused_adamw_f32(
+            ptr(p), ptr(g), ptr(m), ptr(v), None, 2053, 1e-3, 0.9, 0.999, 1e-8, 0.0, 3, None, None, None
+        )
+        == 0
+    )
     outs += [p, m, v]
     return [None if t is None else t.view(torch.uint8).clone() if t.dim() else t.clone() for t in outs]
 
@@ -388,4 +489,6 @@ def test_schedules_bit_identical(lib, dtype):
     for name, outs in results.items():
         for i, (a, b) in enumerate(zip(results["forward"], outs)):
             assert (a is None) == (b is None)
-            assert a is None or torch.equal(a, b), f"output {i} differs between the forward and {name} schedules"
+            assert a is None or torch.equal(a, b), (
+                f"output {i} differs between the forward and {name} schedules"
+            )
