@@ -126,6 +126,7 @@ ADALN_SHAPES = [
     (1, 6, 1024),
     (1, 3, 1032),
     (2, 2, 2048),
+    (1, 2, 3080),
     (1, 2, 4104),
 ]
 if not QUICK:
@@ -230,10 +231,8 @@ def test_adaln_forward_backward(lib, shape, dtype, gated):
         )
         if gated:
             close("dy", dy, ref_dx * g64, bound_dx * 16 * g64.abs(), dtype)
-            dxf = dx.double()  # the kernel's dx before rounding differs from dx by its rounding: bound it
             ref_dgate = (ref_dx * y.double()).sum(1)
             close("dgate", dgate, ref_dgate, (bound_dx * 16 * y.double().abs()).sum(1), mod_dtype)
-            assert dxf.shape == x.shape
 
 
 def test_adaln_misaligned_and_invalid(lib):
