@@ -441,9 +441,10 @@ template <typename T, typename U, int V, int kVecs, bool kGated>
 int launch_forward(const ForwardArgs& a, bool mod_vec) {
     const int64_t rows = a.N * a.T;
     dblocks::launch(adaln_forward_kernel<T, U, V, kVecs, kGated>, grid_size(ceil_div(rows, kFwdWarps)),
-                    kFwdWarps * kWarpSize, 0, a.stream, static_cast<const T*>(a.x), static_cast<const T*>(a.y), static_cast<const U*>(a.gate),
-            static_cast<const U*>(a.shift), static_cast<const U*>(a.scale), static_cast<T*>(a.x_new),
-            static_cast<T*>(a.h), a.mean, a.rstd, rows, a.T, a.D, a.mod_stride, mod_vec, a.eps);
+                    kFwdWarps * kWarpSize, 0, a.stream, static_cast<const T*>(a.x), static_cast<const T*>(a.y),
+                    static_cast<const U*>(a.gate), static_cast<const U*>(a.shift), static_cast<const U*>(a.scale),
+                    static_cast<T*>(a.x_new), static_cast<T*>(a.h), a.mean, a.rstd, rows, a.T, a.D, a.mod_stride,
+                    mod_vec, a.eps);
     return dblocks::check_launch();
 }
 
@@ -510,14 +511,14 @@ int launch_backward(const BackwardArgs& a, bool mod_vec) {
         }
     }
     dblocks::launch(kernel, grid_size(a.N * ch.chunks), warps * kWarpSize, size_t(smem_bytes), a.stream,
-        static_cast<const T*>(a.dh), static_cast<const T*>(a.dx_new), static_cast<const T*>(a.x),
-        static_cast<const T*>(a.y), static_cast<const U*>(a.gate), static_cast<const U*>(a.scale), a.mean,
-        a.rstd, static_cast<T*>(a.dx), static_cast<T*>(a.dy), a.workspace, a.N, a.T, a.D, a.mod_stride, mod_vec,
-        ch.chunks, ch.rows_per_chunk);
+                    static_cast<const T*>(a.dh), static_cast<const T*>(a.dx_new), static_cast<const T*>(a.x),
+                    static_cast<const T*>(a.y), static_cast<const U*>(a.gate), static_cast<const U*>(a.scale),
+                    a.mean, a.rstd, static_cast<T*>(a.dx), static_cast<T*>(a.dy), a.workspace, a.N, a.T, a.D,
+                    a.mod_stride, mod_vec, ch.chunks, ch.rows_per_chunk);
     if (const int code = dblocks::check_launch(); code != DBLOCKS_OK) return code;
     dblocks::launch(adaln_backward_finalize_kernel<U, kGated>, grid_size(a.N * ceil_div(a.D, kWarpSize)),
-                    kFinalizeWarps * kWarpSize, 0, a.stream, a.workspace, static_cast<U*>(a.dshift), static_cast<U*>(a.dscale), static_cast<U*>(a.dgate), a.N,
-            ch.chunks, a.D);
+                    kFinalizeWarps * kWarpSize, 0, a.stream, a.workspace, static_cast<U*>(a.dshift),
+                    static_cast<U*>(a.dscale), static_cast<U*>(a.dgate), a.N, ch.chunks, a.D);
     return dblocks::check_launch();
 }
 

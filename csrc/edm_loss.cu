@@ -190,13 +190,13 @@ extern "C" int dblocks_edm_l2_loss_forward(const void* z, const void* f, const v
         constexpr int V = 16 / sizeof(T);
         // vector loads need every row start 16-byte aligned: M a multiple of V and aligned base pointers
         if (M % V == 0 && dblocks::aligned(16, z, f, y, r))
-            dblocks::launch(loss_forward_kernel<T, V>, grid_of(N, M), kThreads, 0, s,
-                static_cast<const T*>(z), static_cast<const T*>(f), static_cast<const T*>(y), sigma, r,
-                workspace, N, M, chunks, double(sigma_data));
+            dblocks::launch(loss_forward_kernel<T, V>, grid_of(N, M), kThreads, 0, s, static_cast<const T*>(z),
+                            static_cast<const T*>(f), static_cast<const T*>(y), sigma, r, workspace, N, M, chunks,
+                            double(sigma_data));
         else
-            dblocks::launch(loss_forward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s,
-                static_cast<const T*>(z), static_cast<const T*>(f), static_cast<const T*>(y), sigma, r,
-                workspace, N, M, chunks, double(sigma_data));
+            dblocks::launch(loss_forward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s, static_cast<const T*>(z),
+                            static_cast<const T*>(f), static_cast<const T*>(y), sigma, r, workspace, N, M, chunks,
+                            double(sigma_data));
         return dblocks::check_launch();
     });
     if (code != DBLOCKS_OK) return code;
@@ -217,13 +217,13 @@ extern "C" int dblocks_edm_l2_loss_backward(const float* r, const float* sigma, 
         using T = decltype(tag);
         constexpr int V = 16 / sizeof(T);
         if (M % V == 0 && dblocks::aligned(16, r, dz, df, dy))
-            dblocks::launch(loss_backward_kernel<T, V>, grid_of(N, M), kThreads, 0, s,
-                r, sigma, g_loss, g_per, g_per_stride, static_cast<T*>(dz), static_cast<T*>(df),
-                static_cast<T*>(dy), N, M, double(sigma_data));
+            dblocks::launch(loss_backward_kernel<T, V>, grid_of(N, M), kThreads, 0, s, r, sigma, g_loss, g_per,
+                            g_per_stride, static_cast<T*>(dz), static_cast<T*>(df), static_cast<T*>(dy), N, M,
+                            double(sigma_data));
         else
-            dblocks::launch(loss_backward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s,
-                r, sigma, g_loss, g_per, g_per_stride, static_cast<T*>(dz), static_cast<T*>(df),
-                static_cast<T*>(dy), N, M, double(sigma_data));
+            dblocks::launch(loss_backward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s, r, sigma, g_loss, g_per,
+                            g_per_stride, static_cast<T*>(dz), static_cast<T*>(df), static_cast<T*>(dy), N, M,
+                            double(sigma_data));
         return dblocks::check_launch();
     });
 }

@@ -50,9 +50,11 @@ void where(const char* label, const Access& a) {
                  (unsigned long long)a.block, a.epoch, found ? info.dli_fname : "?", (unsigned long)(off - 1));
 }
 
-[[noreturn]] void report(uintptr_t addr, bool is_write, const Access& now, const Access& before, bool before_write) {
+[[noreturn]] void report(uintptr_t addr, bool is_write, const Access& now, const Access& before,
+                         bool before_write) {
     std::fflush(stdout);
-    std::fprintf(stderr, "dblocks cpu_emu: data race on address 0x%lx (GPU rules: only __syncthreads orders a block's "
+    std::fprintf(stderr,
+                 "dblocks cpu_emu: data race on address 0x%lx (GPU rules: only __syncthreads orders a block's "
                  "threads; nothing orders blocks)\n", (unsigned long)addr);
     where(is_write ? "write" : "read", now);
     where(before_write ? "previous write" : "previous read", before);

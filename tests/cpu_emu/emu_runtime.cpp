@@ -143,8 +143,8 @@ struct StackPool {
             if (base) munmap(base, count * bytes);
             count = std::max<size_t>(i + 1, 1024);
             bytes = stack_bytes;
-            void* p = mmap(nullptr, count * bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                           -1, 0);
+            void* p = mmap(nullptr, count * bytes, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
             if (p == MAP_FAILED) fail("cannot map %zu fiber stacks", count);
             base = static_cast<char*>(p);
             const size_t page = size_t(sysconf(_SC_PAGESIZE));
@@ -219,8 +219,9 @@ void warp_rendezvous(Site site, unsigned mask, bool is_shuffle) {
     char who[96];
     describe(t, who, sizeof who);
     const unsigned exists = warp == int(B.warps.size()) - 1 ? B.exists_mask_last : 0xffffffffu;
-    if (!(mask & (1u << lane))) fail("%s calls a warp intrinsic at %s:%d with a mask 0x%08x without its lane %d", who,
-                                     site.file, site.line, mask, lane);
+    if (!(mask & (1u << lane)))
+        fail("%s calls a warp intrinsic at %s:%d with a mask 0x%08x without its lane %d", who, site.file, site.line,
+             mask, lane);
     if (mask & ~exists)
         fail("%s: the mask 0x%08x at %s:%d names lanes the block does not have", who, mask, site.file, site.line);
     for (int l = 0; l < kWarp; ++l) {
@@ -404,9 +405,9 @@ cudaError_t launch_erased(const void* kernel, dim3 grid, dim3 block, size_t smem
                 const Thread* w = nullptr;
                 for (const Thread& t : B.threads)
                     if (t.state != State::kDone) w = &t;
-                fail("deadlock in block (%u,%u,%u): %d of %llu threads exited, thread %d waits at %s:%d", blockIdx.x,
-                     blockIdx.y, blockIdx.z, B.done, (unsigned long long)threads, w->linear, w->site.file,
-                     w->site.line);
+                fail("deadlock in block (%u,%u,%u): %d of %llu threads exited, thread %d waits at %s:%d",
+                     blockIdx.x, blockIdx.y, blockIdx.z, B.done, (unsigned long long)threads, w->linear,
+                     w->site.file, w->site.line);
             }
         }
         race::block_end(B.dynamic, smem_bytes);
