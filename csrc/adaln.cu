@@ -16,6 +16,7 @@
 
 #include "dblocks/ops.h"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "status.h"
 
 namespace {
@@ -30,11 +31,16 @@ constexpr int kFwdWarps = 8;            // rows (warps) of a forward block
 constexpr int kFwdMaxVecs = 16;         // forward row cache: at most 256 bytes of a row a lane
 constexpr int kBwdMaxWarps = 8;         // warps of a backward block, fewer when shared memory is short
 constexpr int kBwdMaxVecs = 8;          // backward row cache: x and dh, at most 2 x 128 bytes a lane
-constexpr int64_t kBwdTargetBlocks = 512;     // backward blocks in all: a few per SM (132 on an H100)
+// Backward blocks in all: a few per SM (132 on an H100). A build may lower it (tests/cpu_emu does, to 3).
+#ifdef DBLOCKS_BWD_TARGET_BLOCKS
+constexpr int64_t kBwdTargetBlocks = DBLOCKS_BWD_TARGET_BLOCKS;
+#else
+constexpr int64_t kBwdTargetBlocks = 512;
+#endif
 constexpr int64_t kBwdMinRowsPerChunk = 4;    // a chunk's partials cost about as much as a row
 constexpr int64_t kSmemDefaultBytes = 48 * 1024;  // dynamic shared memory without an opt-in
 constexpr int kFinalizeWarps = 8;       // warps of a block of the final sum over chunks
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+constexpr int64_t kMaxBlocks = dblocks::grid_cap(int64_t(1) << 20);  // grid-stride loops cover the rest
 
 // ---------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kBwdMaxWarps * kWarpSize)
                           int64_t D, int64_t mod_stride, bool mod_vec, int64_t chunks, int64_t rows_per_chunk) {
     using P = Pack<T, V>;
     constexpr int kSums = kGated ? 3 : 2;
-    extern __shared__ float4 smem_f4[];  // float4: 16-byte aligned for smem_add
+    DBLOCKS_DYNAMIC_SHARED(float4, smem_f4);  // float4: 16-byte aligned for smem_add
     float* smem = reinterpret_cast<float*>(smem_f4);
 
     const int lane = threadIdx.x % kWarpSize;
@@ -346,7 +352,7 @@ __global__ void __launch_bounds__(kFinalizeWarps * kWarpSize)
                                    U* __restrict__ dscale, U* __restrict__ dgate, int64_t N, int64_t chunks,
                                    int64_t D) {
     constexpr int kSums = kGated ? 3 : 2;
-    __shared__ float warp_sums[kSums][kFinalizeWarps][kWarpSize];
+    DBLOCKS_SHARED(float, warp_sums, [kSums][kFinalizeWarps][kWarpSize]);
     const int lane = threadIdx.x % kWarpSize;
     const int warp = threadIdx.x / kWarpSize;
     const int64_t tiles = (D + kWarpSize - 1) / kWarpSize;
@@ -434,11 +440,11 @@ struct ForwardArgs {
 template <typename T, typename U, int V, int kVecs, bool kGated>
 int launch_forward(const ForwardArgs& a, bool mod_vec) {
     const int64_t rows = a.N * a.T;
-    adaln_forward_kernel<T, U, V, kVecs, kGated>
-        <<<grid_size(ceil_div(rows, kFwdWarps)), kFwdWarps * kWarpSize, 0, a.stream>>>(
-            static_cast<const T*>(a.x), static_cast<const T*>(a.y), static_cast<const U*>(a.gate),
-            static_cast<const U*>(a.shift), static_cast<const U*>(a.scale), static_cast<T*>(a.x_new),
-            static_cast<T*>(a.h), a.mean, a.rstd, rows, a.T, a.D, a.mod_stride, mod_vec, a.eps);
+    dblocks::launch(adaln_forward_kernel<T, U, V, kVecs, kGated>, grid_size(ceil_div(rows, kFwdWarps)),
+                    kFwdWarps * kWarpSize, 0, a.stream, static_cast<const T*>(a.x), static_cast<const T*>(a.y),
+                    static_cast<const U*>(a.gate), static_cast<const U*>(a.shift), static_cast<const U*>(a.scale),
+                    static_cast<T*>(a.x_new), static_cast<T*>(a.h), a.mean, a.rstd, rows, a.T, a.D, a.mod_stride,
+                    mod_vec, a.eps);
     return dblocks::check_launch();
 }
 
@@ -504,16 +510,15 @@ int launch_backward(const BackwardArgs& a, bool mod_vec) {
             return dblocks::record_cuda_error(err);
         }
     }
-    kernel<<<grid_size(a.N * ch.chunks), warps * kWarpSize, size_t(smem_bytes), a.stream>>>(
-        static_cast<const T*>(a.dh), static_cast<const T*>(a.dx_new), static_cast<const T*>(a.x),
-        static_cast<const T*>(a.y), static_cast<const U*>(a.gate), static_cast<const U*>(a.scale), a.mean,
-        a.rstd, static_cast<T*>(a.dx), static_cast<T*>(a.dy), a.workspace, a.N, a.T, a.D, a.mod_stride, mod_vec,
-        ch.chunks, ch.rows_per_chunk);
+    dblocks::launch(kernel, grid_size(a.N * ch.chunks), warps * kWarpSize, size_t(smem_bytes), a.stream,
+                    static_cast<const T*>(a.dh), static_cast<const T*>(a.dx_new), static_cast<const T*>(a.x),
+                    static_cast<const T*>(a.y), static_cast<const U*>(a.gate), static_cast<const U*>(a.scale),
+                    a.mean, a.rstd, static_cast<T*>(a.dx), static_cast<T*>(a.dy), a.workspace, a.N, a.T, a.D,
+                    a.mod_stride, mod_vec, ch.chunks, ch.rows_per_chunk);
     if (const int code = dblocks::check_launch(); code != DBLOCKS_OK) return code;
-    adaln_backward_finalize_kernel<U, kGated>
-        <<<grid_size(a.N * ceil_div(a.D, kWarpSize)), kFinalizeWarps * kWarpSize, 0, a.stream>>>(
-            a.workspace, static_cast<U*>(a.dshift), static_cast<U*>(a.dscale), static_cast<U*>(a.dgate), a.N,
-            ch.chunks, a.D);
+    dblocks::launch(adaln_backward_finalize_kernel<U, kGated>, grid_size(a.N * ceil_div(a.D, kWarpSize)),
+                    kFinalizeWarps * kWarpSize, 0, a.stream, a.workspace, static_cast<U*>(a.dshift),
+                    static_cast<U*>(a.dscale), static_cast<U*>(a.dgate), a.N, ch.chunks, a.D);
     return dblocks::check_launch();
 }
 

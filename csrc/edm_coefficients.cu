@@ -3,12 +3,13 @@
 #include <cstdint>
 
 #include "dblocks/ops.h"
+#include "launch.cuh"
 #include "status.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65536;  // beyond this the grid-stride loop covers the rest
+constexpr int64_t kMaxBlocks = dblocks::grid_cap(65536);  // beyond this a grid-stride loop covers the rest
 
 // float64 inside: the result is within about 0.5 ulp of float32, whatever sigma is.
 __global__ void edm_coefficients_kernel(const float* sigma, int64_t n, double sd, float* c_skip,
@@ -38,7 +39,7 @@ extern "C" int dblocks_edm_coefficients_f32(const float* sigma, int64_t n, float
 
     const int64_t blocks = (n + kThreads - 1) / kThreads;
     const unsigned grid = unsigned(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-    edm_coefficients_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        sigma, n, double(sigma_data), c_skip, c_out, c_in, c_noise, weight);
+    dblocks::launch(edm_coefficients_kernel, grid, kThreads, 0, static_cast<cudaStream_t>(stream), sigma, n,
+                    double(sigma_data), c_skip, c_out, c_in, c_noise, weight);
     return dblocks::check_launch();
 }

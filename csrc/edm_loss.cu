@@ -9,6 +9,7 @@
 
 #include "dblocks/ops.h"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "status.h"
 
 namespace {
@@ -16,7 +17,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kChunk = 4096;       // elements of a sample one block handles: 16 KiB of each fp32 input
-constexpr int64_t kMaxGridY = 65535;   // samples beyond this are covered by looping over blockIdx.y
+constexpr int64_t kMaxGridY = dblocks::grid_cap(65535);  // samples beyond: a loop over blockIdx.y
 
 struct Coefficients {
     float c_skip, one_minus_c_skip, c_out;
@@ -61,7 +62,7 @@ __global__ void __launch_bounds__(kThreads)
     loss_forward_kernel(const T* __restrict__ z, const T* __restrict__ f, const T* __restrict__ y,
                         const float* __restrict__ sigma, float* __restrict__ r, float* __restrict__ partials,
                         int64_t N, int64_t M, int64_t chunks, double sd) {
-    __shared__ float shared[kWarps];
+    DBLOCKS_SHARED(float, shared, [kWarps]);
     const int64_t begin = int64_t(blockIdx.x) * kChunk;
     const int64_t end = begin + kChunk < M ? begin + kChunk : M;
     for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
     loss_reduce_kernel(const float* __restrict__ partials, const float* __restrict__ sigma,
                        float* __restrict__ per_sample, float* __restrict__ loss, int64_t N, int64_t M,
                        int64_t chunks, double sd) {
-    __shared__ float shared[kWarps];
+    DBLOCKS_SHARED(float, shared, [kWarps]);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int64_t n = warp; n < N; n += kWarps) {
         float acc = 0.0f;
@@ -189,18 +190,18 @@ extern "C" int dblocks_edm_l2_loss_forward(const void* z, const void* f, const v
         constexpr int V = 16 / sizeof(T);
         // vector loads need every row start 16-byte aligned: M a multiple of V and aligned base pointers
         if (M % V == 0 && dblocks::aligned(16, z, f, y, r))
-            loss_forward_kernel<T, V><<<grid_of(N, M), kThreads, 0, s>>>(
-                static_cast<const T*>(z), static_cast<const T*>(f), static_cast<const T*>(y), sigma, r,
-                workspace, N, M, chunks, double(sigma_data));
+            dblocks::launch(loss_forward_kernel<T, V>, grid_of(N, M), kThreads, 0, s, static_cast<const T*>(z),
+                            static_cast<const T*>(f), static_cast<const T*>(y), sigma, r, workspace, N, M, chunks,
+                            double(sigma_data));
         else
-            loss_forward_kernel<T, 1><<<grid_of(N, M), kThreads, 0, s>>>(
-                static_cast<const T*>(z), static_cast<const T*>(f), static_cast<const T*>(y), sigma, r,
-                workspace, N, M, chunks, double(sigma_data));
+            dblocks::launch(loss_forward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s, static_cast<const T*>(z),
+                            static_cast<const T*>(f), static_cast<const T*>(y), sigma, r, workspace, N, M, chunks,
+                            double(sigma_data));
         return dblocks::check_launch();
     });
     if (code != DBLOCKS_OK) return code;
-    loss_reduce_kernel<<<1, kThreads, 0, s>>>(workspace, sigma, per_sample, loss, N, M, chunks,
-                                              double(sigma_data));
+    dblocks::launch(loss_reduce_kernel, 1, kThreads, 0, s, workspace, sigma, per_sample, loss, N, M, chunks,
+                    double(sigma_data));
     return dblocks::check_launch();
 }
 
@@ -216,13 +217,13 @@ extern "C" int dblocks_edm_l2_loss_backward(const float* r, const float* sigma, 
         using T = decltype(tag);
         constexpr int V = 16 / sizeof(T);
         if (M % V == 0 && dblocks::aligned(16, r, dz, df, dy))
-            loss_backward_kernel<T, V><<<grid_of(N, M), kThreads, 0, s>>>(
-                r, sigma, g_loss, g_per, g_per_stride, static_cast<T*>(dz), static_cast<T*>(df),
-                static_cast<T*>(dy), N, M, double(sigma_data));
+            dblocks::launch(loss_backward_kernel<T, V>, grid_of(N, M), kThreads, 0, s, r, sigma, g_loss, g_per,
+                            g_per_stride, static_cast<T*>(dz), static_cast<T*>(df), static_cast<T*>(dy), N, M,
+                            double(sigma_data));
         else
-            loss_backward_kernel<T, 1><<<grid_of(N, M), kThreads, 0, s>>>(
-                r, sigma, g_loss, g_per, g_per_stride, static_cast<T*>(dz), static_cast<T*>(df),
-                static_cast<T*>(dy), N, M, double(sigma_data));
+            dblocks::launch(loss_backward_kernel<T, 1>, grid_of(N, M), kThreads, 0, s, r, sigma, g_loss, g_per,
+                            g_per_stride, static_cast<T*>(dz), static_cast<T*>(df), static_cast<T*>(dy), N, M,
+                            double(sigma_data));
         return dblocks::check_launch();
     });
 }

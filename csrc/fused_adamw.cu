@@ -11,12 +11,13 @@
 
 #include "dblocks/ops.h"
 #include "dtype.cuh"
+#include "launch.cuh"
 #include "status.h"
 
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 8192;  // a grid-stride loop covers the rest (about 60 blocks an SM on an H100)
+constexpr int64_t kMaxBlocks = dblocks::grid_cap(8192);  // a grid-stride loop covers the rest (~60 an SM)
 
 struct Step {
     float decay;      // 1 - lr * weight_decay
@@ -102,11 +103,7 @@ extern "C" int dblocks_fused_adamw_f32(float* param, const float* grad, float* e
     const int64_t per_block = int64_t(kThreads) * (vector ? 4 : 1);
     const int64_t blocks = (n + per_block - 1) / per_block;
     const unsigned grid = unsigned(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-    if (vector)
-        adamw_kernel<4><<<grid, kThreads, 0, st>>>(param, grad, exp_avg, exp_avg_sq, bf16, n, s, grad_scale,
-                                                   found_inf);
-    else
-        adamw_kernel<1><<<grid, kThreads, 0, st>>>(param, grad, exp_avg, exp_avg_sq, bf16, n, s, grad_scale,
-                                                   found_inf);
+    dblocks::launch(vector ? adamw_kernel<4> : adamw_kernel<1>, grid, kThreads, 0, st, param, grad, exp_avg,
+                    exp_avg_sq, bf16, n, s, grad_scale, found_inf);
     return dblocks::check_launch();
 }
