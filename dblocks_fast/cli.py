@@ -416,8 +416,15 @@ def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
         type=_positive_int,
         help="sampling steps, 1 or more, rounded up to a multiple of B",
     )
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ODE solver")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        help="ODE solver: 'euler' (one network call a step) or 'heun' (two, second order); default: the "
+        "preset's",
+    )
+    p.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (1 = none); default: the preset's"
+    )
     p.add_argument(
         "--per-class",
         type=_positive_int,
@@ -461,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     device_help = f"torch device: {DEVICES_HELP} (default auto: cuda if available, else cpu)"
     s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
-    s.add_argument("--run", required=True, help="run folder")
+    s.add_argument("--run", required=True, help="the run folder to draw from (a train --out)")
     s.add_argument(
         "--out", default="grid.png", help="PNG to write (language models: a .txt to write the samples to)"
     )
@@ -472,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="score a run: sample accuracy and Frechet distance of classifier features"
     )
-    e.add_argument("--run", required=True, help="run folder")
+    e.add_argument("--run", required=True, help="the run folder to score (a train --out)")
     e.add_argument("--device", default=None, help=device_help)
     e.add_argument("--preset", help="preset the run used (default: from the run folder)")
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")

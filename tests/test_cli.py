@@ -35,6 +35,21 @@ def test_every_train_flag_has_help_from_the_config_field():
     assert "independently trained blocks" in helps["num_blocks"]  # --blocks: the one that lost its help once
 
 
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "sample", "eval", "bench", "merge"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            what = f"dblocks-fast {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{what} has no help"
+            assert len(action.help) >= 15, f"{what}: help {action.help!r} does not say what it does"
+        text = sub.format_help()  # --help renders (a stray % in a help string would raise here)
+        assert "--help" in text
+
+
 def test_train_sample_eval_and_the_baseline_table(tmp_path, capsys):
     b3, b1 = tmp_path / "digits-dit-b3", tmp_path / "digits-dit-b1"
     assert main(["train", *FAST, *FAST_EVAL, "--out", str(b3)]) == 0
