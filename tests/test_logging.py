@@ -3,6 +3,7 @@ event files with tensorboard's own reader."""
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -77,5 +78,9 @@ def test_wandb_offline_writes_a_run_in_the_run_folder(tmp_path, monkeypatch):
     logger.image("eval/samples", np.zeros((8, 8, 1)), 1)
     logger.close()
     (run,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    data = run.read_bytes()
+    for _ in range(120):  # wandb's service may still be writing the file when finish() returns
+        data = run.read_bytes()
+        if b"block0/loss" in data and b"eval/samples" in data:
+            break
+        time.sleep(0.5)
     assert b"block0/loss" in data and b"eval/samples" in data
