@@ -555,7 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(num_blocks = 3, preset = 'digits-dit', data = 'images/'), TrainConfig's groups also as tables "
         "([optimizer] lr = 2e-3); flags given here override the file",
     )
-    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(sorted(PRESETS))}")
+    t.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"what to train: a model, its data and its settings' defaults; one of: "
+        f"{', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})",
+    )
     t.add_argument(
         "--data",
         help="your own data instead of the built-in set. Image presets: a folder of PNG/JPEG/WebP images "
