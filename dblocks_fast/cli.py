@@ -15,6 +15,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, RunFolder, atomic_write
 from .config import GROUPS, TrainConfig
+from .data import ImageData
 from .devices import DEVICES_HELP
 from .distributed import DistributedError
 from .samplers import SAMPLERS
@@ -149,6 +150,10 @@ def cmd_train(args) -> int:
     run = RunFolder(config.io.out_dir)
     resume = args.resume or args.extend
     record = _cli_record(args)
+    if record["data"] and isinstance(train_data, ImageData) and not record["data"].endswith(".npz"):
+        # the size the images were brought to (--image-size, or the first image's): later runs of eval and
+        # sample, and a resume, read the folder at this size even if images are added
+        record["image_size"] = train_data.image_shape[-1]
     if resume:
         _check_same_cli(run, record)
     distributed = config.runtime.distributed
@@ -480,7 +485,11 @@ def _log_eval(run: RunFolder, figures: dict, grid: np.ndarray | None = None) -> 
     logger = open_logger(config.io.log, run.path, asdict(config))
     try:
         step = config.steps_per_block
-        scores = {f"eval/{k}": float(v) for k, v in figures.items() if isinstance(v, (int, float))}
+        scores = {
+            f"eval/{k}": float(v)
+            for k, v in figures.items()
+            if isinstance(v, (int, float)) and k not in _EVAL_SETTINGS  # figures, not the sampler's settings
+        }
         logger.scalars(scores, step)
         if grid is not None:
             logger.image("eval/samples", grid, step)

@@ -213,7 +213,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow modes read as one cha
 def load_images(
     path: str | os.PathLike,
     split: str = "train",
-    size: int | None = None,
+    image_size: int | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
@@ -225,26 +225,26 @@ def load_images(
       (load_hf_images; the columns named by image_column, caption_column, label_column);
     - any other folder: image files (load_image_folder).
 
-    size: the side of the square images the model sees (resize the shorter side, crop the center); None
+    image_size: the side of the square images the model sees (resize the shorter side, crop the center); None
     takes the first image's shorter side.
     """
     path = os.fspath(path)
     columns = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
     given_columns = [f"--{k.replace('_', '-')}" for k, v in columns.items() if v is not None]
     if os.path.isfile(path) and path.endswith(".npz"):
-        if size is not None or given_columns:
-            flags = ", ".join((["--image-size"] if size is not None else []) + given_columns)
+        if image_size is not None or given_columns:
+            flags = ", ".join((["--image-size"] if image_size is not None else []) + given_columns)
             raise ValueError(f"--data {path}: {flags} apply to image folders and datasets, not to an .npz")
         return load_image_npz(path, split)
     if _is_hf_dataset(path):
-        return load_hf_images(path, split, size, **columns)
+        return load_hf_images(path, split, image_size, **columns)
     if given_columns:
         raise ValueError(
             f"--data {path}: {', '.join(given_columns)} name columns of a Hugging Face dataset, and {path} "
             f"is not one (a save_to_disk folder, a .parquet file or a folder of them)"
         )
     if os.path.isdir(path):
-        return load_image_folder(path, split, size)
+        return load_image_folder(path, split, image_size)
     if os.path.isfile(path):
         raise ValueError(
             f"--data {path}: not a kind of image data this reads; give an .npz, a folder of images, or a "
@@ -313,14 +313,16 @@ def _open_image(path: str):
         raise ValueError(f"{path}: not a readable image ({e}); remove or replace the file") from None
 
 
-def load_image_folder(path: str | os.PathLike, split: str = "train", size: int | None = None) -> ImageData:
+def load_image_folder(
+    path: str | os.PathLike, split: str = "train", image_size: int | None = None
+) -> ImageData:
     """Every PNG, JPEG and WebP file under a folder (hidden files and folders skipped).
 
     Labels: with class subfolders (path/<class>/.../<image>, torchvision's ImageFolder convention) each
     subfolder is a class, in sorted order of their names; with the images directly in the folder there is
     one class. Captions: a .txt of the same name beside an image is its caption. Images are converted to
-    one channel when every one is grayscale, else to RGB, and resized (shorter side to `size`, None = the
-    first image's shorter side) and center-cropped to size x size. Split by a hash of each image's path
+    one channel when every one is grayscale, else to RGB, and resized (shorter side to `image_size`, None =
+    the first image's shorter side) and center-cropped to a square. Split by a hash of each image's path
     relative to the folder, as load_text splits files.
 
     Errors name the file: a corrupt image, a caption without its image, an empty folder or class folder.
@@ -386,7 +388,7 @@ def load_image_folder(path: str | os.PathLike, split: str = "train", size: int |
                 first = first or min(img.size)
         except Exception as e:
             raise ValueError(f"{full}: not a readable image ({e}); remove or replace the file") from None
-    size = first if size is None else size
+    size = first if image_size is None else image_size
     if size < 1:
         raise ValueError(f"--image-size must be 1 or more, got {size}")
     chosen = _choose_split(images, split, f"--data {root}")
@@ -414,7 +416,7 @@ def load_image_folder(path: str | os.PathLike, split: str = "train", size: int |
 def load_hf_images(
     path: str | os.PathLike,
     split: str = "train",
-    size: int | None = None,
+    image_size: int | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
     label_column: str | None = None,
@@ -514,7 +516,7 @@ def load_hf_images(
     chosen = list(range(len(ds))) if presplit else _choose_split(keys, split, where)
     decoded = [_hf_image(raw[i], f"{where}: row {i} of column {img_col!r}") for i in chosen]
     gray = all(im.mode in _GRAY_MODES for im in decoded)
-    size = min(decoded[0].size) if size is None else size
+    size = min(decoded[0].size) if image_size is None else image_size
     if size < 1:
         raise ValueError(f"--image-size must be 1 or more, got {size}")
     arrays = [_to_array(im, size, gray) for im in decoded]

@@ -75,7 +75,7 @@ def test_jpeg_webp_rgb_and_an_image_size_are_read(tmp_path):
             else {}
         )
         Image.fromarray(rgb).save(tmp_path / "a" / f"{j:02d}{suffix}", **kw)
-    data = load_images(tmp_path / "a", "all", size=6)
+    data = load_images(tmp_path / "a", "all", image_size=6)
     assert data.image_shape == (3, 6, 6) and data.num_classes == 1 and data.class_names is None
     assert float(data.images.min()) >= -1 and float(data.images.max()) <= 1
     # 12x16 -> 6x8, then the center 6x6: columns 1..6 of the half-size image
@@ -115,7 +115,7 @@ def test_an_empty_or_missing_folder_and_flags_that_do_not_fit(tmp_path):
         load_images(tmp_path / "empty", image_column="img")
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="--image-size apply to image folders and datasets, not to an .npz"):
-        load_images(tmp_path / "d.npz", size=4)
+        load_images(tmp_path / "d.npz", image_size=4)
 
 
 def test_train_from_a_folder_of_pngs_by_a_config_file_with_tensorboard(tmp_path, capsys):
@@ -132,6 +132,7 @@ def test_train_from_a_folder_of_pngs_by_a_config_file_with_tensorboard(tmp_path,
     assert "digits_png[train], 37 examples" in capsys.readouterr().out
     cli = json.loads((run / "cli.json").read_text())
     assert cli["data"] == str(tmp_path / "digits_png") and cli["preset"] == "digits-dit"
+    assert cli["image_size"] == 8  # resolved from the first image, kept for eval, sample and resume
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["complete"] and manifest["task"]["config"]["num_classes"] == 3
     assert manifest["task"]["config"]["image_size"] == 8
@@ -141,6 +142,8 @@ def test_train_from_a_folder_of_pngs_by_a_config_file_with_tensorboard(tmp_path,
         main(["sample", "--run", str(run), "--per-class", "2", "--num-steps", "2", "--out", str(grid)]) == 0
     )
     assert "3 classes x 2 samples" in capsys.readouterr().out
+    assert main(["train", "--config", str(cfg), *FAST, "--resume", "--image-size", "16"]) == 2
+    assert "image_size: saved 8, now 16" in capsys.readouterr().err
 
 
 def _hf_dataset(tmp_path, n=40):
