@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import LOGGERS
 
-__all__ = ["LOGGERS", "TENSORBOARD_DIR", "Logger", "open_logger", "train_scalars"]
+__all__ = ["LOGGERS", "TENSORBOARD_DIR", "Logger", "check_logger", "open_logger", "train_scalars"]
 
 TENSORBOARD_DIR = "tensorboard"  # in the run folder: `tensorboard --logdir RUN/tensorboard`
 
@@ -96,6 +96,24 @@ class WandbLogger(Logger):
 
     def close(self) -> None:
         self.run.finish()
+
+
+def check_logger(kind: str) -> None:
+    """Raise ValueError, saying what to install, if the package that `kind` needs is missing (the trainer
+    calls it before it writes anything)."""
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f"log='tensorboard' (--log tensorboard) needs the tensorboard package: pip install "
+                f"tensorboard (or pip install 'dblocks-fast[logging]'); {e}"
+            ) from None
+    elif kind == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("log='wandb' (--log wandb) needs the wandb package: pip install wandb") from None
 
 
 def open_logger(kind: str, run_dir: str | os.PathLike, config: dict | None = None) -> Logger | None:

@@ -107,6 +107,10 @@ class Trainer:
 
     def _setup(self, task, data, config: TrainConfig, resume: bool, extend: bool) -> None:
         ops.check_kernels(config.runtime.kernels, self.device)  # not at the first step, after config.json
+        if config.io.log != "none":
+            from .loggers import check_logger
+
+            check_logger(config.io.log)  # a missing package: an error now, before the run folder is written
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:

@@ -84,3 +84,13 @@ def test_wandb_offline_writes_a_run_in_the_run_folder(tmp_path, monkeypatch):
             break
         time.sleep(0.5)
     assert b"block0/loss" in data and b"eval/samples" in data
+
+
+def test_a_missing_logger_package_is_an_error_before_the_run_folder_is_written(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    run = tmp_path / "run"
+    assert main(["train", *FAST, "--blocks", "1", "--no-eval", "--log", "wandb", "--out", str(run)]) == 2
+    assert "needs the wandb package: pip install wandb" in capsys.readouterr().err
+    assert not run.exists()
