@@ -25,8 +25,18 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoint import atomic_save, atomic_write
+from .data import ImageData
 
-__all__ = ["CACHE_FORMAT", "cached_latents", "cached_text_embeddings", "encoder_key", "data_key"]
+__all__ = [
+    "CACHE_FORMAT",
+    "cached_latents",
+    "cached_text_embeddings",
+    "data_key",
+    "decode_latents",
+    "default_cache_dir",
+    "encoder_key",
+    "latent_data",
+]
 
 CACHE_FORMAT = 1
 SHARD_ROWS = 4096  # rows (images or captions) a shard
@@ -212,3 +222,47 @@ def cached_text_embeddings(
         return {"embeddings": torch.cat(embeddings), "mask": torch.cat(masks)}
 
     return _cached("text", captions, encoder_path, cache_dir, encode, log)
+
+
+def default_cache_dir() -> Path:
+    """$DBLOCKS_CACHE, else $XDG_CACHE_HOME/dblocks_fast, else ~/.cache/dblocks_fast."""
+    if os.environ.get("DBLOCKS_CACHE"):
+        return Path(os.environ["DBLOCKS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dblocks_fast"
+
+
+def latent_data(
+    data: ImageData,
+    vae_path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> ImageData:
+    """The same examples with the images replaced by their latents (cached_latents), for a model that
+    trains in the VAE's latent space (`dblocks-fast train --vae`)."""
+    latents = cached_latents(data.images, vae_path, cache_dir or default_cache_dir(), log=log)
+    return ImageData(
+        latents, data.labels, data.num_classes, f"{data.name} latents", data.class_names, data.captions
+    )
+
+
+def decode_latents(
+    latents: torch.Tensor,
+    vae_path: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Images in [-1, 1] from latents made by cached_latents: the inverse shift and scaling, then the VAE's
+    decoder."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(latents), batch_size):
+            z = latents[start : start + batch_size].to(device, torch.float32) / scale + shift
+            out.append(vae.decode(z).sample.float().cpu().clamp(-1, 1))
+    return torch.cat(out)

@@ -117,12 +117,15 @@ def train_config(args, preset) -> TrainConfig:
 
 # what the CLI records of a run beside its TrainConfig (cli.json): what makes the model and its data, which
 # may not change when the run is resumed
-DATA_OPTIONS = ("image_size", "image_column", "caption_column", "label_column")
+DATA_OPTIONS = ("image_size", "image_column", "caption_column", "label_column", "vae", "cache_dir")
 _CLI_RECORD = ("preset", "data", "model", "model_config", *DATA_OPTIONS)
 
 
+_PATHS = ("data", "vae", "cache_dir")
+
+
 def _cli_record(args) -> dict:
-    return {k: (_abs(getattr(args, k, None)) if k == "data" else getattr(args, k, None)) for k in _CLI_RECORD}
+    return {k: (_abs(getattr(args, k, None)) if k in _PATHS else getattr(args, k, None)) for k in _CLI_RECORD}
 
 
 def _check_same_cli(run: RunFolder, now: dict) -> None:
@@ -150,7 +153,8 @@ def cmd_train(args) -> int:
     run = RunFolder(config.io.out_dir)
     resume = args.resume or args.extend
     record = _cli_record(args)
-    if record["data"] and isinstance(train_data, ImageData) and not record["data"].endswith(".npz"):
+    folder = record["data"] and not record["data"].endswith(".npz") and not record["vae"]
+    if folder and isinstance(train_data, ImageData):
         # the size the images were brought to (--image-size, or the first image's): later runs of eval and
         # sample, and a resume, read the folder at this size even if images are added
         record["image_size"] = train_data.image_shape[-1]
@@ -193,7 +197,7 @@ def cmd_train(args) -> int:
             from .paging import StreamedBlockModel
 
             model = StreamedBlockModel(load(run, "cpu"), device)
-    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
+    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate, options)
 
 
 def cmd_bench(args) -> int:
@@ -230,7 +234,8 @@ def cmd_eval(args) -> int:
     model = load(args.run, args.device)
     train_data = preset.load_data(data_path, "train", **options)
     test_data = preset.load_data(data_path, "test", **options)
-    return _eval_and_report(model, RunFolder(args.run), preset, train_data, test_data, args, evaluate)
+    run = RunFolder(args.run)
+    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate, options)
 
 
 def cmd_sample(args) -> int:
@@ -253,13 +258,15 @@ def cmd_sample(args) -> int:
     s = _sampling(preset, args, model)
     classes = preset.load_data(data_path, "test", **options).num_classes
     labels = np.repeat(np.arange(classes), args.per_class)
-    images = sample(model, labels, seed=args.sample_seed, **s)
+    images = _pixels(sample(model, labels, seed=args.sample_seed, **s), options)
     _save_grid(images.cpu().numpy(), classes, args.per_class, args.out)
     print(f"wrote {args.out}: {classes} classes x {args.per_class} samples ({_describe(s)})")
     return 0
 
 
-def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args, evaluate) -> int:
+def _eval_and_report(
+    model, run: RunFolder, preset, train_data, test_data, args, evaluate, options: dict
+) -> int:
     if preset.evaluate is not None:
         return _eval_preset(model, run, preset, test_data, args)
     if model.task.kind == ImageClassification.kind:
@@ -270,13 +277,9 @@ def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args,
         model, train_data, test_data, run_dir=run, per_class=args.per_class, seed=args.sample_seed, **s
     )
     show = min(8, args.per_class)
-    grid = result["samples"].numpy().reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
-    picture = _save_grid(
-        grid[:, :show].reshape(-1, *train_data.image_shape),
-        train_data.num_classes,
-        show,
-        run / RunFolder.SAMPLES,
-    )
+    grid = result["samples"].reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
+    shown = _pixels(grid[:, :show].reshape(-1, *train_data.image_shape), options)
+    picture = _save_grid(shown.numpy(), train_data.num_classes, show, run / RunFolder.SAMPLES)
     _log_eval(run, {k: v for k, v in result.items() if k != "samples"}, picture)
     _print_report(run, model.num_blocks, result)
     return 0
@@ -376,6 +379,15 @@ def _run_preset(args):
     preset = _preset(name)
     _check_preset_fits(run, name, info.get("preset"))
     return preset, data, options
+
+
+def _pixels(samples, options: dict):
+    """Samples as images: decoded with the run's VAE where it trained on latents."""
+    if not options.get("vae"):
+        return samples.cpu()
+    from .cache import decode_latents
+
+    return decode_latents(samples.cpu(), options["vae"])
 
 
 def _data_options(args) -> dict:
@@ -546,6 +558,17 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--caption-column", help="Hugging Face dataset: the column of the captions (default: none)"
+    )
+    p.add_argument(
+        "--vae",
+        help="train in a VAE's latent space: a diffusers AutoencoderKL folder (save_pretrained) that encodes "
+        "the images once (cached, see --cache-dir) and decodes the sample grids; eval's scores are then "
+        "computed on latents",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where --vae's latents are kept, a folder per encoder and data (default $DBLOCKS_CACHE or "
+        "~/.cache/dblocks_fast)",
     )
 
 

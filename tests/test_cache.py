@@ -103,3 +103,40 @@ def test_text_embeddings_are_encoded_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and torch.equal(again["embeddings"], first["embeddings"])
     with pytest.raises(ValueError, match="holds no config.json"):
         encoder_key(tmp_path / "cache")
+
+
+def test_train_on_latents_through_the_command_line(tmp_path, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+
+    from dblocks_fast.cli import main
+
+    _tiny_vae(tmp_path / "vae")  # 8x8 digits -> 4 x 4 x 4 latents
+    calls = _counting(monkeypatch, diffusers.AutoencoderKL, "encode")
+    fast = ["--steps-per-block", "2", "--batch-size", "16", "--warmup", "1", "--no-progress", "--blocks", "2"]
+    vae = ["--vae", str(tmp_path / "vae"), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *fast, *vae, "--no-eval", "--out", str(tmp_path / "a")]) == 0
+    encoded = len(calls)
+    assert encoded > 0 and "latents: encoded 1438 rows" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["task"]["config"]["channels"] == 4 and manifest["task"]["config"]["image_size"] == 4
+    assert main(["train", *fast, *vae, "--no-eval", "--out", str(tmp_path / "b")]) == 0
+    assert len(calls) == encoded and "latents: read from the cache" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert (
+        main(
+            [
+                "sample",
+                "--run",
+                str(tmp_path / "b"),
+                "--per-class",
+                "2",
+                "--num-steps",
+                "2",
+                "--out",
+                str(grid),
+            ]
+        )
+        == 0
+    )
+    # decoded to 8x8 pixels: 10 rows of (8 + 2) x 4 pixels; latents would give (4 + 2) x 4
+    assert plt.imread(grid).shape[:2] == (10 * 10 * 4, 2 * 10 * 4)

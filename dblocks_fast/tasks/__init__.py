@@ -78,14 +78,23 @@ class Preset:
     sample_text: Callable | None = None  # (model, n, seed) -> n generated strings (language models)
 
 
-def _digits_or_images(path, split, **options):
-    """The built-in digits, or the user's images (data.load_images: a folder, a dataset, an .npz)."""
+def _digits_or_images(path, split, vae=None, cache_dir=None, **options):
+    """The built-in digits, or the user's images (data.load_images: a folder, a dataset, an .npz); with a
+    VAE, their latents (cache.latent_data, encoded once into cache_dir)."""
+    if cache_dir is not None and vae is None:
+        raise ValueError("--cache-dir holds the latents of --vae; give --vae too, or leave --cache-dir out")
     if path is None:
         if options:
             flags = ", ".join("--" + k.replace("_", "-") for k in options)
             raise ValueError(f"{flags} apply to your own images (--data); the built-in digits take none")
-        return load_digits(split)
-    return load_images(path, split, **options)
+        data = load_digits(split)
+    else:
+        data = load_images(path, split, **options)
+    if vae is None:
+        return data
+    from ..cache import latent_data
+
+    return latent_data(data, vae, cache_dir)
 
 
 TEXT_SEQ_LEN = 64  # bytes per window of the pystdlib-* presets (the models' positions)
