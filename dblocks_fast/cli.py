@@ -134,7 +134,8 @@ def _check_same_cli(run: RunFolder, now: dict) -> None:
     saved = run.read_json(RunFolder.CLI)
     if saved is None:
         return
-    diff = [(k, saved.get(k), now[k]) for k in _CLI_RECORD if k in saved and saved.get(k) != now[k]]
+    compared = [k for k in _CLI_RECORD if k != "cache_dir"]  # where the latents are kept changes no number
+    diff = [(k, saved.get(k), now[k]) for k in compared if k in saved and saved.get(k) != now[k]]
     if diff:
         lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
         raise ValueError(f"cannot resume {run}: the configuration differs ({lines}). Use the saved values.")
