@@ -8,12 +8,14 @@ import math
 import os
 import sys
 import typing
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import CheckpointError, RunFolder, atomic_write
 from .config import GROUPS, TrainConfig
+from .data import ImageData
 from .devices import DEVICES_HELP
 from .distributed import DistributedError
 from .samplers import SAMPLERS
@@ -103,19 +105,62 @@ def _preset(name: str):
 
 
 # --- commands -----------------------------------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from .quality import evaluate
-    from .train import train
-
-    preset = _preset(args.preset)
-    train_data = preset.load_data(args.data, "train")
-    test_data = preset.load_data(args.data, "test")
-    task = _own_task(args, train_data) if args.model else preset.make_task(train_data)
+def train_config(args, preset) -> TrainConfig:
+    """The TrainConfig of a train command line: TrainConfig's defaults, then the preset's, then the settings
+    given (a --config file's, then the flags')."""
     given = {name: getattr(args, name) for name in TrainConfig.flat_names() if hasattr(args, name)}
     config = TrainConfig(**{**preset.train_defaults, **given})
     if config.io.out_dir is None:
         config.io.out_dir = str(Path("runs") / f"{args.preset}-b{config.num_blocks}")
+    return config
+
+
+# what the CLI records of a run beside its TrainConfig (cli.json): what makes the model and its data, which
+# may not change when the run is resumed
+DATA_OPTIONS = ("image_size", "image_column", "caption_column", "label_column", "vae", "cache_dir")
+_CLI_RECORD = ("preset", "data", "model", "model_config", *DATA_OPTIONS)
+
+
+_PATHS = ("data", "vae", "cache_dir")
+
+
+def _cli_record(args) -> dict:
+    return {k: (_abs(getattr(args, k, None)) if k in _PATHS else getattr(args, k, None)) for k in _CLI_RECORD}
+
+
+def _check_same_cli(run: RunFolder, now: dict) -> None:
+    """--resume: refuse a preset, data or model other than the run's (TrainConfig's own settings are
+    compared by the trainer), listing every difference."""
+    saved = run.read_json(RunFolder.CLI)
+    if saved is None:
+        return
+    compared = [k for k in _CLI_RECORD if k != "cache_dir"]  # where the latents are kept changes no number
+    diff = [(k, saved.get(k), now[k]) for k in compared if k in saved and saved.get(k) != now[k]]
+    if diff:
+        lines = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+        raise ValueError(f"cannot resume {run}: the configuration differs ({lines}). Use the saved values.")
+
+
+def cmd_train(args) -> int:
+    from .quality import evaluate
+    from .train import Trainer
+
+    preset = _preset(args.preset)
+    options = _data_options(args)
+    train_data = preset.load_data(args.data, "train", **options)
+    test_data = preset.load_data(args.data, "test", **options)
+    task = _own_task(args, train_data) if args.model else preset.make_task(train_data)
+    config = train_config(args, preset)
     run = RunFolder(config.io.out_dir)
+    resume = args.resume or args.extend
+    record = _cli_record(args)
+    folder = record["data"] and not record["data"].endswith(".npz") and not record["vae"]
+    if folder and isinstance(train_data, ImageData):
+        # the size the images were brought to (--image-size, or the first image's): later runs of eval and
+        # sample, and a resume, read the folder at this size even if images are added
+        record["image_size"] = train_data.image_shape[-1]
+    if resume:
+        _check_same_cli(run, record)
     distributed = config.runtime.distributed
     rank = 0 if distributed == "off" else int(os.environ.get("RANK", "0"))
     data_desc = f"{train_data.name}, {len(train_data)} examples"
@@ -124,10 +169,16 @@ def cmd_train(args) -> int:
     on = f" on {world} processes" if world > 1 else ""
     if rank == 0:
         print(f"training {args.preset} ({data_desc}) with B={config.num_blocks}{which}{on} into {run}")
-    model = train(task, train_data, config, resume=args.resume or args.extend, extend=args.extend)
+    trainer = Trainer(task, train_data, config, resume=resume, extend=args.extend)
+    if rank == 0:  # the run folder is this run's now (locked, its settings checked): record how it was made
+        try:
+            run.write_json(RunFolder.CLI, record)
+        except BaseException:
+            trainer.close()
+            raise
+    model = trainer.fit()
     if rank != 0:
         return 0  # rank 0 reports for everyone
-    run.write_json(RunFolder.CLI, {"preset": args.preset, "data": _abs(args.data)})
     if args.no_eval:
         return 0
     offload = config.storage.offload
@@ -147,7 +198,7 @@ def cmd_train(args) -> int:
             from .paging import StreamedBlockModel
 
             model = StreamedBlockModel(load(run, "cpu"), device)
-    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate)
+    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate, options)
 
 
 def cmd_bench(args) -> int:
@@ -180,19 +231,21 @@ def cmd_eval(args) -> int:
     from .quality import evaluate
     from .sample import load
 
-    preset, data_path = _run_preset(args)
+    preset, data_path, options = _run_preset(args)
     model = load(args.run, args.device)
-    train_data, test_data = preset.load_data(data_path, "train"), preset.load_data(data_path, "test")
-    return _eval_and_report(model, RunFolder(args.run), preset, train_data, test_data, args, evaluate)
+    train_data = preset.load_data(data_path, "train", **options)
+    test_data = preset.load_data(data_path, "test", **options)
+    run = RunFolder(args.run)
+    return _eval_and_report(model, run, preset, train_data, test_data, args, evaluate, options)
 
 
 def cmd_sample(args) -> int:
     from .sample import load, sample
 
-    preset, data_path = _run_preset(args)
+    preset, data_path, options = _run_preset(args)
     model = load(args.run, args.device)
     if preset.sample_text is not None:  # a language model: print (and with --out .txt, write) generated text
-        texts = preset.sample_text(model, args.per_class, args.seed)
+        texts = preset.sample_text(model, args.per_class, args.sample_seed)
         for i, t in enumerate(texts):
             print(f"--- sample {i} ---\n{t}")
         if args.out and not args.out.endswith(".png"):
@@ -204,15 +257,17 @@ def cmd_sample(args) -> int:
             f"error: {args.run} is a classifier: there are no samples to draw; use dblocks-fast eval"
         )
     s = _sampling(preset, args, model)
-    classes = preset.load_data(data_path, "test").num_classes
+    classes = preset.load_data(data_path, "test", **options).num_classes
     labels = np.repeat(np.arange(classes), args.per_class)
-    images = sample(model, labels, seed=args.seed, **s)
+    images = _pixels(sample(model, labels, seed=args.sample_seed, **s), options)
     _save_grid(images.cpu().numpy(), classes, args.per_class, args.out)
     print(f"wrote {args.out}: {classes} classes x {args.per_class} samples ({_describe(s)})")
     return 0
 
 
-def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args, evaluate) -> int:
+def _eval_and_report(
+    model, run: RunFolder, preset, train_data, test_data, args, evaluate, options: dict
+) -> int:
     if preset.evaluate is not None:
         return _eval_preset(model, run, preset, test_data, args)
     if model.task.kind == ImageClassification.kind:
@@ -220,16 +275,13 @@ def _eval_and_report(model, run: RunFolder, preset, train_data, test_data, args,
     s = _sampling(preset, args, model)
     print(f"evaluating: {args.per_class} samples per class ({_describe(s)})")
     result = evaluate(
-        model, train_data, test_data, run_dir=run, per_class=args.per_class, seed=args.seed, **s
+        model, train_data, test_data, run_dir=run, per_class=args.per_class, seed=args.sample_seed, **s
     )
     show = min(8, args.per_class)
-    grid = result["samples"].numpy().reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
-    _save_grid(
-        grid[:, :show].reshape(-1, *train_data.image_shape),
-        train_data.num_classes,
-        show,
-        run / RunFolder.SAMPLES,
-    )
+    grid = result["samples"].reshape(train_data.num_classes, args.per_class, *train_data.image_shape)
+    shown = _pixels(grid[:, :show].reshape(-1, *train_data.image_shape), options)
+    picture = _save_grid(shown.numpy(), train_data.num_classes, show, run / RunFolder.SAMPLES)
+    _log_eval(run, {k: v for k, v in result.items() if k != "samples"}, picture)
     _print_report(run, model.num_blocks, result)
     return 0
 
@@ -241,6 +293,7 @@ def _eval_classifier(model, run: RunFolder, test_data) -> int:
     accuracy = evaluate_accuracy(model, test_data)
     result = {"test_accuracy": accuracy, "test_examples": len(test_data), "num_blocks": model.num_blocks}
     run.write_json(RunFolder.EVAL, result)
+    _log_eval(run, result)
     print(f"test accuracy: {accuracy:.3f} on {len(test_data)} examples (B={model.num_blocks})")
     print(f"figures: {run / RunFolder.EVAL}")
     return 0
@@ -249,9 +302,10 @@ def _eval_classifier(model, run: RunFolder, test_data) -> int:
 def _eval_preset(model, run: RunFolder, preset, test_data, args) -> int:
     """A preset's own figures (the language models: validation bits per byte), written to eval.json."""
     print(f"evaluating on {test_data.name} ({len(test_data)} windows)")
-    result = {**preset.evaluate(model, test_data, seed=args.seed), "num_blocks": model.num_blocks}
+    result = {**preset.evaluate(model, test_data, seed=args.sample_seed), "num_blocks": model.num_blocks}
     samples = result.pop("samples", [])
     run.write_json(RunFolder.EVAL, result)
+    _log_eval(run, result)
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     for i, t in enumerate(samples):
@@ -313,16 +367,33 @@ def _find_baseline(run: RunFolder):
 
 
 def _run_preset(args):
-    """The preset and data path of a run (from its cli.json), unless given on the command line."""
+    """The preset, data path and data options (--image-size, columns) of a run, from its cli.json unless
+    given on the command line (a --data given there brings its own options, if any)."""
     run = RunFolder(args.run)
     if not run.path.is_dir():
         raise CheckpointError(f"run folder {args.run} does not exist")
     info = run.read_json(RunFolder.CLI) or {}
-    data = getattr(args, "data", None) or info.get("data")
+    data = getattr(args, "data", None)
+    options = _data_options(args) if data else {k: info[k] for k in DATA_OPTIONS if info.get(k) is not None}
+    data = data or info.get("data")
     name = args.preset or info.get("preset") or DEFAULT_PRESET
     preset = _preset(name)
     _check_preset_fits(run, name, info.get("preset"))
-    return preset, data
+    return preset, data, options
+
+
+def _pixels(samples, options: dict):
+    """Samples as images: decoded with the run's VAE where it trained on latents."""
+    if not options.get("vae"):
+        return samples.cpu()
+    from .cache import decode_latents
+
+    return decode_latents(samples.cpu(), options["vae"])
+
+
+def _data_options(args) -> dict:
+    """The data flags given (--image-size, --image-column, ...): what preset.load_data takes beside a path."""
+    return {k: getattr(args, k) for k in DATA_OPTIONS if getattr(args, k, None) is not None}
 
 
 def _check_preset_fits(run: RunFolder, name: str, recorded: str | None) -> None:
@@ -387,24 +458,56 @@ def _abs(path):
     return None if path is None else os.path.abspath(path)
 
 
-def _save_grid(images: np.ndarray, rows: int, cols: int, out, scale: int = 4) -> None:
-    """Write images (rows * cols, C, H, W) in [-1, 1] as one PNG, a row per class, upscaled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _grid(images: np.ndarray, rows: int, cols: int, scale: int = 4) -> np.ndarray:
+    """Images (rows * cols, C, H, W) in [-1, 1] as one (H', W', C) picture in [0, 1], a row per class,
+    upscaled, with a white line around each image."""
     n, c, h, w = images.shape
     x = ((np.clip(images, -1, 1) + 1) / 2).reshape(rows, cols, c, h, w)
     pad = np.ones((rows, cols, c, h + 2, w + 2))
     pad[:, :, :, 1:-1, 1:-1] = x
     grid = pad.transpose(0, 3, 1, 4, 2).reshape(rows * (h + 2), cols * (w + 2), c)
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def _save_grid(images: np.ndarray, rows: int, cols: int, out, scale: int = 4) -> np.ndarray:
+    """Write images (rows * cols, C, H, W) in [-1, 1] as one PNG (see _grid); returns the picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = _grid(images, rows, cols, scale)
+    c = grid.shape[-1]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if c == 1:
         plt.imsave(out, grid[..., 0], cmap="gray", vmin=0, vmax=1)
     else:
         plt.imsave(out, grid[..., :3])
+    return grid
+
+
+def _log_eval(run: RunFolder, figures: dict, grid: np.ndarray | None = None) -> None:
+    """Send an evaluation's scores (and sample grid) to the run's logger (its config's io.log), at the
+    blocks' last step."""
+    info = run.read_json(RunFolder.CONFIG) or {}
+    config = TrainConfig.from_dict(info["train"]) if "train" in info else TrainConfig()
+    if config.io.log == "none":
+        return
+    from .loggers import open_logger
+
+    logger = open_logger(config.io.log, run.path, asdict(config))
+    try:
+        step = config.steps_per_block
+        scores = {
+            f"eval/{k}": float(v)
+            for k, v in figures.items()
+            if isinstance(v, (int, float)) and k not in _EVAL_SETTINGS  # figures, not the sampler's settings
+        }
+        logger.scalars(scores, step)
+        if grid is not None:
+            logger.image("eval/samples", grid, step)
+    finally:
+        logger.close()
 
 
 # --- argument parsing ---------------------------------------------------------------------------------------
@@ -416,15 +519,58 @@ def _add_sample_flags(p: argparse.ArgumentParser, per_class: int) -> None:
         type=_positive_int,
         help="sampling steps, 1 or more, rounded up to a multiple of B",
     )
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ODE solver")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument(
+        "--sampler",
+        choices=tuple(SAMPLERS),
+        help="ODE solver: 'euler' (one network call a step) or 'heun' (two, second order); default: the "
+        "preset's",
+    )
+    p.add_argument(
+        "--cfg-scale", type=float, help="classifier-free guidance scale (1 = none); default: the preset's"
+    )
     p.add_argument(
         "--per-class",
         type=_positive_int,
         default=per_class,
         help=f"samples per class; language models: samples in all (default {per_class})",
     )
-    p.add_argument("--sample-seed", dest="seed", type=int, default=0, help="seed of the sampling noise")
+    # its own dest: `train --sample-seed` must not set the training seed (TrainConfig.seed, --seed)
+    p.add_argument(
+        "--sample-seed",
+        dest="sample_seed",
+        type=int,
+        default=0,
+        help="seed of the sampling noise (default 0)",
+    )
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="image folders and datasets: the side of the square images the model is built for; each image's "
+        "shorter side is resized to it and the center cropped (default: the first image's shorter side)",
+    )
+    p.add_argument("--image-column", help="Hugging Face dataset: the column of the images (default 'image')")
+    p.add_argument(
+        "--label-column",
+        help="Hugging Face dataset: the column of the class labels, integers or names (default 'label' if "
+        "there is one; without it all images are one class)",
+    )
+    p.add_argument(
+        "--caption-column", help="Hugging Face dataset: the column of the captions (default: none)"
+    )
+    p.add_argument(
+        "--vae",
+        help="train in a VAE's latent space: a diffusers AutoencoderKL folder (save_pretrained) that encodes "
+        "the images once (cached, see --cache-dir) and decodes the sample grids; eval's scores are then "
+        "computed on latents",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where --vae's latents are kept, a folder per encoder and data (default $DBLOCKS_CACHE or "
+        "~/.cache/dblocks_fast)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,12 +582,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train", help="train a preset (default: the DiT on built-in digits), then sample and score it"
     )
-    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(sorted(PRESETS))}")
+    t.add_argument(
+        "--config",
+        help="a TOML (.toml), YAML (.yaml) or JSON file of settings: any flag below by its setting name "
+        "(num_blocks = 3, preset = 'digits-dit', data = 'images/'), TrainConfig's groups also as tables "
+        "([optimizer] lr = 2e-3); flags given here override the file",
+    )
+    t.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"what to train: a model, its data and its settings' defaults; one of: "
+        f"{', '.join(sorted(PRESETS))} (default {DEFAULT_PRESET})",
+    )
     t.add_argument(
         "--data",
-        help="your own data instead of the built-in set: an .npz with images and labels (image presets), a "
-        "text file or a folder of text files (pystdlib-* presets)",
+        help="your own data instead of the built-in set. Image presets: a folder of PNG/JPEG/WebP images "
+        "(class subfolders give the labels, a .txt beside an image its caption), a Hugging Face dataset "
+        "(a save_to_disk folder, a .parquet file or a folder of them), or an .npz with images and labels. "
+        "pystdlib-* presets: a text file or a folder of text files. Split by a hash of each path",
     )
+    _add_data_flags(t)
     t.add_argument(
         "--model",
         help="a network of your own instead of the preset's: 'module:factory', a function that returns a "
@@ -461,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     device_help = f"torch device: {DEVICES_HELP} (default auto: cuda if available, else cpu)"
     s = sub.add_parser("sample", help="draw a grid of samples, one row per class")
-    s.add_argument("--run", required=True, help="run folder")
+    s.add_argument("--run", required=True, help="the run folder to draw from (a train --out)")
     s.add_argument(
         "--out", default="grid.png", help="PNG to write (language models: a .txt to write the samples to)"
     )
@@ -472,10 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="score a run: sample accuracy and Frechet distance of classifier features"
     )
-    e.add_argument("--run", required=True, help="run folder")
+    e.add_argument("--run", required=True, help="the run folder to score (a train --out)")
     e.add_argument("--device", default=None, help=device_help)
     e.add_argument("--preset", help="preset the run used (default: from the run folder)")
     e.add_argument("--data", help="data the run was trained on (default: from the run folder)")
+    _add_data_flags(e)
     _add_sample_flags(e, per_class=50)
 
     b = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks) and rewrite the results page")
@@ -496,8 +657,105 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def train_parser(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `train` subcommand's parser of build_parser()."""
+    return next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with `train --config FILE`'s settings under it: a file's settings take the place
+    of the defaults (the preset's and TrainConfig's), and the flags given override both. Raises ValueError
+    for a bad file, before anything is done."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "config", None):
+        train = train_parser(ap)
+        train.set_defaults(**settings_from_file(train, args.config))
+        args = ap.parse_args(argv)
+    return args
+
+
+# settings a file may not hold: what to do with the run, not how it is made
+_NOT_IN_FILES = ("help", "config", "resume", "extend")
+
+
+def settings_from_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    """{flag dest: value} from a settings file (config.read_settings), each value read as its flag reads
+    its text, so a file and the equivalent flags give the same settings. Names are the settings' (the flag
+    without '--': steps_per_block or steps-per-block; out_dir or out; a switch by its setting: progress =
+    false); an unknown name is an error that names it and the names there are."""
+    from .config import read_settings
+
+    actions, names = {}, {}
+    for a in parser._actions:
+        if a.dest in _NOT_IN_FILES:
+            continue
+        actions[a.dest] = a
+        names[a.dest] = a.dest
+        longs = [o for o in a.option_strings if o.startswith("--")]
+        if a.nargs != 0 and longs:  # not a switch: --no-progress in a file would read as progress = true
+            names.setdefault(longs[0][2:].replace("-", "_"), a.dest)
+    out = {}
+    for key, value in read_settings(path).items():
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"--config {path}: unknown setting {key!r}{hint}; the settings are: "
+                f"{', '.join(sorted(actions))}"
+            )
+        dest = names[key]
+        if dest in out:
+            raise ValueError(f"--config {path}: {dest!r} is set twice (as {key!r} too)")
+        out[dest] = _file_value(actions[dest], key, value, path)
+    return out
+
+
+def _file_value(action: argparse.Action, key: str, value, path: str):
+    """A file's value for a flag, converted and checked as the flag's text would be."""
+
+    def bad(expected: str):
+        return ValueError(f"--config {path}: {key} must be {expected}, got {value!r}")
+
+    if action.nargs == 0:  # a switch (--no-eval, --no-progress): its setting is true or false
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if value is None:  # YAML null: the setting's "none", where it has one
+        if action.type in (_opt_float, _int_list) or action.default is None:
+            return None
+        raise bad("a value (it has no 'none')")
+    if action.type in (None, str):
+        if not isinstance(value, str):
+            raise bad("text")
+        text = value
+    elif action.type is _int_list and isinstance(value, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad("a list of whole numbers")
+        text = ",".join(map(str, value))
+    elif isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise bad("a number" if action.type in (int, float, _positive_int, _opt_float) else "a value")
+    else:
+        text = value if isinstance(value, str) else repr(value)
+    try:
+        result = text if action.type in (None, str) else action.type(text)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        if action.type in (int, float):
+            raise bad("a whole number" if action.type is int else "a number") from None
+        raise ValueError(f"--config {path}: {key} = {value!r}: {e}") from None
+    if action.choices is not None and result not in action.choices:
+        raise bad(f"one of {', '.join(map(str, action.choices))}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except (ValueError, FileNotFoundError) as e:  # a bad --config file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     commands = {
         "train": cmd_train,
         "sample": cmd_sample,

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "GROUPS",
     "IOConfig",
     "KERNELS",
+    "LOGGERS",
     "NoiseConfig",
     "OFFLOADS",
     "OptimConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "SCHEDULES",
     "StorageConfig",
     "TrainConfig",
+    "read_settings",
 ]
 
 # The values a setting may take, where they are a fixed set (metadata["choices"] of its field)
@@ -54,6 +58,7 @@ PRECISIONS = ("fp32", "bf16")
 KERNELS = ("auto", "cuda", "triton", "torch")  # ops.KERNELS is this tuple
 DISTRIBUTED = ("auto", "on", "off")
 OFFLOADS = ("none", "host", "disk")
+LOGGERS = ("none", "tensorboard", "wandb")  # loggers.LOGGERS is this tuple
 
 
 def _f(default, help: str, choices: tuple[str, ...] | None = None, **kw):
@@ -146,6 +151,13 @@ class IOConfig:
     log_every: int = _f(50, "block steps between metric lines (each one costs a host-device sync)")
     ckpt_every: int = _f(500, "total steps between checkpoints; 0 = only at the end (and on Ctrl-C)")
     progress: bool = _f(True, "show a tqdm progress bar")
+    log: str = _f(
+        "none",
+        "where the metrics also go: 'none', 'tensorboard' (event files in RUN/tensorboard: per-block "
+        "loss, lr, noise interval, steps/s, samples/s, peak memory, and the sample grid at eval) or 'wandb' "
+        "(the same, offline unless WANDB_MODE says otherwise)",
+        LOGGERS,
+    )
 
 
 GROUPS = {
@@ -259,6 +271,10 @@ class TrainConfig:
         need(io.log_every >= 1, f"log_every must be >= 1, got {io.log_every}")
         need(io.ckpt_every >= 0, f"ckpt_every must be >= 0, got {io.ckpt_every}")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(
+            io.log == "none" or io.out_dir is not None,
+            f"log={io.log!r} writes into the run folder: give out_dir (--out), or log='none'",
+        )
         if self.only_blocks is not None:
             blocks = list(self.only_blocks)
             need(len(blocks) > 0, "only_blocks is empty; give at least one block, or None for all")
@@ -282,6 +298,7 @@ RESUME_FREE = frozenset(
         "log_every",
         "ckpt_every",
         "progress",
+        "log",
         "device",
         "kernels",
         "only_blocks",
@@ -292,3 +309,90 @@ RESUME_FREE = frozenset(
         "prefetch",
     }
 )
+
+
+# --- settings files -----------------------------------------------------------------------------------------
+SETTINGS_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
+
+
+def read_settings(path: str | os.PathLike) -> dict:
+    """The settings in a TOML (.toml), YAML (.yaml, .yml) or JSON (.json) file, flat: {name: value}.
+
+    The file is a table of settings by name (`num_blocks = 3`; `steps-per-block` is read as
+    `steps_per_block`), at the top level or in a table named after its group (`[optimizer]` holding
+    `lr = 2e-3`, as `TrainConfig`'s nested form). Which names are settings is the caller's to check (the CLI
+    accepts its train flags too: preset, data, ...); a table's keys must be its group's. Raises ValueError
+    naming the file (and, for a parse error, the line) on anything else.
+    """
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SETTINGS_SUFFIXES:
+        raise ValueError(
+            f"--config {path}: unknown kind of file {suffix or '(no suffix)'!r}; use .toml, .yaml, .yml or "
+            f".json"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the same parser as the package tomli
+                import tomli as tomllib
+            d = tomllib.loads(raw.decode("utf-8"))
+        elif suffix == ".json":
+            d = json.loads(raw)
+        else:
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise ValueError(
+                    f"--config {path}: reading YAML needs PyYAML: pip install pyyaml (or write the file as "
+                    f"TOML)"
+                ) from None
+            d = yaml.safe_load(raw)
+    except ValueError as e:  # tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError
+        if str(e).startswith("--config"):
+            raise
+        raise ValueError(f"--config {path}: not valid {suffix[1:].upper()}: {e}") from None
+    except Exception as e:  # yaml.YAMLError: its message names the line and column
+        raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+    if d is None:  # an empty YAML file
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(
+            f"--config {path}: expected a table of settings (name = value), got {type(d).__name__}"
+        )
+    out: dict = {}
+
+    def put(key, value, where: str) -> None:
+        if not isinstance(key, str):
+            raise ValueError(f"--config {path}: setting names are text, got {key!r}{where}")
+        name = key.replace("-", "_")
+        if name in out:
+            raise ValueError(f"--config {path}: {name!r} is set twice{where}")
+        out[name] = value
+
+    for key, value in d.items():
+        group = key.replace("-", "_") if isinstance(key, str) else None
+        if group in GROUPS and isinstance(value, dict):
+            names = {f.name for f in dataclasses.fields(GROUPS[group])}
+            for k, v in value.items():
+                if not isinstance(k, str) or k.replace("-", "_") not in names:
+                    home = _GROUP_OF.get(k.replace("-", "_")) if isinstance(k, str) else None
+                    hint = f"; {k} belongs in [{home}]" if home else ""
+                    raise ValueError(
+                        f"--config {path}: [{group}] has no setting {k!r}{hint}; its settings are: "
+                        f"{', '.join(sorted(names))}"
+                    )
+                put(k, v, f" (in [{group}])")
+        elif isinstance(value, dict):
+            raise ValueError(
+                f"--config {path}: {key!r} is a table, but only the groups {', '.join(GROUPS)} may be; give "
+                f"the other settings as name = value"
+            )
+        else:
+            put(key, value, "")
+    return out

@@ -1,8 +1,14 @@
 """Built-in datasets that need no download (DESIGN.md section 5), and the user's own images and text.
 
 A dataset is an object with `len()` and `batch(indices) -> dict of tensors`; the task reads the keys it
-needs. Splits are deterministic: images are stratified by label from a fixed seed; text is split by file
-(a stable hash of each file's relative path), so every run, on every machine, sees the same split.
+needs. Splits are deterministic: the built-in digits and an .npz are stratified by label from a fixed seed;
+text files, image folders and Hugging Face datasets are split by a stable hash of each file's relative path
+(of each row's index where a row has no path), so every run, on every machine, sees the same split, and
+adding an example never moves another between the splits.
+
+The user's images (`load_images`): an .npz, a folder of PNG/JPEG/WebP files (class subfolders give the
+labels, a .txt beside an image its caption), or a Hugging Face `datasets` dataset saved with `save_to_disk`
+or as parquet files. Pillow decodes, resizes and center-crops; `datasets` reads the saved sets.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ __all__ = [
     "ImageData",
     "TextData",
     "load_digits",
+    "load_hf_images",
+    "load_image_folder",
     "load_image_npz",
+    "load_images",
     "load_pystdlib",
     "load_text",
     "split_files",
@@ -35,6 +44,8 @@ class ImageData:
     labels: torch.Tensor  # int64, (N,), values in [0, num_classes)
     num_classes: int  # labels range over [0, num_classes); may exceed labels.max() + 1 for a split
     name: str = "images"  # for messages and the run manifest
+    class_names: tuple[str, ...] | None = None  # class i's name (an image folder's subfolder), if known
+    captions: list[str | None] | None = None  # each image's caption (a .txt beside it, a caption column)
 
     def __post_init__(self):
         if self.images.ndim != 4:
@@ -48,6 +59,8 @@ class ImageData:
             )
         if len(self) == 0:
             raise ValueError(f"{self.name}: the dataset is empty")
+        if self.captions is not None and len(self.captions) != len(self):
+            raise ValueError(f"{self.name}: {len(self.captions)} captions for {len(self)} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -61,7 +74,15 @@ class ImageData:
 
     def subset(self, indices: np.ndarray, name: str) -> ImageData:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return ImageData(self.images[idx].contiguous(), self.labels[idx].contiguous(), self.num_classes, name)
+        captions = None if self.captions is None else [self.captions[i] for i in idx.tolist()]
+        return ImageData(
+            self.images[idx].contiguous(),
+            self.labels[idx].contiguous(),
+            self.num_classes,
+            name,
+            self.class_names,
+            captions,
+        )
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +202,364 @@ def _check_classes(labels: np.ndarray, path: str, max_classes: int) -> None:
         f"{max_classes}). Labels must be class indices 0..K-1: renumber them, e.g. "
         f"labels = np.unique(labels, return_inverse=True)[1]"
     )
+
+
+# --- image folders and datasets ---------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_SUFFIX = ".txt"
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # Pillow modes read as one channel
+
+
+def load_images(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+) -> ImageData:
+    """The user's images, whatever form they come in (what `--data` of the image presets reads):
+
+    - an .npz of `images` and `labels` (load_image_npz; taken at their own size);
+    - a folder saved by `datasets`' `save_to_disk`, a .parquet file, or a folder of .parquet files
+      (load_hf_images; the columns named by image_column, caption_column, label_column);
+    - any other folder: image files (load_image_folder).
+
+    image_size: the side of the square images the model sees (resize the shorter side, crop the center); None
+    takes the first image's shorter side.
+    """
+    path = os.fspath(path)
+    columns = {"image_column": image_column, "caption_column": caption_column, "label_column": label_column}
+    given_columns = [f"--{k.replace('_', '-')}" for k, v in columns.items() if v is not None]
+    if os.path.isfile(path) and path.endswith(".npz"):
+        if image_size is not None or given_columns:
+            flags = ", ".join((["--image-size"] if image_size is not None else []) + given_columns)
+            raise ValueError(f"--data {path}: {flags} apply to image folders and datasets, not to an .npz")
+        return load_image_npz(path, split)
+    if _is_hf_dataset(path):
+        return load_hf_images(path, split, image_size, **columns)
+    if given_columns:
+        raise ValueError(
+            f"--data {path}: {', '.join(given_columns)} name columns of a Hugging Face dataset, and {path} "
+            f"is not one (a save_to_disk folder, a .parquet file or a folder of them)"
+        )
+    if os.path.isdir(path):
+        return load_image_folder(path, split, image_size)
+    if os.path.isfile(path):
+        raise ValueError(
+            f"--data {path}: not a kind of image data this reads; give an .npz, a folder of images, or a "
+            f"Hugging Face dataset (save_to_disk folder or parquet)"
+        )
+    raise FileNotFoundError(f"--data {path}: no such file or folder")
+
+
+def _visible(names) -> list[str]:
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _is_hf_dataset(path: str) -> bool:
+    if os.path.isfile(path):
+        return path.endswith(".parquet")
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    if names & {"dataset_info.json", "dataset_dict.json", "state.json"}:
+        return True
+    files = [n for n in _visible(names) if os.path.isfile(os.path.join(path, n))]
+    return bool(files) and all(n.endswith(".parquet") for n in files)
+
+
+def _hash_val(key: str, val_mod: int = 10) -> bool:
+    """The split rule of every file-based set (split_files): validation when crc32(key) % val_mod == 0."""
+    return zlib.crc32(key.encode()) % val_mod == 0
+
+
+def _choose_split(keys: list[str], split: str, what: str) -> list[int]:
+    """The positions of `split`'s examples among `keys` (relative paths, or row ids) by _hash_val."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split == "all":
+        return list(range(len(keys)))
+    val = [_hash_val(k) for k in keys]
+    chosen = [i for i, v in enumerate(val) if v == (split == "test")]
+    if not chosen:
+        raise ValueError(
+            f"{what}: none of its {len(keys)} images falls in the {split} split (a hash of each path sends "
+            f"about 1 in 10 to the test split); add images"
+        )
+    return chosen
+
+
+def _to_array(img, size: int, gray: bool) -> np.ndarray:
+    """A Pillow image as (C, size, size) float32 in [-1, 1]: the shorter side resized to size, the center
+    cropped."""
+    from PIL import Image, ImageOps
+
+    img = img.convert("L" if gray else "RGB")
+    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    x = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return x[None] if gray else x.transpose(2, 0, 1)
+
+
+def _open_image(path: str):
+    """A decoded image, or a ValueError that names the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e}); remove or replace the file") from None
+
+
+def load_image_folder(
+    path: str | os.PathLike, split: str = "train", image_size: int | None = None
+) -> ImageData:
+    """Every PNG, JPEG and WebP file under a folder (hidden files and folders skipped).
+
+    Labels: with class subfolders (path/<class>/.../<image>, torchvision's ImageFolder convention) each
+    subfolder is a class, in sorted order of their names; with the images directly in the folder there is
+    one class. Captions: a .txt of the same name beside an image is its caption. Images are converted to
+    one channel when every one is grayscale, else to RGB, and resized (shorter side to `image_size`, None =
+    the first image's shorter side) and center-cropped to a square. Split by a hash of each image's path
+    relative to the folder, as load_text splits files.
+
+    Errors name the file: a corrupt image, a caption without its image, an empty folder or class folder.
+    """
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {root}: no such folder")
+    entries = _visible(os.listdir(root))
+    subdirs = [d for d in entries if os.path.isdir(os.path.join(root, d))]
+    images, captions = [], {}  # relative paths of the images; caption files by the image stem they belong to
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = _visible(dirnames)
+        for f in _visible(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+            stem, suffix = os.path.splitext(rel)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                images.append(rel)
+            elif suffix.lower() == CAPTION_SUFFIX:
+                captions[stem] = rel
+    images.sort()
+    if not images:
+        raise ValueError(
+            f"--data {root}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)} files, in class "
+            f"subfolders or directly in it)"
+        )
+    stems = {os.path.splitext(r)[0] for r in images}
+    orphans = sorted(c for stem, c in captions.items() if stem not in stems)
+    if orphans:
+        raise ValueError(
+            f"--data {root}: caption {os.path.join(root, orphans[0])} has no image beside it (expected "
+            f"{os.path.splitext(orphans[0])[0]} with one of {', '.join(IMAGE_SUFFIXES)})"
+            + (f"; {len(orphans) - 1} more captions have none" if len(orphans) > 1 else "")
+        )
+    if subdirs:
+        loose = [r for r in images if "/" not in r]
+        if loose:
+            raise ValueError(
+                f"--data {root}: {os.path.join(root, loose[0])} lies beside the class folders "
+                f"({', '.join(subdirs[:5])}); move it into its class folder"
+            )
+        per_class = {d: 0 for d in subdirs}
+        for r in images:
+            per_class[r.split("/", 1)[0]] += 1
+        empty = [d for d, n in per_class.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"--data {root}: class folder {os.path.join(root, empty[0])} holds no images; remove it or "
+                f"add its images"
+            )
+        class_names = tuple(subdirs)
+    else:
+        class_names = ("",)
+    label_of = {c: i for i, c in enumerate(class_names)}
+    # the format of the whole folder, from the files' headers (cheap) so both splits agree
+    gray, first = True, None
+    for r in images:
+        full = os.path.join(root, r)
+        try:
+            from PIL import Image
+
+            with Image.open(full) as img:
+                gray = gray and img.mode in _GRAY_MODES
+                first = first or min(img.size)
+        except Exception as e:
+            raise ValueError(f"{full}: not a readable image ({e}); remove or replace the file") from None
+    size = first if image_size is None else image_size
+    if size < 1:
+        raise ValueError(f"--image-size must be 1 or more, got {size}")
+    chosen = _choose_split(images, split, f"--data {root}")
+    arrays, labels, texts = [], [], []
+    for i in chosen:
+        full = os.path.join(root, images[i])
+        arrays.append(_to_array(_open_image(full), size, gray))
+        labels.append(label_of[images[i].split("/", 1)[0]] if subdirs else 0)
+        cap = captions.get(os.path.splitext(images[i])[0])
+        if cap is not None:
+            with open(os.path.join(root, cap), encoding="utf-8", errors="replace") as f:
+                cap = f.read().strip()
+        texts.append(cap)
+    name = os.path.basename(os.path.normpath(root)) + ("" if split == "all" else f"[{split}]")
+    return ImageData(
+        torch.from_numpy(np.stack(arrays)),
+        torch.tensor(labels, dtype=torch.int64),
+        len(class_names),
+        name,
+        class_names if subdirs else None,
+        texts if any(t is not None for t in texts) else None,
+    )
+
+
+def load_hf_images(
+    path: str | os.PathLike,
+    split: str = "train",
+    image_size: int | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+) -> ImageData:
+    """A Hugging Face `datasets` dataset of images from disk: a folder written by `save_to_disk` (a
+    Dataset, or a DatasetDict whose "train" and "test" splits are used as they are, or whose one split is
+    split here), a .parquet file, or a folder of .parquet files.
+
+    Columns: image_column (default "image": an Image feature, encoded bytes or an (H, W[, C]) array),
+    label_column (default "label" if there is one, else every image is of one class; a ClassLabel, integers
+    0..K-1 or strings, each distinct string a class in sorted order), caption_column (default: none). A
+    column that is not there is an error naming the columns there are. Images are converted, resized and
+    cropped as load_image_folder's; rows are split by a hash of the image's file name where it has one,
+    else of the row's index.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"--data {path}: reading a Hugging Face dataset needs the datasets package: pip install datasets"
+        ) from None
+    path = os.fspath(path)
+    where = f"--data {path}"
+    if os.path.isdir(path) and not all(n.endswith(".parquet") for n in _visible(os.listdir(path))):
+        ds = datasets.load_from_disk(path)
+    else:
+        files = (
+            [path] if os.path.isfile(path) else [os.path.join(path, n) for n in _visible(os.listdir(path))]
+        )
+        ds = datasets.Dataset.from_parquet(files, keep_in_memory=True)
+    presplit = False
+    if isinstance(ds, datasets.DatasetDict):
+        if {"train", "test"} <= set(ds):
+            parts = [ds["train"], ds["test"]]
+            presplit = split != "all"
+            ds = ds[split] if presplit else datasets.concatenate_datasets(parts)
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+            parts = [ds]
+        else:
+            raise ValueError(
+                f"{where}: a DatasetDict with splits {sorted(ds)}; it needs 'train' and 'test', or just one "
+                f"split (split here by a hash)"
+            )
+    else:
+        parts = [ds]
+    columns = list(ds.column_names)
+
+    def column(given: str | None, flag: str, default: str | None) -> str | None:
+        """The column named by a flag (an error if it is not there), else the default if it is there."""
+        if given is None:
+            return default if default in columns else None
+        if given not in columns:
+            raise ValueError(f"{where}: no column {given!r} ({flag}); the columns are: {', '.join(columns)}")
+        return given
+
+    img_col = column(image_column, "--image-column", "image")
+    if img_col is None:
+        raise ValueError(
+            f"{where}: no column 'image'; name the image column with --image-column; the columns are: "
+            f"{', '.join(columns)}"
+        )
+    label_col = column(label_column, "--label-column", "label")
+    caption_col = column(caption_column, "--caption-column", None)
+    if len(ds) == 0:
+        raise ValueError(f"{where}: the dataset holds no rows")
+    # the classes from every split, so that train and test number them alike
+    class_names = None
+    if label_col is None:
+        labels, num_classes = np.zeros(len(ds), dtype=np.int64), 1
+    else:
+        feature = ds.features[label_col]
+        every = [v for part in parts for v in part[label_col]]
+        if isinstance(feature, datasets.ClassLabel):
+            class_names, num_classes = tuple(feature.names), feature.num_classes
+            labels = np.asarray(ds[label_col], dtype=np.int64)
+        elif every and all(isinstance(v, str) for v in every):
+            class_names = tuple(sorted(set(every)))
+            index = {c: i for i, c in enumerate(class_names)}
+            labels, num_classes = np.asarray([index[v] for v in ds[label_col]], dtype=np.int64), len(index)
+        elif all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in every):
+            labels, every = np.asarray(ds[label_col], dtype=np.int64), np.asarray(every, dtype=np.int64)
+            if every.min() < 0:
+                raise ValueError(f"{where}: column {label_col!r} holds a label < 0 ({every.min()})")
+            _check_classes(every, path, MAX_CLASSES)
+            num_classes = int(every.max()) + 1
+        else:
+            raise ValueError(
+                f"{where}: column {label_col!r} must hold class indices (integers) or class names (text), "
+                f"not {type(next(v for v in every if v is not None)).__name__}"
+            )
+    if isinstance(ds.features[img_col], datasets.Image):
+        raw = ds.cast_column(img_col, datasets.Image(decode=False))[img_col]  # bytes and file name
+    else:
+        raw = ds[img_col]
+    keys = [(r.get("path") if isinstance(r, dict) else None) or f"row{i}" for i, r in enumerate(raw)]
+    chosen = list(range(len(ds))) if presplit else _choose_split(keys, split, where)
+    decoded = [_hf_image(raw[i], f"{where}: row {i} of column {img_col!r}") for i in chosen]
+    gray = all(im.mode in _GRAY_MODES for im in decoded)
+    size = min(decoded[0].size) if image_size is None else image_size
+    if size < 1:
+        raise ValueError(f"--image-size must be 1 or more, got {size}")
+    arrays = [_to_array(im, size, gray) for im in decoded]
+    captions = None
+    if caption_col is not None:
+        text = ds[caption_col]
+        captions = [None if text[i] is None else str(text[i]) for i in chosen]
+    name = os.path.basename(os.path.normpath(path)) + ("" if split == "all" else f"[{split}]")
+    return ImageData(
+        torch.from_numpy(np.stack(arrays)),
+        torch.from_numpy(labels[chosen]),
+        num_classes,
+        name,
+        class_names,
+        captions,
+    )
+
+
+def _hf_image(value, where: str):
+    """A Pillow image from a datasets cell: {"bytes", "path"} (an undecoded Image), a Pillow image, or an
+    (H, W[, C]) array of 0..255 integers."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(value, dict):
+            if value.get("bytes") is not None:
+                img = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                img = Image.open(value["path"])
+            else:
+                raise ValueError("the cell holds neither bytes nor a path")
+            img.load()
+            return img
+        if isinstance(value, Image.Image):
+            return value
+        a = np.asarray(value)
+        if a.ndim in (2, 3) and a.size:
+            return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        raise ValueError(f"expected an image, got {type(value).__name__} of shape {a.shape}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: not a readable image ({e})") from None
 
 
 # --- text (bytes) -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ derived from (seed, block, step) (see rng.py): the order in which blocks are tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -94,6 +95,7 @@ class Trainer:
             raise ValueError("extend=True (--extend) continues a run: it needs resume=True (--resume)")
         self.task, self.data, self.config, self.callback = task, data, config, callback
         self.run, self._created_run = None, False
+        self._logger = None  # TensorBoard or wandb (config.io.log), opened when fit() starts
         rt = config.runtime
         self.comm, self.device = distributed.connect(rt.distributed, config.blocks_to_train(), rt.device)
         try:
@@ -105,6 +107,10 @@ class Trainer:
 
     def _setup(self, task, data, config: TrainConfig, resume: bool, extend: bool) -> None:
         ops.check_kernels(config.runtime.kernels, self.device)  # not at the first step, after config.json
+        if config.io.log != "none":
+            from .loggers import check_logger
+
+            check_logger(config.io.log)  # a missing package: an error now, before the run folder is written
         self.owned = list(self.comm.placement.blocks)  # the blocks this process trains
         group = len(self.comm.placement.group)
         if config.batch_size % group:
@@ -286,6 +292,9 @@ class Trainer:
     def close(self) -> None:
         """Release the run folder (its lock) and the process group; fit() does it when it ends. A Trainer
         that is never fit holds its run folder until this call or until it is garbage-collected."""
+        if self._logger is not None:
+            self._logger.close()
+            self._logger = None
         self.comm.close()
         self._release_run()
 
@@ -296,6 +305,7 @@ class Trainer:
             if self.comm.rank == 0:
                 data = getattr(self.data, "name", type(self.data).__name__)
                 self.run.write_config(cfg, self.task.to_dict(), self.layers, data)
+            self._open_logger()
         start, step_of = self._positions()
         owned = set(self.owned)
         upcoming = self._upcoming(step_of) if self.storage.prefetches else None
@@ -343,6 +353,16 @@ class Trainer:
         # the checkpoint just saved holds every block: the storage may hand its copies over to it
         self.storage.release(self.model, self.run)
         return self.model
+
+    def _open_logger(self) -> None:
+        """config.io.log's logger: TensorBoard in every process that writes metric lines (each its own event
+        file in one folder), wandb in rank 0 only (one wandb run; under torchrun it shows rank 0's blocks)."""
+        kind = self.config.io.log
+        writes = self.comm.placement.leader if kind == "tensorboard" else self.comm.rank == 0
+        if kind != "none" and writes and self._logger is None:
+            from .loggers import open_logger
+
+            self._logger = open_logger(kind, self.run.path, dataclasses.asdict(self.config))
 
     def _upcoming(self, step_of: np.ndarray) -> np.ndarray:
         """For each position, the next block this process trains that differs from the one at it (-1: none).
@@ -401,6 +421,12 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         if self.run is not None and self.comm.placement.leader:
             self.run.append_metrics(rec)
+        if self._logger is not None:
+            from .loggers import train_scalars
+
+            block, process = train_scalars(rec, self.config.batch_size)
+            self._logger.scalars(block, rec["step"])  # a block's curve over its own steps
+            self._logger.scalars(process, done)  # throughput and memory over this process's steps
         self._windows[b] = _Window()
         return {"block": b, "loss": f"{loss:.4f}"}
 

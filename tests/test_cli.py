@@ -26,6 +26,15 @@ def test_every_train_config_field_has_a_flag():
     assert not hasattr(train.parse_args([]), "lr")  # not given: the preset's value applies
 
 
+def test_the_sample_seed_is_not_the_training_seed():
+    from dblocks_fast.cli import parse_args, train_config
+
+    args = parse_args(["train", "--sample-seed", "5"])  # they once shared args.seed
+    assert args.sample_seed == 5 and train_config(args, PRESETS["digits-dit"]).seed == 0
+    args = parse_args(["train", "--seed", "3"])
+    assert args.sample_seed == 0 and train_config(args, PRESETS["digits-dit"]).seed == 3
+
+
 def test_every_train_flag_has_help_from_the_config_field():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     helps = {a.dest: a.help for a in train._actions}
@@ -35,11 +44,31 @@ def test_every_train_flag_has_help_from_the_config_field():
     assert "independently trained blocks" in helps["num_blocks"]  # --blocks: the one that lost its help once
 
 
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "sample", "eval", "bench", "merge"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            what = f"dblocks-fast {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{what} has no help"
+            assert len(action.help) >= 15, f"{what}: help {action.help!r} does not say what it does"
+        text = sub.format_help()  # --help renders (a stray % in a help string would raise here)
+        assert "--help" in text
+
+
 def test_train_sample_eval_and_the_baseline_table(tmp_path, capsys):
     b3, b1 = tmp_path / "digits-dit-b3", tmp_path / "digits-dit-b1"
-    assert main(["train", *FAST, *FAST_EVAL, "--out", str(b3)]) == 0
+    assert main(["train", *FAST, *FAST_EVAL, "--log", "tensorboard", "--out", str(b3)]) == 0
     out = capsys.readouterr().out
     assert "no B=1 baseline found" in out and "--blocks 1" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(b3 / "tensorboard"))
+    events.Reload()  # the eval's sample grid and scores went to TensorBoard (tests/test_logging.py: the rest)
+    assert events.Tags()["images"] == ["eval/samples"] and "eval/sample_accuracy" in events.Tags()["scalars"]
     for name in ("manifest.json", "config.json", "cli.json", "metrics.jsonl", "eval.json", "samples.png"):
         assert (b3 / name).is_file(), name
     assert json.loads((b3 / "config.json").read_text())["train"]["num_blocks"] == 3

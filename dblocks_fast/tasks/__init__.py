@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..data import load_digits, load_image_npz, load_pystdlib, load_text
+from ..data import load_digits, load_images, load_pystdlib, load_text
 from .autoregressive import ARBaselineLM, ARBlock, ARConfig, AutoregressiveLM
 from .classification import ImageClassification, ViTBlock, ViTClassifier, ViTConfig
 from .image_generation import DiTBlock, DiTConfig, ImageGeneration
@@ -69,7 +69,7 @@ class Preset:
     """A named recipe: how to load the data (built-in, or --data), the task, TrainConfig defaults."""
 
     description: str
-    load_data: Callable  # (path or None, split "train" | "test") -> dataset
+    load_data: Callable  # (path or None, split "train" | "test", **data options) -> dataset
     make_task: Callable  # (training dataset) -> task
     task_kind: str  # the `kind` of the task make_task builds: which run folders sample/eval may read with it
     train_defaults: dict = field(default_factory=dict)  # TrainConfig fields this preset sets
@@ -78,15 +78,33 @@ class Preset:
     sample_text: Callable | None = None  # (model, n, seed) -> n generated strings (language models)
 
 
-def _digits_or_npz(path, split):
-    return load_digits(split) if path is None else load_image_npz(path, split)
+def _digits_or_images(path, split, vae=None, cache_dir=None, **options):
+    """The built-in digits, or the user's images (data.load_images: a folder, a dataset, an .npz); with a
+    VAE, their latents (cache.latent_data, encoded once into cache_dir)."""
+    if cache_dir is not None and vae is None:
+        raise ValueError("--cache-dir holds the latents of --vae; give --vae too, or leave --cache-dir out")
+    if path is None:
+        if options:
+            flags = ", ".join("--" + k.replace("_", "-") for k in options)
+            raise ValueError(f"{flags} apply to your own images (--data); the built-in digits take none")
+        data = load_digits(split)
+    else:
+        data = load_images(path, split, **options)
+    if vae is None:
+        return data
+    from ..cache import latent_data
+
+    return latent_data(data, vae, cache_dir)
 
 
 TEXT_SEQ_LEN = 64  # bytes per window of the pystdlib-* presets (the models' positions)
 _PROMPTS = (b"def ", b"import ", b"class ", b"    return ", b"if __name__", b"for i in ")
 
 
-def _pystdlib_or_text(path, split):
+def _pystdlib_or_text(path, split, **options):
+    if options:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise ValueError(f"{flags} apply to images; the text presets take none")
     return load_pystdlib(split, TEXT_SEQ_LEN) if path is None else load_text(path, split, TEXT_SEQ_LEN)
 
 
@@ -156,8 +174,8 @@ PRESETS: dict[str, Preset] = {
     # 12 layers (DiT-S depth) split evenly for B = 1, 2, 3, 4, 6; about 4 minutes of training on 2 CPU cores.
     # Heun at 12 steps scored as well as at 30 on this model (sample accuracy and Frechet distance).
     "digits-dit": Preset(
-        description="class-conditional DiT on scikit-learn's 8x8 digits (or --data images.npz)",
-        load_data=_digits_or_npz,
+        description="class-conditional DiT on scikit-learn's 8x8 digits (or --data: your images)",
+        load_data=_digits_or_images,
         make_task=lambda data: ImageGeneration.for_data(
             data, hidden=64, heads=4, num_layers=12, patch_size=2
         ),
@@ -167,8 +185,8 @@ PRESETS: dict[str, Preset] = {
     ),
     # The paper's ViT row scaled to the digits: 12 layers, B = 3, one denoising step per block at inference.
     "digits-vit": Preset(
-        description="ViT classifier as DiffusionBlocks on scikit-learn's 8x8 digits (or --data images.npz)",
-        load_data=_digits_or_npz,
+        description="ViT classifier as DiffusionBlocks on scikit-learn's 8x8 digits (or --data: your images)",
+        load_data=_digits_or_images,
         make_task=lambda data: ImageClassification.for_data(
             data, hidden=64, heads=4, num_layers=12, patch_size=2, emb_dim=64
         ),
