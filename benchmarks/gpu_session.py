@@ -67,6 +67,12 @@ STAGES: dict[str, tuple[int, list[str]]] = {
 }
 PLAN = [["build", "tests", "sanitizer"], ["build", "kernels", "paging"], ["build", "memory", "capacity"]]
 
+# --- issue 23: bench_peers (checkpointing, torchao's CPU-offloaded AdamW, block swapping vs DiffusionBlocks);
+# kept apart from the plan above. One call: `python benchmarks/gpu_session.py --print-command build peers`;
+# the per-method capacity under 12/16/24 GB is a second call's `build peers-capacity`.
+STAGES["peers"] = (420, [PY, "benchmarks/bench_peers.py", "--device", "cuda"])
+STAGES["peers-capacity"] = (540, [PY, "benchmarks/bench_peers.py", "--capacity", "--budget", "{left}"])
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
