@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import resource
 import sys
 import time
@@ -401,8 +402,10 @@ def measure(args, device: torch.device, model: str, batch: int, prov: dict) -> d
         spec = dict(method=method, model=model, blocks=args.blocks, steps=args.steps, batch_size=batch,
                     device=str(device))  # fmt: skip
         # --quick checks the pipeline in seconds: every method in this process (the peaks mix)
+        load = os.getloadavg()[0]
         r = worker(spec) if args.quick else bench_memory._run(spec, Path(__file__))
         row = _row(method, r, e2e, gpu)
+        row["load_average_1min"] = [load, os.getloadavg()[0]]  # before and after: other work on the machine
         if method == "e2e":
             e2e = row
         record["rows"].append(row)
@@ -483,24 +486,28 @@ def table(record: dict) -> list[str]:
     gpu = record["measure"].startswith("torch.cuda")
     mem = "peak device GB" if gpu else "peak GB above baseline (RSS)"
     lines = [
-        f"| method | end to end / this (memory) | time per pass / end to end's | {mem} | step s | pass s |"
-        + (" host RSS GB |" if gpu else ""),
-        "|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| method | end to end / this (memory) | checkpointing / this (memory) | time per pass / end to end "
+        f"| {mem} | step s | pass s |" + (" host RSS GB |" if gpu else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     b = record["settings"]["num_blocks"]
+    ckpt = next((r for r in record["rows"] if r["method"] == "e2e-ckpt" and r.get("status") == "ok"), None)
     for r in record["rows"]:
         label = r["config"].replace("DiffusionBlocks", f"DiffusionBlocks B={b}")
         if r.get("status") != "ok":
-            lines.append(f"| {label} | {r['status']} |" + " |" * (5 if gpu else 4))
+            lines.append(f"| {label} | {r['status']} |" + " |" * (6 if gpu else 5))
             continue
         ratio = (
             (f"{r['memory_e2e_over_this']:.2f}", f"{r['pass_time_over_e2e']:.2f}")
             if "pass_time_over_e2e" in r
             else ("-", "-")
         )
+        vs_ckpt = f"{ckpt['peak_bytes'] / r['peak_bytes']:.2f}" if ckpt else "-"
         cells = [
             label,
-            *ratio,
+            ratio[0],
+            vs_ckpt,
+            ratio[1],
             f"{r['peak_bytes'] / 1e9:.2f}",
             f"{r['step_mean_s']:.3f}",
             f"{r['pass_s']:.3f}",
@@ -517,6 +524,12 @@ def table(record: dict) -> list[str]:
         f"A pass takes the same samples through every layer once: one end-to-end step, or {b} block steps "
         f"(mean of {s['steps']} steps a block after a warm-up step, page-ins at block changes included).",
     ]
+    loads = [x for r in record["rows"] for x in r.get("load_average_1min", [])]
+    if loads:
+        lines += [
+            "",
+            f"Load average (1 min) on the machine during the run: {min(loads):.1f} to {max(loads):.1f}.",
+        ]
     if not gpu:
         lines += [
             "",
