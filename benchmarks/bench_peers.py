@@ -356,6 +356,8 @@ def worker(spec: dict) -> dict:
             passes = [spec["blocks"] * sum(times[1:]) / len(times[1:])]  # B block steps: every layer once
     except ImportError as e:
         return {**out, "status": f"not run: {e}"}
+    except MemoryError as e:  # the paged tiers' preflight refused: the model does not fit
+        return {**out, "status": f"preflight: {str(e)[:300]}", "fits": False}
     except (AssertionError, RuntimeError) as e:
         if isinstance(e, torch.OutOfMemoryError):
             return {**out, "status": "CUDA out of memory", "fits": False}
