@@ -49,6 +49,7 @@ SCRIPTS = [
     ("bench_peers", "How does it compare with checkpointing, CPU-offloaded optimizers and block swapping?"),
     ("bench_paging", "How fast is paging blocks between host and GPU?"),
     ("bench_capacity", "What is the largest model I can train on my GPU?"),
+    ("bench_peers_capacity", "What is the largest model each alternative trains under 12, 16 and 24 GB?"),
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
@@ -57,7 +58,10 @@ SCRIPTS = [
     ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
 ]
 # a record that one script writes under another name, with the arguments that make it
-COMMANDS = {"quality_digits_flow": ("quality_digits", ["--flow"])}
+COMMANDS = {
+    "quality_digits_flow": ("quality_digits", ["--flow"]),
+    "bench_peers_capacity": ("bench_peers", ["--capacity"]),
+}
 
 
 def parse_args(argv=None):
@@ -161,6 +165,7 @@ TABLES = {
     "quality": quality.table,
     "bench_memory": bench_memory.table,
     "bench_peers": bench_peers.table,
+    "bench_peers_capacity": bench_peers.capacity_table,
     "bench_paging": bench_paging.table,
     "bench_capacity": bench_capacity.table,
     "bench_inference": bench_inference.table,

@@ -453,7 +453,23 @@ def capacity(args, prov: dict) -> dict:
     title = f"Largest trainable DiT per method ({bench_capacity.DEPTH} layers, batch 8, fp32 + AdamW)"
     md = "\n".join(common.header(title, prov, args.quick) + capacity_table(record)) + "\n"
     common.write("bench_peers_capacity", prov, record, md, args.out)
+    if "status" in record:
+        common.pending_figure("bench_peers_capacity", prov, args.out)
+    else:
+        _capacity_plot(record, prov, args.out)
     return record
+
+
+def _capacity_plot(record: dict, prov: dict, out: Path) -> None:
+    fig, ax = common.figure(6, 3.2)
+    for method in record["settings"]["methods"]:
+        cs = sorted((c for c in record["cells"] if c["mode"] == method), key=lambda c: c["cap_gb"])
+        ys = [c["largest"]["params"] / 1e9 if c["largest"] else 0 for c in cs]
+        ax.plot([c["cap_gb"] for c in cs], ys, "o-", label=METHODS[method])
+    ax.set_xlabel("GPU memory cap (GB)")
+    ax.set_ylabel("largest trainable model (B params)")
+    ax.legend(fontsize=6)
+    common.save_figure(fig, "bench_peers_capacity", prov, out)
 
 
 def main(argv=None) -> dict:

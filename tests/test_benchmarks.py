@@ -31,6 +31,7 @@ NAMES = [
     "bench_peers",
     "bench_paging",
     "bench_capacity",
+    "bench_peers_capacity",
     "bench_inference",
     "bench_distributed",
     "bench_kernels",
@@ -197,9 +198,11 @@ def test_peers_record_has_every_method_and_says_what_needs_cuda(quick):
 def test_gpu_only_records_say_why_they_have_no_figure_without_a_gpu(quick):
     paging = json.loads((quick / f"bench_paging-{DEV}.json").read_text())
     capacity = json.loads((quick / f"bench_capacity-{DEV}.json").read_text())
+    peers = json.loads((quick / f"bench_peers_capacity-{DEV}.json").read_text())
     if DEV == "cpu":
         assert "not applicable without CUDA" in paging["status"] and "not applicable" in capacity["status"]
         assert "bandwidth" not in paging and "steps" not in paging and "cells" not in capacity
+        assert "not applicable" in peers["status"] and "cells" not in peers
     else:
         assert paging["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0
         assert capacity["cells"][0]["largest"] is not None
