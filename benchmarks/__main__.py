@@ -32,6 +32,7 @@ from benchmarks import (  # noqa: E402
     bench_memory,
     bench_memory_diffusers,
     bench_paging,
+    bench_peers,
     common,
     kernels_compiled,
     quality,
@@ -47,8 +48,10 @@ SCRIPTS = [
     ("quality_vit", "How good for classification: does a block-wise ViT match the end-to-end one?"),
     ("quality", "How good across the paper's tasks: image generation, classification, language models?"),
     ("bench_memory", "How much memory does block-wise training need?"),
+    ("bench_peers", "How does it compare with checkpointing, CPU-offloaded optimizers and block swapping?"),
     ("bench_paging", "How fast is paging blocks between host and GPU?"),
     ("bench_capacity", "What is the largest model I can train on my GPU?"),
+    ("bench_peers_capacity", "What is the largest model each alternative trains under 12, 16 and 24 GB?"),
     ("bench_inference", "How fast is sampling with B blocks?"),
     ("bench_distributed", "How does training scale over processes and GPUs?"),
     ("bench_kernels", "How fast are the fused kernels?"),
@@ -58,7 +61,10 @@ SCRIPTS = [
     ("bench_memory_diffusers", "How much memory does a LoRA step of a Flux-size transformer take?"),
 ]
 # a record that one script writes under another name, with the arguments that make it
-COMMANDS = {"quality_digits_flow": ("quality_digits", ["--flow"])}
+COMMANDS = {
+    "quality_digits_flow": ("quality_digits", ["--flow"]),
+    "bench_peers_capacity": ("bench_peers", ["--capacity"]),
+}
 
 
 def parse_args(argv=None):
@@ -165,6 +171,8 @@ TABLES = {
     "quality_vit": quality_vit.table,
     "quality": quality.table,
     "bench_memory": bench_memory.table,
+    "bench_peers": bench_peers.table,
+    "bench_peers_capacity": bench_peers.capacity_table,
     "bench_paging": bench_paging.table,
     "bench_capacity": bench_capacity.table,
     "bench_inference": bench_inference.table,

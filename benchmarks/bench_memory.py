@@ -70,37 +70,43 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(spec: dict) -> dict:
-    """One configuration, in its own process: train a few steps and report the peak."""
+def random_images(m: dict, n: int):
+    """n random images and labels for model config m: memory does not depend on what they show."""
     import numpy as np
 
-    import dblocks_fast as dbf
     from dblocks_fast.data import ImageData
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (n, m["channels"], m["image_size"], m["image_size"])).astype(np.float32)
+    labels = torch.from_numpy(rng.integers(0, m["num_classes"], n))
+    return ImageData(torch.from_numpy(images), labels, m["num_classes"], "random")
+
+
+def warm_up(m: dict, data, batch_size: int, device: str) -> int:
+    """Train one step of a tiny model, so torch's own lazily allocated state (thread pools, kernels) is in
+    the baseline; returns that baseline RSS, which holds everything but the configuration's model."""
+    import dblocks_fast as dbf
     from dblocks_fast.tasks import DiTConfig, ImageGeneration
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    m = MODELS[spec["model"]]
-    n = 4 * spec["batch_size"]
-    rng = np.random.default_rng(0)  # random images: memory does not depend on what they show
-    images = rng.uniform(-1, 1, (n, m["channels"], m["image_size"], m["image_size"])).astype(np.float32)
-    data = ImageData(
-        torch.from_numpy(images),
-        torch.from_numpy(rng.integers(0, m["num_classes"], n)),
-        m["num_classes"],
-        "random",
-    )
-    task = ImageGeneration(DiTConfig(**m))
-    device = torch.device(spec["device"])
-    # warm up torch's own lazily allocated state (thread pools, kernels) with a tiny model, so the baseline
-    # holds everything but this configuration's model
     tiny = ImageGeneration(
         DiTConfig(**{**MODELS["tiny"], **{k: m[k] for k in ("image_size", "channels", "num_classes")}})
     )
-    warm = dict(
-        steps_per_block=1, batch_size=spec["batch_size"], warmup=1, progress=False, device=spec["device"]
-    )
+    warm = dict(steps_per_block=1, batch_size=batch_size, warmup=1, progress=False, device=device)
     dbf.Trainer(tiny, data, dbf.TrainConfig(num_blocks=1, **warm)).fit()
-    baseline = _rss_now()
+    return _rss_now()
+
+
+def worker(spec: dict) -> dict:
+    """One configuration, in its own process: train a few steps and report the peak."""
+    import dblocks_fast as dbf
+    from dblocks_fast.tasks import DiTConfig, ImageGeneration
+
+    m = MODELS[spec["model"]]
+    data = random_images(m, 4 * spec["batch_size"])
+    task = ImageGeneration(DiTConfig(**m))
+    device = torch.device(spec["device"])
+    baseline = warm_up(m, data, spec["batch_size"], spec["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     config = dbf.TrainConfig(

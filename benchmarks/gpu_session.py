@@ -19,7 +19,8 @@ calls with a machine start fit the 15 minutes):
         step       bench_block_step.py: a DiT-XL/2 block's training step, ours vs eager vs torch.compile
         memory     bench_memory.py --blocks 8 4 --offload none: peak memory, end to end vs B = 8 and 4
         sanitizer  compute-sanitizer memcheck over the CUDA ops (racecheck: a stage of its own, for later)
-        (issue 23's bench_peers: a stage of its own after `step`, its seconds taken from `kernels`/`step`)
+        (bench_peers, the diffusers LoRA memory: stages `peers`, `peers-capacity`, `diffusers`, each a call of
+        its own in a later lease; the 15 minutes of one lease go to the plan)
     call 2, optional, --budget 180, only if the machine is still warm from call 1 (it stays 30 s: call at
     once) or 4 minutes of device time are left: build (reuses _C), paging, capacity.
 Every stage writes its results as it goes (the benchmarks rewrite their record after each row, pytest logs
@@ -79,7 +80,6 @@ STAGES: dict[str, tuple[int, list[str]]] = {
         60,
         [PY, "benchmarks/bench_memory.py", "--device", "cuda", "--blocks", "8", "4", "--offload", "none"],
     ),
-    # issue 23: a "peers" stage (bench_peers.py) goes here, with its seconds taken from "kernels"
     "sanitizer": (40, [*PYTEST, "-k", "compute_sanitizer and memcheck"]),
     "racecheck": (60, [*PYTEST, "-k", "compute_sanitizer and racecheck"]),
     "paging": (60, [PY, "benchmarks/bench_paging.py"]),
@@ -106,7 +106,6 @@ class Call:
 
 
 PLAN = [
-    # issue 23: insert ("peers", N) after ("step", 60) and take its N seconds from "kernels" and "step"
     Call(
         540,
         (("build", 110), ("tests", 130), ("kernels", 120), ("step", 60), ("memory", 60), ("sanitizer", 40)),
@@ -120,6 +119,12 @@ PLAN = [
         "optional: at once while call 1's machine is warm (30 s), else only with 4 minutes of device time",
     ),
 ]
+
+# --- issue 23: bench_peers (checkpointing, torchao's CPU-offloaded AdamW, block swapping vs DiffusionBlocks);
+# kept apart from the plan above. One call: `python benchmarks/gpu_session.py --print-command build peers`;
+# the per-method capacity under 12/16/24 GB is a second call's `build peers-capacity`.
+STAGES["peers"] = (420, [PY, "benchmarks/bench_peers.py", "--device", "cuda"])
+STAGES["peers-capacity"] = (540, [PY, "benchmarks/bench_peers.py", "--capacity", "--budget", "{left}"])
 
 
 def parse_args(argv=None):

@@ -28,8 +28,10 @@ NAMES = [
     "quality_vit",
     "quality",
     "bench_memory",
+    "bench_peers",
     "bench_paging",
     "bench_capacity",
+    "bench_peers_capacity",
     "bench_inference",
     "bench_distributed",
     "bench_kernels",
@@ -176,12 +178,32 @@ def test_memory_record(quick):
         assert r["peak_bytes"] > 0 and r["ratio_end_to_end_over_this"] > 0 and r["params"] > 0
 
 
+def test_peers_record_has_every_method_and_says_what_needs_cuda(quick):
+    from benchmarks.bench_peers import METHODS
+
+    record = json.loads((quick / f"bench_peers-{DEV}.json").read_text())
+    assert [r["method"] for r in record["rows"]] == list(METHODS) and record["complete"]
+    for r in record["rows"]:
+        if DEV == "cpu" and r["method"].startswith("e2e-offload"):  # torchao's offload needs CUDA
+            assert r["status"].startswith(("not applicable without CUDA", "not run: No module named"))
+            continue
+        assert r["status"] == "ok" and r["pass_s"] > 0 and r["step_mean_s"] > 0 and r["params"] > 0
+        blocks = 1 if r["method"].startswith("e2e") else record["settings"]["num_blocks"]
+        assert len(r["step_s"]) == record["settings"]["steps"] * blocks + (blocks == 1)
+        assert r["pass_s"] == pytest.approx(r["step_mean_s"] * blocks)
+    assert record["rows"][0]["memory_e2e_over_this"] == 1.0
+    table = (quick / f"bench_peers-{DEV}.md").read_text()
+    assert "| DiffusionBlocks B=2, disk-paged |" in table and "| end to end + checkpointing |" in table
+
+
 def test_gpu_only_records_say_why_they_have_no_figure_without_a_gpu(quick):
     paging = json.loads((quick / f"bench_paging-{DEV}.json").read_text())
     capacity = json.loads((quick / f"bench_capacity-{DEV}.json").read_text())
+    peers = json.loads((quick / f"bench_peers_capacity-{DEV}.json").read_text())
     if DEV == "cpu":
         assert "not applicable without CUDA" in paging["status"] and "not applicable" in capacity["status"]
         assert "bandwidth" not in paging and "steps" not in paging and "cells" not in capacity
+        assert "not applicable" in peers["status"] and "cells" not in peers
     else:
         assert paging["bandwidth"]["paging_GBps"]["swap_both_directions"] > 0
         assert capacity["cells"][0]["largest"] is not None
