@@ -240,6 +240,10 @@ def test_untrained_model_scores_exactly_eight_bits_and_generates_bytes():
     data = _text()
     task = _tiny(data)
     model = BlockModel.create(task, Masking(3), [1, 1, 1], seed=0)
+    fresh = elbo_bits_per_byte(model, data, num_levels=6, max_windows=10, batch_size=7)
+    assert abs(fresh - math.log2(256)) < 0.05  # the head's small initial weights: near-uniform logits
+    for block in model.blocks:  # a zero head gives exactly uniform logits: the estimator must give 8 bits
+        torch.nn.init.zeros_(block.head.linear.weight)
     bpb = elbo_bits_per_byte(model, data, num_levels=6, max_windows=10, batch_size=7)
     assert abs(bpb - math.log2(256)) < 1e-6
     out = generate(model, 5, num_steps=6, prompt=b"the")
