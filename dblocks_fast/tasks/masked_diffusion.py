@@ -64,7 +64,7 @@ class MDMConfig:
     num_layers: int = 12  # L, layers of the whole model, split over the blocks
     mlp_ratio: float = 4.0  # MLP width / hidden
     t_min: float = 1e-3  # lowest masking level trained at (caps the ELBO weight 1/t at 1/t_min); in (0, 1)
-    rope: bool = False  # rotary positions in attention (besides the position table); False = the table only
+    rope: bool = True  # rotary positions in attention (besides the position table); False = the table only
 
     def validate(self) -> None:
         for name in ("seq_len", "hidden", "heads", "num_layers"):
@@ -96,7 +96,8 @@ class MDMBlock(nn.Module):
         self.layers = nn.ModuleList(AdaLNZeroLayer(d, cfg.heads, cfg.mlp_ratio) for _ in range(num_layers))
         for layer in self.layers:
             # a masked byte is predicted from its unmasked neighbours, so attention must find positions
-            # relative to its own; with the learned table alone that is slow to learn (issue 21)
+            # relative to its own; with the learned table alone that is slow to learn (issue 21: 12 layers,
+            # 300 steps, end to end on the easy text, 4.01 bits per byte without, 1.20 with; floor 4.05)
             layer.attn.rope = cfg.rope
         self.head = AdaLNFinalLayer(d, VOCAB)
         init_linears_(self)
