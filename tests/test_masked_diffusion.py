@@ -370,33 +370,31 @@ def test_block_model_denoise_routes_t_to_its_block():
         model.denoise(tokens, torch.tensor([0.9, 0.1], dtype=torch.float64), None)
 
 
-def _toy_elbo(steps: int, head_std: float | None = None, seed: int = 0) -> float:
+def _toy_elbo(steps: int, zero_head: bool = False, rope: bool = True, seed: int = 0) -> float:
     """ELBO (bits per byte) of a 2-layer end-to-end MDM trained `steps` steps on "abcabc..." (16-byte
-    windows, so each window starts at one of three phases); head_std overrides the head's initial std."""
+    windows, so each window starts at one of three phases); zero_head: DiT's zero-initialised head weights."""
     from dblocks_fast import train
 
     data = TextData(torch.frombuffer(bytearray(b"abc" * 2000), dtype=torch.uint8), 16)
-    task = MaskedDiffusionLM.for_data(data, hidden=32, heads=2, num_layers=2)
-    if head_std is not None:
+    task = MaskedDiffusionLM.for_data(data, hidden=32, heads=2, num_layers=2, rope=rope)
+    if zero_head:
         build = task.build_block
 
         def build_block(index, layers):
             block = build(index, layers)
-            torch.nn.init.normal_(block.head.linear.weight, std=head_std) if head_std else None
-            if head_std == 0:
-                torch.nn.init.zeros_(block.head.linear.weight)
+            torch.nn.init.zeros_(block.head.linear.weight)
             return block
 
         task.build_block = build_block
-    model = train(
-        task, data, _config(num_blocks=1, steps_per_block=steps, batch_size=32, lr=1e-3, warmup=10, seed=seed)
-    )
-    return elbo_bits_per_byte(model, data, max_windows=48)
+    cfg = _config(num_blocks=1, steps_per_block=steps, batch_size=32, lr=1e-3, warmup=10, seed=seed)
+    return elbo_bits_per_byte(train(task, data, cfg), data, max_windows=48)
 
 
 def test_two_layers_learn_a_periodic_toy_language():
     """Issue 21: any unmasked byte of "abcabc..." gives every masked one, so the ELBO must fall far below
-    the log2(3) = 1.58 bits of the byte frequencies (the floor) within 200 steps. With DiT's zero-initialised
-    head weights the same model stays at the floor: the measurement that found the cause."""
+    the log2(3) = 1.58 bits of the byte frequencies (the floor) within 200 steps, with or without rotary
+    positions. The model as it was (DiT's zero-initialised head weights, no rotary positions) stays at the
+    floor: the measurement that found the cause."""
     assert _toy_elbo(200) < 0.5
-    assert _toy_elbo(200, head_std=0) > 1.5
+    assert _toy_elbo(200, rope=False) < 0.5
+    assert _toy_elbo(200, zero_head=True, rope=False) > 1.5
