@@ -51,6 +51,13 @@ def parse_args(argv=None):
     ap.add_argument("--steps-per-block", type=int, help="optimizer steps of every block (default: preset's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
     ap.add_argument("--eval-windows", type=int, default=1024, help="validation windows scored")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help="ar, mdm: a text file or folder instead of the standard library (rows named task@name)",
+    )
+    ap.add_argument("--warmup", type=int, help="warm-up steps of every block (default: preset's)")
+    ap.add_argument("--lr", type=float, help="peak learning rate (default: preset's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="tiny run: checks the pipeline, measures nothing")
@@ -64,6 +71,10 @@ def _config(preset, args, seed: int, device: torch.device, quick_overrides: dict
         cfg.update(quick_overrides)
     if args.steps_per_block:
         cfg["steps_per_block"] = args.steps_per_block
+    if args.warmup is not None:
+        cfg["warmup"] = args.warmup
+    if args.lr is not None:
+        cfg["lr"] = args.lr
     return dbf.TrainConfig(**cfg, seed=seed, device=str(device), progress=False, out_dir=None)
 
 
@@ -73,7 +84,7 @@ def run_ar(args, device: torch.device) -> dict:
     from dblocks_fast.tasks.autoregressive import baseline_bits_per_byte, bits_per_byte, train_baseline
 
     preset = PRESETS["pystdlib-ar"]
-    train_data, val_data = preset.load_data(None, "train"), preset.load_data(None, "test")
+    train_data, val_data = preset.load_data(args.data, "train"), preset.load_data(args.data, "test")
     overrides = {}
     if args.quick:
         overrides = dict(hidden=16, heads=2, num_layers=4, emb_dim=16)
@@ -86,10 +97,13 @@ def run_ar(args, device: torch.device) -> dict:
         t0 = time.perf_counter()
         baseline = train_baseline(task, train_data, cfg)
         base_s = time.perf_counter() - t0
+        # block 0's peer: a causal LM with block 0's layers (L/B), the same steps
+        small = train_baseline(task, train_data, cfg, num_layers=task.num_layers // cfg.num_blocks)
         t0 = time.perf_counter()
         model = dbf.train(task, train_data, cfg)
         blocks_s = time.perf_counter() - t0
         base_bpb = baseline_bits_per_byte(baseline, val_data, max_windows=windows)
+        small_bpb = baseline_bits_per_byte(small, val_data, max_windows=windows)
         t0 = time.perf_counter()
         blocks_bpb = bits_per_byte(model, val_data, max_windows=windows, seed=seed)
         eval_s = time.perf_counter() - t0
@@ -116,6 +130,7 @@ def run_ar(args, device: torch.device) -> dict:
                 baseline=base_bpb,
                 blocks=blocks_bpb,
                 blocks_first_block=first_bpb,
+                baseline_block0_layers=small_bpb,
                 baseline_train_s=base_s,
                 blocks_train_s=blocks_s,
                 blocks_eval_s=eval_s,
@@ -124,7 +139,7 @@ def run_ar(args, device: torch.device) -> dict:
         )
         print(
             f"ar seed {seed}: bits/byte end to end {base_bpb:.3f}, blocks (last step) {blocks_bpb:.3f}, "
-            f"block 0 alone {first_bpb:.3f}",
+            f"block 0 alone {first_bpb:.3f}, causal LM of block 0's layers {small_bpb:.3f}",
             flush=True,
         )
     return _row(
@@ -137,6 +152,7 @@ def run_ar(args, device: torch.device) -> dict:
         "lower",
         windows,
         gen=gen,
+        data=val_data,
     )
 
 
@@ -205,7 +221,7 @@ def run_recurrent(args, device: torch.device) -> dict:
         )
     metric = "validation bits per byte (denoiser: its one-step prediction)"
     return _row("recurrent", "pystdlib-recurrent", task, cfg, runs, metric, "lower", windows,
-                recurrent=dict(config=vars(rcfg), iterations=k))  # fmt: skip
+                data=val_data, recurrent=dict(config=vars(rcfg), iterations=k))  # fmt: skip
 
 
 def run_mdm(args, device: torch.device) -> dict:
@@ -213,7 +229,7 @@ def run_mdm(args, device: torch.device) -> dict:
     from dblocks_fast.tasks.masked_diffusion import elbo_bits_per_byte
 
     preset = PRESETS["pystdlib-mdm"]
-    train_data, val_data = preset.load_data(None, "train"), preset.load_data(None, "test")
+    train_data, val_data = preset.load_data(args.data, "train"), preset.load_data(args.data, "test")
     overrides = dict(hidden=16, heads=2, num_layers=3) if args.quick else {}
     task = preset.make_task(train_data, **overrides)
     windows = min(args.eval_windows, len(val_data))
@@ -234,10 +250,26 @@ def run_mdm(args, device: torch.device) -> dict:
         print(
             f"mdm seed {seed}: ELBO bits/byte end to end {base_bpb:.3f}, blocks {blocks_bpb:.3f}", flush=True
         )
-    return _row("mdm", "pystdlib-mdm", task, cfg, runs, "validation ELBO bits per byte", "lower", windows)
+    metric = "validation ELBO bits per byte"
+    return _row("mdm", "pystdlib-mdm", task, cfg, runs, metric, "lower", windows, data=val_data)
 
 
-def _row(name, preset, task, cfg, runs, metric, better, windows, **extra) -> dict:
+def _row(name, preset, task, cfg, runs, metric, better, windows, data=None, **extra) -> dict:
+    """A task's row; with `data` (a language model's validation TextData) also the byte-frequency floor of
+    the windows scored and whether each model learned (is more than 0.1 bits below it)."""
+    from dblocks_fast.tasks.text import byte_frequency_bits, learned
+
+    if data is not None:
+        floor = byte_frequency_bits(data, windows)
+        extra.update(
+            data=data.name,
+            floor=floor,
+            baseline_learned=all(learned(r["baseline"], floor) for r in runs),
+            blocks_learned=all(learned(r["blocks"], floor) for r in runs),
+        )
+        if not data.name.startswith("pystdlib"):
+            name = f"{name}@{data.name.split('[')[0]}"
+
     def mean_std(key):
         vals = [r[key] for r in runs]
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -323,15 +355,15 @@ def main(argv=None) -> dict:
     if path.is_file():  # keep the rows of tasks not run now (from a record of the same kind)
         old = json.loads(path.read_text())
         if bool(old.get("quick")) == args.quick:
-            rows = {r["task"]: r for r in old["rows"] if r["task"] in TRAINED}
+            rows = {r["task"]: r for r in old["rows"] if r["task"].split("@")[0] in TRAINED}
     for name in args.task:
         start = time.perf_counter()
         row = {"ar": run_ar, "mdm": run_mdm, "recurrent": run_recurrent}[name](args, device)
         row.update({k: prov[k] for k in ("device", "commit", "date", "command", "versions")})
         row["wall_s"] = time.perf_counter() - start
-        rows[name] = row
+        rows[row["task"]] = row
     rows.update({r["task"]: r for r in _rows_from_records(args.out, args.quick)})
-    ordered = [rows[k] for k in ORDER if k in rows]
+    ordered = [rows[k] for t in ORDER for k in sorted(rows) if k.split("@")[0] == t]
     record = {"quick": args.quick, "rows": ordered}
     md = "\n".join([*common.header("Block-wise vs end-to-end, every task", prov, args.quick), *table(record)])
     out = common.write("quality", prov, record, md + "\n", args.out)
@@ -339,6 +371,26 @@ def main(argv=None) -> dict:
     print(md)
     print(f"wrote {out}")
     return record
+
+
+def _floor(r: dict) -> str:
+    if "floor" in r:
+        return f"{r['floor']:.3f}"
+    is_lm = r["task"].split("@")[0] in TRAINED
+    return "not recorded (rerun)" if is_lm else "-"
+
+
+def _mark(r: dict, key: str) -> str:
+    return " (not learned)" if r.get(f"{key}_learned") is False else ""
+
+
+def _verdict(r: dict, fmt: str) -> str:
+    """'better by' of a row, or 'not learned' when neither model is 0.1 bits below the floor."""
+    if r.get("baseline_learned") is False and r.get("blocks_learned") is False:
+        return "not learned"
+    if "floor" not in r and r["task"].split("@")[0] in TRAINED:
+        return f"{fmt.format(_gap(r))} (floor unknown)"
+    return fmt.format(_gap(r))
 
 
 def _gap(r: dict) -> float:
@@ -353,9 +405,14 @@ def table(record: dict) -> list[str]:
         "end-to-end baseline takes in all. 'better by' is DiffusionBlocks' advantage (negative: it is "
         "behind). Each row has its own provenance (the JSON holds every setting).",
         "",
-        "| task | metric | end to end | DiffusionBlocks | B | better by | steps per block | train s (e2e / "
-        "blocks) | commit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Language-model rows show the floor: the entropy of the byte frequencies of the same validation "
+        "windows, what a model that knows only how often each byte occurs scores. A model within "
+        "0.1 bits per byte of it has learned nothing more ('not learned'), and a row where both are is "
+        "never 'equal'.",
+        "",
+        "| task | metric | end to end | DiffusionBlocks | B | better by | floor | steps per block | train s "
+        "(e2e / blocks) | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
         fmt = "{:.3f}" if abs(r["baseline"]) < 100 else "{:.1f}"
@@ -369,20 +426,27 @@ def table(record: dict) -> list[str]:
         )
         lines.append(
             f"| {r['task']} ({r['preset']}) | {r['metric']} ({sign} is better) | "
-            f"{base} | {blocks} | {r['num_blocks']} | {fmt.format(_gap(r))} | {r['steps_per_block']} | "
-            f"{train} | {r['commit']} |"
+            f"{base}{_mark(r, 'baseline')} | {blocks}{_mark(r, 'blocks')} | {r['num_blocks']} | "
+            f"{_verdict(r, fmt)} | {_floor(r)} | {r['steps_per_block']} | {train} | {r['commit']} |"
         )
     for r in record["rows"]:
-        if r["task"] != "ar" or "generative" not in r["runs"][0]:
+        if r["task"].split("@")[0] != "ar" or "generative" not in r["runs"][0]:
             continue
         g = r["runs"][0]
         lines += [
             "",
-            f"ar: the 'last step' figure is the cross-entropy of the last denoising step's logits (what the "
-            f"issue asks for). One deterministic Euler step per block makes the chain a sampler: its last "
-            f"logits peak on the byte it drew, so this is not a likelihood. Block 0 alone at sigma_max (the "
-            f"context-only predictor, 1/B of the layers) scores {g['blocks_first_block']:.3f} bits per byte "
-            f"(seed {g['seed']}).",
+            f"{r['task']}: the 'last step' figure is the cross-entropy of the last denoising step's logits "
+            f"(what the issue asks for). One deterministic Euler step per block makes the chain a sampler: "
+            f"its last logits peak on the byte it drew, so this is not a likelihood. Block 0 alone at "
+            f"sigma_max (the context-only predictor, 1/B of the layers) scores "
+            f"{g['blocks_first_block']:.3f} bits per byte "
+            f"(seed {g['seed']})"
+            + (
+                f", a causal LM with the same {r['model']['config']['num_layers'] // r['num_blocks']} layers "
+                f"and steps {g['baseline_block0_layers']:.3f}."
+                if "baseline_block0_layers" in g
+                else "."
+            ),
             "",
             f"ar, generation: continuations of {r['gen']['num']} validation prompts, "
             f"{r['gen']['new_len']} new bytes each, scored by the end-to-end model (a greedy generator "

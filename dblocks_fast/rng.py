@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["INIT", "TRAIN", "DATA", "ORDER", "SAMPLE", "EVAL", "derive_seed", "generator"]
+__all__ = ["INIT", "TRAIN", "DATA", "ORDER", "SAMPLE", "EVAL", "WINDOW", "derive_seed", "generator"]
 
 # stream ids: one per use, so no two uses ever share numbers
-INIT, TRAIN, DATA, ORDER, SAMPLE, EVAL = range(6)
+INIT, TRAIN, DATA, ORDER, SAMPLE, EVAL, WINDOW = range(7)  # WINDOW: training windows' random offsets
 
 
 def derive_seed(*parts: int) -> int:

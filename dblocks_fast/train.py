@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import distributed, ops, optim, rng, storage
 from .checkpoint import FORMAT, RunFolder, RunInUse
 from .config import TrainConfig
+from .data import training_batch
 from .lr import lr_at
 from .model import AbsentBlock, BlockModel, build_block, layer_ranges, split_layers
 from .tasks.base import check_protocol
@@ -236,8 +237,9 @@ class Trainer:
         block, opt = self.model.blocks[b], self.optimizers[b]
         self.storage.activate(b)
         lo, hi = self.comm.placement.rows(cfg.batch_size)
-        indices = self._batch_indices(b, s)[lo:hi]
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.batch(indices).items()}
+        indices = self._batch_indices(b, s)
+        batch = training_batch(self.data, indices, cfg.seed, b, s, (lo, hi))
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         g = rng.generator(self.device, cfg.seed, rng.TRAIN, b, s)
         level = self.schedule.sample(b, cfg.batch_size, g, self.device)[lo:hi]
         for group in opt.param_groups:

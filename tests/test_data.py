@@ -152,3 +152,70 @@ def test_npz_class_bound_grows_with_the_images_up_to_max_classes(tmp_path):
     np.savez(p, images=np.zeros((20, 2, 2), np.uint8), labels=np.array([0, 1999] * 10))
     with pytest.raises(ValueError, match="never more than 500\\)"):
         load_image_npz(p, "all", max_classes=500)
+
+
+def test_training_windows_start_at_random_offsets_and_validation_on_the_grid(tmp_path):
+    from dblocks_fast.data import TextData, load_text, training_batch
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(bytes(range(256)) * 8)
+    train, val = load_text(path, "train", 16), load_text(path, "test", 16)
+    assert train.random_offsets and not val.random_offsets
+    assert train.with_seq_len(8).random_offsets
+    idx = torch.arange(0, 64, 5)
+    a = training_batch(train, idx, seed=3, block=1, step=7)["tokens"]
+    assert torch.equal(a, training_batch(train, idx, seed=3, block=1, step=7)["tokens"])
+    assert not torch.equal(a, training_batch(train, idx, seed=3, block=1, step=8)["tokens"])
+    assert not torch.equal(a, training_batch(train, idx, seed=3, block=2, step=7)["tokens"])
+    starts = (
+        a[:, 0] - idx * 16
+    ) % 256  # the bytes are 0..255 repeated, so a window's first byte is its start
+    assert int(starts.min()) >= 0 and int(starts.max()) < 16 and len(set(starts.tolist())) > 3
+    assert torch.equal(
+        (a[:, 1:] - a[:, :-1]) % 256, torch.ones(len(idx), 15, dtype=torch.long)
+    )  # contiguous bytes
+    # rows of a data-parallel split read exactly their part of the whole batch
+    assert torch.equal(training_batch(train, idx, 3, 1, 7, rows=(4, 9))["tokens"], a[4:9])
+    # the last window cannot run past the stream
+    last = torch.tensor([len(train) - 1] * 32)
+    assert training_batch(train, last, 0, 0, 0)["tokens"].shape == (32, 16)
+    # without random offsets (validation, or a TextData built directly) the grid, as batch() reads it
+    grid = TextData(train.data, 16)
+    assert torch.equal(training_batch(grid, idx, 3, 1, 7)["tokens"], grid.batch(idx)["tokens"])
+
+
+def _aligned_text_bits(random_offsets: bool) -> tuple[float, float]:
+    """A small causal LM trained on two sentences of even length (so on the fixed grid every sentence starts
+    at an even position of its window): bits per byte on the grid and on the grid shifted by one byte."""
+    import dblocks_fast as dbf
+    from dblocks_fast.data import TextData
+    from dblocks_fast.tasks.autoregressive import AutoregressiveLM, baseline_bits_per_byte, train_baseline
+
+    g = np.random.default_rng(0)
+    sentences = [b"a red fox.. ", b"two blue birds. "]
+    assert all(len(s) % 2 == 0 for s in sentences)
+    stream = b"".join(sentences[i] for i in g.integers(0, 2, 2000))
+    data = torch.frombuffer(bytearray(stream), dtype=torch.uint8)
+    train = TextData(data, 16, random_offsets=random_offsets)
+    task = AutoregressiveLM.for_data(train, hidden=32, heads=2, num_layers=2, emb_dim=16)
+    cfg = dbf.TrainConfig(
+        steps_per_block=150, batch_size=32, lr=3e-3, warmup=10, device="cpu", progress=False
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this small model runs fastest on one thread, and the CPU is shared
+    try:
+        model = train_baseline(task, train, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    on_grid = baseline_bits_per_byte(model, TextData(data, 16), max_windows=128)
+    shifted = baseline_bits_per_byte(model, TextData(data[1:], 16), max_windows=128)
+    return on_grid, shifted
+
+
+def test_random_offsets_remove_the_overfit_to_window_positions():
+    """Issue 21: trained on a fixed grid the model scores far worse one byte off the grid; trained at
+    random offsets it scores the same on both."""
+    on_grid, shifted = _aligned_text_bits(random_offsets=True)
+    assert on_grid < 1.5 and abs(shifted - on_grid) < 0.15, (on_grid, shifted)
+    fixed_on_grid, fixed_shifted = _aligned_text_bits(random_offsets=False)
+    assert fixed_shifted > fixed_on_grid + 0.5, (fixed_on_grid, fixed_shifted)

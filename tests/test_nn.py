@@ -52,3 +52,26 @@ def test_set_kernels():
         set_kernels(layer, "cudnn")
     with pytest.raises(ValueError, match="not divisible"):
         SelfAttention(10, 3)
+
+
+def test_rotary_positions_make_attention_scores_depend_on_relative_position_only():
+    from dblocks_fast.nn.attention import SelfAttention, rotary
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 9, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 9, generator=g)
+    k = k.double()
+    # the same q and k placed at positions (i, j): the score depends on i - j alone
+    t = 13
+    qs, ks = rotary(q.expand(1, 1, t, 9).contiguous()), rotary(k.expand(1, 1, t, 9).contiguous())
+    scores = (qs @ ks.transpose(-1, -2))[0, 0]
+    for d in (-4, 0, 3):
+        diag = torch.diagonal(scores, offset=d)
+        assert torch.allclose(diag, diag[:1].expand_as(diag), atol=1e-10), d
+    assert not torch.allclose(scores[5, 5], scores[5, 2])
+    assert torch.equal(rotary(q)[..., 8], q[..., 8])  # position 0 is not rotated; the odd channel never
+    # the layer flag: same weights, rope changes the output
+    attn = SelfAttention(8, 2)
+    x = torch.randn(2, 5, 8, generator=g)
+    plain = attn(x)
+    attn.rope = True
+    assert not torch.allclose(attn(x), plain)

@@ -37,17 +37,33 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def rotary(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoFormer, Su et al. 2021) of x (N, H, T, d) at positions 0..T-1: each
+    pair (x_k, x_{k + d/2}) is rotated by the angle t * base^(-k / (d/2)), so q . k depends on the relative
+    position. An odd last channel is left as it is."""
+    t, d = x.shape[-2], x.shape[-1]
+    half = d // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float32, device=x.device) / max(half, 1))
+    angle = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * freqs[None]
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, rope: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by the number of heads {heads}")
         self.heads = heads
+        self.rope = rope  # rotate q and k by position (`rotary`); a choice of the model, no weights
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rope:
+            q, k = rotary(q), rotary(k)
         out = attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))

@@ -20,6 +20,7 @@ from .autoregressive import ARBaselineLM, ARBlock, ARConfig, AutoregressiveLM
 from .classification import ImageClassification, ViTBlock, ViTClassifier, ViTConfig
 from .image_generation import DiTBlock, DiTConfig, ImageGeneration
 from .masked_diffusion import MaskedDiffusionLM, MDMBlock, MDMConfig
+from .text import byte_frequency_bits, learned
 
 __all__ = [
     "DiTBlock",
@@ -128,9 +129,12 @@ def _ar_evaluate(model, test_data, seed=0, windows=1024, iterations=None) -> dic
     )
     prompt = test_data.batch(torch.tensor([0, len(test_data) // 2]))["tokens"][:, : TEXT_SEQ_LEN // 2]
     out = generate(model, prompt.to(model.device), TEXT_SEQ_LEN // 2, seed=seed, **steps)
+    floor = byte_frequency_bits(test_data, windows)
     return {
         "bits_per_byte_last_step": last,
         "bits_per_byte_first_block": first,
+        "byte_frequency_floor": floor,
+        "first_block_learned": learned(first, floor),
         "validation_windows": min(windows, len(test_data)),
         "samples": _text(out.cpu()),
     }
@@ -157,8 +161,11 @@ def _mdm_evaluate(model, test_data, seed=0, windows=1024) -> dict:
     from .masked_diffusion import elbo_bits_per_byte, generate
 
     elbo = elbo_bits_per_byte(model, test_data, max_windows=windows, seed=seed)
+    floor = byte_frequency_bits(test_data, windows)
     return {
         "elbo_bits_per_byte": elbo,
+        "byte_frequency_floor": floor,
+        "learned": learned(elbo, floor),
         "validation_windows": min(windows, len(test_data)),
         "samples": _text(generate(model, 2, seed=seed)),
     }

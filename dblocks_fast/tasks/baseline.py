@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import rng
+from ..data import training_batch
 from ..lr import lr_at
 
 __all__ = ["train_end_to_end"]
@@ -51,7 +52,8 @@ def train_end_to_end(
                 epoch,
                 torch.randperm(n, generator=rng.generator("cpu", config.seed, rng.DATA, 0, epoch)),
             )
-        batch = {k: v.to(dev) for k, v in data.batch(perm[j * bs : (j + 1) * bs]).items()}
+        batch = training_batch(data, perm[j * bs : (j + 1) * bs], config.seed, 0, step)
+        batch = {k: v.to(dev) for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
         loss = loss_fn(model, batch)

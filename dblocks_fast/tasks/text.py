@@ -17,7 +17,21 @@ import torch.nn.functional as F
 
 from ..data import VOCAB_BYTES
 
-__all__ = ["require_text", "check_tokens", "check_generation", "eval_windows", "next_byte_bits", "pick_next"]
+__all__ = [
+    "require_text",
+    "check_tokens",
+    "check_generation",
+    "eval_windows",
+    "next_byte_bits",
+    "pick_next",
+    "byte_frequency_bits",
+    "NOT_LEARNED_MARGIN",
+    "learned",
+]
+
+# a language model within this many bits per byte of byte_frequency_bits has learned nothing beyond how often
+# each byte occurs (issue 21): results call such a row "not learned", never "equal"
+NOT_LEARNED_MARGIN = 0.1
 
 VOCAB = VOCAB_BYTES  # byte-level: one class per byte value
 
@@ -114,3 +128,19 @@ def pick_next(logits: torch.Tensor, temperature: float, generator: torch.Generat
         return logits.argmax(-1)
     probs = (logits.float().cpu() / temperature).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+
+
+def byte_frequency_bits(data, max_windows: int | None = None) -> float:
+    """The floor of a byte-level LM on `data`: the entropy (bits per byte) of the byte frequencies of the
+    windows eval_windows(data, max_windows), i.e. what a model that knows only how often each byte occurs
+    in that very text scores. A model must be well below it to have learned anything."""
+    idx = eval_windows(data, max_windows)
+    tokens = data.batch(idx)["tokens"].reshape(-1)
+    p = torch.bincount(tokens, minlength=VOCAB).double() / tokens.numel()
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def learned(bits: float, floor: float) -> bool:
+    """Whether a bits-per-byte figure is more than NOT_LEARNED_MARGIN below the byte-frequency floor."""
+    return bits < floor - NOT_LEARNED_MARGIN

@@ -10,6 +10,16 @@ A block's input is [clean tokens s_0..s_{T-1} | noisy tokens z_0..z_{T-1}] under
 and every block owns its whole network F: byte embedding of the clean tokens, the projection of c_in z, a
 position table used by both halves, a clean/noisy type embedding, its sigma embedding (the AdaLN
 conditioning of every token), its L/B AdaLN-Zero layers, and a head from each noisy token to 256 logits.
+
+Two choices found by measurement (issue 21; tiny model on an easy text, block 0 of B = 2 against a causal
+LM of its 2 layers, 200 steps: 4.15 against 2.29 bits per byte before, 2.40 after):
+- noisy token i also holds the embedding of byte s_{i-1} (one it may see anyway; zero for i = 0), as the
+  causal model's token i-1 holds its own byte. Without it block 0 must first learn to find position i-1
+  through the position table before it can use any context (3.49 -> 2.37 at sigma = 2).
+- the sigma embedding reads min(sigma, cond_sigma_max) (2 by default): above it the noisy token is nearly
+  pure noise, and the training density (log-normal, P_mean -1.2, P_std 1.2) puts 0.2% of its draws above
+  sigma = 10, so the embedding of sigma_max = 80, where generation starts, was an untrained extrapolation
+  (block 0 scored 3.49 bits at sigma_max against 2.37 at sigma = 2).
 `ARBaselineLM` is the same transformer on the clean tokens alone, causal, with a learned constant
 conditioning vector.
 
@@ -48,6 +58,7 @@ class ARConfig:
     label_scale: float = 1.0  # length of E's rows (1 = L2-normalised, DESIGN.md)
     max_weight: float | None = 1e3  # clamp of the loss weight w(sigma) (2.5e5 at sigma=0.002); None = none
     sigma_data: float = 0.5  # EDM's sigma_data (c_in and w)
+    cond_sigma_max: float | None = 2.0  # blocks are conditioned on min(sigma, this); None = no clamp
 
     def validate(self) -> None:
         for name in ("hidden", "heads", "num_layers", "emb_dim"):
@@ -58,6 +69,8 @@ class ARConfig:
                 f"ARConfig.seq_len must be >= 2 (byte 0 has no context to predict from), got {self.seq_len}"
             )
         validate_target_fields(self)
+        if self.cond_sigma_max is not None and not self.cond_sigma_max > 0:
+            raise ValueError(f"ARConfig.cond_sigma_max must be positive or None, got {self.cond_sigma_max}")
 
 
 @functools.lru_cache(maxsize=32)
@@ -132,15 +145,25 @@ class ARBlock(_ARStem):
     def embed_clean(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         return self.embed_tokens(tokens, start) + self.type_embed[0]
 
-    def embed_noisy(self, z_in: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """c_in z (N, t, emb_dim) of positions start..start+t-1 -> (N, t, hidden); noisy i has position i."""
+    def embed_noisy(self, z_in: torch.Tensor, prev: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """c_in z (N, t, emb_dim) of positions start..start+t-1 -> (N, t, hidden); noisy i has position i and
+        the embedding of byte i - 1, prev (N, t) (-1 where there is none: position 0)."""
         self._check_len(z_in.shape[1], start)
-        return self.z_in(z_in) + self.pos_embed[start : start + z_in.shape[1]] + self.type_embed[1]
+        before = self.tok_embed(prev.clamp(min=0)) * (prev >= 0)[..., None]
+        return self.z_in(z_in) + before + self.pos_embed[start : start + z_in.shape[1]] + self.type_embed[1]
+
+    def condition(self, c_noise: torch.Tensor) -> torch.Tensor:
+        """The AdaLN conditioning vector of sigma (N,) given as c_noise = ln(sigma) / 4, sigma clamped at
+        cfg.cond_sigma_max (see the module docstring)."""
+        if self.cfg.cond_sigma_max is not None:
+            c_noise = c_noise.clamp(max=float(precond.c_noise(torch.tensor(self.cfg.cond_sigma_max))))
+        return self.sigma_embed(c_noise)
 
     def forward(self, tokens: torch.Tensor, c_noise: torch.Tensor, z_in: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
-        c = self.sigma_embed(c_noise)
-        h = torch.cat([self.embed_clean(tokens), self.embed_noisy(z_in.to(c.dtype))], dim=1)
+        c = self.condition(c_noise)
+        prev = F.pad(tokens[:, :-1], (1, 0), value=-1)
+        h = torch.cat([self.embed_clean(tokens), self.embed_noisy(z_in.to(c.dtype), prev)], dim=1)
         mask = _masks(t, h.device)[0]
         for layer in self.layers:
             h = layer(h, c, mask)
@@ -211,11 +234,12 @@ class StepCache:
         self.c: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.length = 0
+        self.last: torch.Tensor | None = None  # (N,) the last clean byte appended: s_{i-1} of noisy i
 
     def _cond(self, block: ARBlock, n: int, device: torch.device) -> torch.Tensor:
         if self.c is None:
             s = torch.full((n,), self.sigma, dtype=torch.float32, device=device)
-            self.c = block.sigma_embed(precond.c_noise(s))
+            self.c = block.condition(precond.c_noise(s))
         return self.c
 
     def append(self, block: ARBlock, tokens: torch.Tensor) -> None:
@@ -228,12 +252,17 @@ class StepCache:
         for i, layer in enumerate(block.layers):
             h, self.kv[i] = cached_layer_forward(layer, h, c, self.kv[i], mask)
         self.length += t
+        self.last = tokens[:, -1]
 
     def noisy_logits(self, block: ARBlock, z: torch.Tensor) -> torch.Tensor:
         """Logits (N, 256) of the noisy token at position `length` (z: (N, emb_dim)): it attends to all
         cached clean tokens (positions < length) and to itself, and is not cached."""
         c = self._cond(block, z.shape[0], z.device)
-        h = block.embed_noisy((self.c_in * z)[:, None], self.length)
+        if self.last is None:
+            prev = torch.full((z.shape[0], 1), -1, dtype=torch.long, device=z.device)
+        else:
+            prev = self.last[:, None]
+        h = block.embed_noisy((self.c_in * z)[:, None], prev, self.length)
         for i, layer in enumerate(block.layers):
             h, _ = cached_layer_forward(layer, h, c, self.kv[i])
         return block.head(h, c)[:, 0]

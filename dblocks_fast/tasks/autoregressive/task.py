@@ -168,12 +168,13 @@ def bits_per_byte(
 
 
 # --- the end-to-end baseline --------------------------------------------------------------------------------
-def train_baseline(task: AutoregressiveLM, data, config) -> ARBaselineLM:
+def train_baseline(task: AutoregressiveLM, data, config, num_layers: int | None = None) -> ARBaselineLM:
     """The plain causal transformer (all task.num_layers layers) trained end to end with next-byte CE for
     config.steps_per_block steps: what one block of a DiffusionBlocks run takes, so total layer evaluations
     are equal (B blocks x steps x L/B layers = L x steps; the blocks' sequences are twice as long). The loop
     is tasks.baseline.train_end_to_end (batch size, AdamW, learning-rate schedule, clipping and seed of
-    `config`; batches drawn as the Trainer draws block 0's)."""
+    `config`; batches drawn as the Trainer draws block 0's). num_layers: fewer layers than the task's (a
+    causal peer of one block), None = all."""
     task.check_data(data)
 
     def loss(model, batch):
@@ -181,7 +182,7 @@ def train_baseline(task: AutoregressiveLM, data, config) -> ARBaselineLM:
         logits = model(tokens)[:, :-1].float()
         return F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
-    return train_end_to_end(lambda: ARBaselineLM(task.config), data, config, loss)
+    return train_end_to_end(lambda: ARBaselineLM(task.config, num_layers), data, config, loss)
 
 
 @torch.no_grad()
