@@ -137,9 +137,29 @@ def test_an_old_masked_diffusion_run_loads_with_its_masking_process():
     manifest = checkpoint.read_manifest(FIXTURES / "mdm")
     assert manifest["format"] == "dblocks_fast.run/1" and "kind" not in manifest["schedule"]
     model = dbf.load(FIXTURES / "mdm", device="cpu")
+    assert model.task.config.rope is False  # it was trained before rotary positions: it runs without them
     assert model.schedule.kind == "masking" and model.schedule.num_blocks == 2
     assert model.schedule.to_dict() == dbf.Masking(2, 0.05, model.task.config.t_min).to_dict()
     data = _make.text_data()
     bpb = elbo_bits_per_byte(model, data, num_levels=4, max_windows=8)
     assert 0 < bpb < 8.5  # an ELBO in bits per byte of a briefly trained model (uniform logits give 8)
     assert generate(model, 2, num_steps=4, prompt=b"the").shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "task,added",
+    [
+        (dbf.tasks.AutoregressiveLM(dbf.tasks.ARConfig()), {"cond_sigma_max": None, "prev_byte": False}),
+        (dbf.tasks.MaskedDiffusionLM(dbf.tasks.MDMConfig()), {"rope": False}),
+    ],
+)
+def test_a_setting_added_since_a_run_was_saved_keeps_what_the_run_computed(task, added):
+    """Settings whose new default changes what a block computes: a manifest without them is a run trained
+    before them, so it loads with their old value; a manifest with them keeps its own."""
+    from dblocks_fast.tasks import task_from_dict
+
+    saved = task.to_dict()
+    assert all(saved["config"][k] != v for k, v in added.items())  # today's defaults differ
+    old = {**saved, "config": {k: v for k, v in saved["config"].items() if k not in added}}
+    assert {k: getattr(task_from_dict(old).config, k) for k in added} == added
+    assert task_from_dict(saved).config == task.config

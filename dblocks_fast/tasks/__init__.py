@@ -50,6 +50,13 @@ _TASKS = {
 }
 
 
+# settings added with a new default that changes what a saved block computes, and their value before
+_BEFORE = {
+    AutoregressiveLM.kind: {"cond_sigma_max": None, "prev_byte": False},
+    MaskedDiffusionLM.kind: {"rope": False},
+}
+
+
 def task_from_dict(d: dict):
     """Rebuild a task from its `to_dict()` (as saved in a run's manifest)."""
     kind = d.get("kind")
@@ -62,7 +69,8 @@ def task_from_dict(d: dict):
             f"unknown task kind {kind!r} in the run manifest; this version knows {sorted(_TASKS)}"
         )
     cls, cfg_cls = _TASKS[kind]
-    return cls(cfg_cls(**d["config"]))
+    # a run saved before a setting existed was trained without it: its absence means the old behaviour
+    return cls(cfg_cls(**{**_BEFORE.get(kind, {}), **d["config"]}))
 
 
 @dataclass

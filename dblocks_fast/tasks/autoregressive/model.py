@@ -59,6 +59,7 @@ class ARConfig:
     max_weight: float | None = 1e3  # clamp of the loss weight w(sigma) (2.5e5 at sigma=0.002); None = none
     sigma_data: float = 0.5  # EDM's sigma_data (c_in and w)
     cond_sigma_max: float | None = 2.0  # blocks are conditioned on min(sigma, this); None = no clamp
+    prev_byte: bool = True  # noisy token i also holds byte i-1's embedding; False = only the positions
 
     def validate(self) -> None:
         for name in ("hidden", "heads", "num_layers", "emb_dim"):
@@ -149,8 +150,10 @@ class ARBlock(_ARStem):
         """c_in z (N, t, emb_dim) of positions start..start+t-1 -> (N, t, hidden); noisy i has position i and
         the embedding of byte i - 1, prev (N, t) (-1 where there is none: position 0)."""
         self._check_len(z_in.shape[1], start)
-        before = self.tok_embed(prev.clamp(min=0)) * (prev >= 0)[..., None]
-        return self.z_in(z_in) + before + self.pos_embed[start : start + z_in.shape[1]] + self.type_embed[1]
+        h = self.z_in(z_in) + self.pos_embed[start : start + z_in.shape[1]] + self.type_embed[1]
+        if self.cfg.prev_byte:
+            h = h + self.tok_embed(prev.clamp(min=0)) * (prev >= 0)[..., None]
+        return h
 
     def condition(self, c_noise: torch.Tensor) -> torch.Tensor:
         """The AdaLN conditioning vector of sigma (N,) given as c_noise = ln(sigma) / 4, sigma clamped at
