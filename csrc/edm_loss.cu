@@ -57,6 +57,36 @@ struct alignas(sizeof(T) * V) Vec {
     T v[V];
 };
 
+// Store a Vec at dst (aligned to its size). On the GPU a 16-byte Vec goes out as one 128-bit store of four
+// packed 32-bit words: copying the struct compiled to 16-bit stores for __half/__nv_bfloat16 (class types)
+// and mostly 32-bit ones for float. The CPU emulator, which leaves __CUDA_ARCH__ undefined, runs the plain
+// copy.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ uint32_t word_at(const float* x) { return __float_as_uint(x[0]); }
+__device__ __forceinline__ uint32_t word_at(const __half* x) {
+    return uint32_t(__half_as_ushort(x[0])) | (uint32_t(__half_as_ushort(x[1])) << 16);
+}
+__device__ __forceinline__ uint32_t word_at(const __nv_bfloat16* x) {
+    return uint32_t(__bfloat16_as_ushort(x[0])) | (uint32_t(__bfloat16_as_ushort(x[1])) << 16);
+}
+#endif
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* dst, const Vec<T, V>& v) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (sizeof(T) * V == 16) {
+        constexpr int P = 4 / sizeof(T);  // elements a word
+        // inline PTX: nvcc split a plain uint4 store of these words into 32-bit ones
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(word_at(v.v)),
+                     "r"(word_at(v.v + P)), "r"(word_at(v.v + 2 * P)), "r"(word_at(v.v + 3 * P))
+                     : "memory");
+    } else
+#endif
+    {
+        *reinterpret_cast<Vec<T, V>*>(dst) = v;
+    }
+}
+
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
     loss_forward_kernel(const T* __restrict__ z, const T* __restrict__ f, const T* __restrict__ y,
@@ -153,9 +183,9 @@ __global__ void __launch_bounds__(kThreads)
                 fv.v[j] = dblocks::from_float<T>(k.c_out * d);
                 yv.v[j] = dblocks::from_float<T>(-d);
             }
-            if (dz) *reinterpret_cast<Vec<T, V>*>(dz + row + i) = zv;
-            if (df) *reinterpret_cast<Vec<T, V>*>(df + row + i) = fv;
-            if (dy) *reinterpret_cast<Vec<T, V>*>(dy + row + i) = yv;
+            if (dz) store_vec(dz + row + i, zv);
+            if (df) store_vec(df + row + i, fv);
+            if (dy) store_vec(dy + row + i, yv);
         }
     }
 }

@@ -147,3 +147,25 @@ def test_only_the_listed_csrc_spills_are_allowed_and_only_up_to_their_bytes():
     kc.allow_known_spills(rows)
     assert [r["status"] for r in rows] == ["known spill", "spills", "spills"]
     assert len(kc.failures({"triton": [], "nvcc": rows})) == 2
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed on this machine")
+def test_the_loss_backward_vector_path_stores_128_bits_at_a_time(tmp_path):
+    """csrc/edm_loss.cu's backward writes dz, df, dy: on its vector path (16 bytes a thread: fp32 x 4,
+    bf16/fp16 x 8) every global store in the sm_90 SASS is a 128-bit one (they were 16-bit for bf16/fp16)."""
+    import re
+
+    cubin = tmp_path / "edm_loss.cubin"
+    csrc = ROOT / "csrc"
+    cmd = ["nvcc", "-arch=sm_90", "-O3", "-std=c++17", f"-I{csrc}", f"-I{csrc / 'include'}", "-cubin",
+           "-o", str(cubin), str(csrc / "edm_loss.cu")]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    sass = subprocess.run([kc._tool("cuobjdump"), "--dump-sass", str(cubin)], capture_output=True, text=True)
+    kernels = {}
+    for body in re.split(r"\n\s*Function : ", sass.stdout)[1:]:
+        name = body.split("\n", 1)[0]
+        if "loss_backward_kernel" in name:
+            kernels[name] = re.findall(r"STG\.E[.\w]*", body)
+    vector = {n: s for n, s in kernels.items() if "Li4E" in n or "Li8E" in n}
+    assert len(vector) == 3 and len(kernels) == 6, list(kernels)
+    assert all(s and set(s) == {"STG.E.128"} for s in vector.values()), vector
