@@ -380,9 +380,19 @@ def _row(method: str, r: dict, e2e: dict | None, gpu: bool) -> dict:
     row["peak_bytes"] = r["peak_device_bytes"] if gpu else r["peak_rss_bytes"] - r["baseline_rss_bytes"]
     e2e = row if method == "e2e" else e2e
     if e2e is not None and e2e.get("status") == "ok":
-        row["memory_e2e_over_this"] = e2e["peak_bytes"] / row["peak_bytes"]
+        # None where this row's peak is not above its baseline: --quick runs every method in one process,
+        # whose peak RSS a method before it may already have set
+        row["memory_e2e_over_this"] = 1.0 if e2e is row else _ratio(e2e["peak_bytes"], row["peak_bytes"])
         row["pass_time_over_e2e"] = row["pass_s"] / e2e["pass_s"]
     return row
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def measure(args, device: torch.device, model: str, batch: int, prov: dict) -> dict:
@@ -516,11 +526,11 @@ def table(record: dict) -> list[str]:
             lines.append(f"| {label} | {r['status']} |" + " |" * (6 if gpu else 5))
             continue
         ratio = (
-            (f"{r['memory_e2e_over_this']:.2f}", f"{r['pass_time_over_e2e']:.2f}")
+            (_fmt(r["memory_e2e_over_this"]), _fmt(r["pass_time_over_e2e"]))
             if "pass_time_over_e2e" in r
             else ("-", "-")
         )
-        vs_ckpt = f"{ckpt['peak_bytes'] / r['peak_bytes']:.2f}" if ckpt else "-"
+        vs_ckpt = _fmt(_ratio(ckpt["peak_bytes"], r["peak_bytes"])) if ckpt else "-"
         cells = [
             label,
             ratio[0],
