@@ -105,17 +105,22 @@ def recording():
 
         return run
 
-    saved = (_utils.check_device, _utils.num_sms)
+    def programs_per_sm(kernel, args, consts, device):  # as on an sm_90 GPU: from this compile's occupancy
+        row = compile_launch(Launch(kernel, args, consts, (1,)))
+        return max(1, row["occupancy_warps"] // row["num_warps"])
+
+    saved = (_utils.check_device, _utils.num_sms, _utils.programs_per_sm)
     try:
         for k in kernels:
             k.run = recorder(k)  # an instance attribute: `kernel[grid](...)` calls self.run
         _utils.check_device = lambda op, **tensors: next(iter(tensors.values())).device
         _utils.num_sms = lambda device: SMS
+        _utils.programs_per_sm = programs_per_sm
         yield launches
     finally:
         for k in kernels:
             k.__dict__.pop("run", None)
-        _utils.check_device, _utils.num_sms = saved
+        _utils.check_device, _utils.num_sms, _utils.programs_per_sm = saved
 
 
 def _meta(*shape, dtype):
@@ -248,10 +253,9 @@ def inspect_cubin(cubin: bytes) -> dict:
 
 def occupancy(regs: int, warps: int, shared: int) -> int:
     """Warps an sm_90 SM holds (of 64): registers by warp in units of 256, 228 KiB shared, 32 blocks."""
-    warp_regs = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = (65536 // warp_regs) // warps
-    by_smem = (233472 // (shared + 1024)) if shared else 32
-    return max(0, min(32, 64 // warps, by_regs, by_smem)) * warps
+    from dblocks_fast.kernels import _utils
+
+    return _utils.resident_warps(regs, warps, shared)
 
 
 def compile_launch(launch: Launch) -> dict:

@@ -45,7 +45,8 @@ def compile_all() -> str:
     names = [p.name for p in fwd.kernel.params]
     out["adaln_fwd"] = {"signature": sig, "constexprs": {k: v for k, v in consts.items()}, "options": options,
                         "divisible_by_16": sorted(names[i] for (i,) in attrs)}  # fmt: skip
-    out["adaln_bwd_grid"] = list(next(x for x in xl if x.name == "adaln._bwd_kernel").grid)
+    bwd = next(x for x in xl if x.name == "adaln._bwd_kernel")
+    out["adaln_bwd"] = {"grid": list(bwd.grid), **_row(bwd)}
     s = kc.record_size(kc.BENCH_SIZES["DiT-S/2"])
     out["real"] = _row(next(x for x in s if x.name == "edm_loss._edm_loss_bwd_kernel"))
     x = torch.empty(8192, device="meta")

@@ -3,11 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from dblocks_fast.kernels import adaln_modulate, gated_residual_adaln
 from tests.kerneltest import DTYPES, assert_calibrated, device
 
-SHAPES = [(1, 1, 37), (3, 5, 113), (2, 17, 64), (4, 33, 8)]  # N, T, D: T = 1, D odd and not a power of two
+SHAPES = [(1, 1, 37), (3, 5, 113), (2, 17, 64), (4, 33, 8), (2, 3, 96)]  # N, T, D: T = 1, D odd, not a power
+# of two, a power of two, and 64 + 32 (a row in two parts that fit it exactly; 37 and 113 leave lanes over)
 
 
 def _adaln(x, shift, scale, eps=1e-6):
@@ -194,3 +196,44 @@ def test_tiled_backward_for_wide_rows(gated, dtype, monkeypatch, poison_outputs)
         fn = lambda **a: (adaln_modulate(**a),)  # noqa: E731
         _check_op("tiled adaln_modulate", fn, lambda **a: (_adaln(**a),), inputs, upstream)
     assert launched, "the tiled backward did not run"
+
+
+def test_rows_are_held_in_two_parts_without_dead_lanes_at_model_widths():
+    from dblocks_fast.kernels import adaln
+
+    for d in (384, 768, 1152, 1536, 3072, 4608):  # DiT-S/B/XL, SD3, Flux, ...: sums of two powers of two
+        head, tail = adaln._row_parts(d)
+        assert head + tail == d and head & (head - 1) == 0 and tail & (tail - 1) == 0, (d, head, tail)
+    for d in range(1, 5000):
+        head, tail = adaln._row_parts(d)
+        assert d <= head + tail <= triton.next_power_of_2(d) and (tail == 0) == (head == d), d
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gated", [False, True])
+def test_backward_grid_is_one_wave_of_what_the_compiled_kernel_fits(gated, monkeypatch):
+    """On the GPU the launcher reads the compiled kernel's occupancy (registers, warps, shared memory): the
+    backward's programs fill the SMs once, without a warning that the occupancy was unknown."""
+    import warnings
+
+    from dblocks_fast.kernels import _utils, adaln
+
+    grids = []
+    real = adaln._bwd_kernel
+    monkeypatch.setattr(adaln, "_bwd_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: grids.append(grid) or real[grid],
+        "warmup": lambda self, *a, **k: real.warmup(*a, **k)})())  # fmt: skip
+    monkeypatch.setattr(_utils, "_RESIDENT", {})
+    names = ["x", "y", "gate", "shift", "scale"] if gated else ["x", "shift", "scale"]
+    inputs = _inputs((4, 256, 1152), torch.bfloat16, 5, names)
+    fn = gated_residual_adaln if gated else adaln_modulate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fn(**inputs)
+        out = out[1] if gated else out
+        out.float().square().sum().backward()
+    (resident,) = _utils._RESIDENT.values()
+    sms = _utils.num_sms(torch.device("cuda"))
+    ((n, chunks),) = grids
+    assert n == 4 and resident >= 1 and resident * sms // 2 < n * chunks <= resident * sms
