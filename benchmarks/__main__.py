@@ -75,6 +75,13 @@ def parse_args(argv=None):
     ap.add_argument("--only", nargs="+", choices=names, help="run just these scripts")
     ap.add_argument("--skip", nargs="+", choices=names, default=[], help="run all scripts but these")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md from the JSON files only")
+    ap.add_argument(
+        "--no-emulator",
+        action="store_true",
+        help="leave out csrc/'s full CPU-emulator stage (`python -m tests.cpu_emu`, about 10 minutes on 2 "
+        "cores), which a full run without --only runs first; --quick never runs it (CI runs the emulator's "
+        "quick stage as a step of its own)",
+    )
     return ap.parse_args(argv)
 
 
@@ -93,10 +100,26 @@ def run_script(name: str, quick: bool, out: Path) -> dict:
     return {"script": name, "exit": res.returncode, "seconds": seconds, "stderr_tail": res.stderr[-2000:]}
 
 
+def run_emulator(out: Path) -> dict:
+    """csrc/'s full emulated stage (every build variant, every planted fault), recorded in cpu_emu.json."""
+    cmd = [sys.executable, "-m", "tests.cpu_emu", "--record", str(out / "cpu_emu.json")]
+    print(f"== cpu_emu: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    res = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    print(f"== cpu_emu: {'done' if res.returncode == 0 else 'FAILED'} in {seconds:.0f} s", flush=True)
+    if res.returncode:
+        print(res.stdout[-4000:], res.stderr[-2000:], sep="\n", file=sys.stderr)
+    tail = res.stdout[-2000:]
+    return {"script": "cpu_emu", "exit": res.returncode, "seconds": seconds, "stderr_tail": tail}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
+    if not (args.report_only or args.quick or args.no_emulator or args.only):
+        runs.append(run_emulator(args.out))
     if not args.report_only:
         for name, _ in SCRIPTS:
             if (args.only is None or name in args.only) and name not in args.skip:
@@ -185,6 +208,44 @@ TABLES = {
 }
 
 
+def _emulator_section(out: Path) -> list[str]:
+    """csrc/'s CUDA kernels on the CPU emulator (tests/cpu_emu): one record (cpu_emu.json), no device."""
+    lines = [
+        "## Do csrc/'s CUDA kernels compute the right thing? On a CPU emulator, under sanitizers",
+        "",
+        "`python -m tests.cpu_emu --record benchmarks/results/cpu_emu.json` (the full stage; `python -m "
+        "benchmarks` runs it; CI runs `--quick` on every change)",
+        "",
+    ]
+    path = out / "cpu_emu.json"
+    if not path.is_file():
+        return lines + ["No record here yet: run the command above (no GPU needed).", ""]
+    r = json.loads(path.read_text())
+    verdict = "**passed**" if r["ok"] else f"**FAILED**: {r.get('failure', '?')}"
+    lines += [
+        f"{r['mode']} stage {verdict} in {r['seconds']:.0f} s; {r['cpu_count']} CPU cores; "
+        f"Python {r['python']}; commit {r['commit']}; {r['date']}",
+        "",
+        "Each build runs every entry point of `csrc/include/dblocks/ops.h` against float64 (odd shapes, "
+        "every vector-width, row-cache and chunk boundary, fp32/bf16/fp16) with fresh NaN-filled shared "
+        "memory a block, in the schedule named; outputs must be bit-identical across schedules.",
+        "",
+        "| build | thread/block schedule | options | tests passed | s |",
+        "|---|---|---|---|---|",
+    ]
+    for v in r["variants"]:
+        opts = ", ".join(f"{k}={val}" for k, val in v["options"].items()) or "-"
+        lines.append(f"| {v['name']} | {v['schedule']} | {opts} | {v['tests_passed']}"
+                     f"{'' if v['ok'] else ' (FAILED)'} | {v['seconds']:.0f} |")  # fmt: skip
+    if r["faults"]:
+        lines += ["", f"Planted faults, each caught: {len(r['faults'])}", "",
+                  "| fault | build | caught as |", "|---|---|---|"]  # fmt: skip
+        for f in r["faults"]:
+            said = " / ".join(x.replace("|", "/").strip()[:160] for x in f["caught"][:2]) or "-"
+            lines.append(f"| {f['name']} | {f['variant']} | {said} |")
+    return lines + [""]
+
+
 def _compiled_section(out: Path) -> list[str]:
     """The sm_90 compile table: no device needed, so one record (kernels_compiled.json), never pending."""
     lines = [
@@ -219,6 +280,7 @@ def report(out: Path, runs: list[dict]) -> str:
         lines += [f"**These scripts failed in the last run: {', '.join(failed)}** (their older records, if "
                   "any, are shown).", ""]  # fmt: skip
     lines += _compiled_section(out)
+    lines += _emulator_section(out)
     for name, question in SCRIPTS:
         script, extra = COMMANDS.get(name, (name, []))
         lines += [f"## {question}", "", f"`{' '.join(['python', f'benchmarks/{script}.py', *extra])}`", ""]

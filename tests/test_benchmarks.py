@@ -528,3 +528,36 @@ def test_block_step_record_never_invents_a_gpu_figure(quick):
     if DEV == "cpu":
         assert all("pending" in r["status"] and "ms" not in r for r in record["rows"])
         assert "GPU figures pending" in (quick / "bench_block_step-cpu.md").read_text()
+
+
+def test_emulator_record_reaches_the_results_page_and_a_full_run_starts_with_it(tmp_path, monkeypatch):
+    """`python -m tests.cpu_emu --record` writes what ran; the page shows each build and planted fault, and a
+    failure; `python -m benchmarks` without --quick/--only runs the full emulated stage first."""
+    from benchmarks import __main__ as runner
+    from tests.cpu_emu.__main__ import write_record
+
+    record = {"mode": "full", "commit": "abc1234", "ok": True, "seconds": 412.0,
+              "variants": [{"name": "race", "schedule": "forward", "options": {"DBLOCKS_EMU_RACE": "ON"},
+                            "ok": True, "tests_passed": 57, "seconds": 80.0}],
+              "faults": [{"name": "missing_barrier", "variant": "race",
+                          "caught": ["cpu_emu: race at x.cu:12"]}]}  # fmt: skip
+    write_record(tmp_path / "cpu_emu.json", record)
+    assert not list(tmp_path.glob("*.tmp"))
+    page = runner.report(tmp_path, [])
+    assert "full stage **passed** in 412 s" in page and "commit abc1234" in page
+    assert "| race | forward | DBLOCKS_EMU_RACE=ON | 57 | 80 |" in page
+    assert "| missing_barrier | race | cpu_emu: race at x.cu:12 |" in page
+    write_record(tmp_path / "cpu_emu.json", {**record, "ok": False, "failure": "the tests on the race build"})
+    assert "**FAILED**: the tests on the race build" in runner.report(tmp_path, [])
+    assert "No record here yet" in runner.report(tmp_path / "empty", [])
+
+    ran = []
+    monkeypatch.setattr(runner, "run_emulator", lambda out: ran.append("emu") or {"exit": 0})
+    monkeypatch.setattr(runner, "run_script", lambda name, quick, out: ran.append(name) or {"exit": 0})
+    monkeypatch.setattr(runner, "report", lambda out, runs: "")
+    assert runner.main(["--out", str(tmp_path)]) == 0
+    assert ran[0] == "emu" and ran[1:] == [name for name, _ in SCRIPTS]
+    for flags in (["--quick"], ["--no-emulator"], ["--only", "bench_kernels"]):
+        ran.clear()
+        runner.main(["--out", str(tmp_path), *flags])
+        assert "emu" not in ran, flags
