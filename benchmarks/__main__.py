@@ -208,19 +208,25 @@ TABLES = {
 }
 
 
+def _record_section(path: Path, question: str, command: str) -> tuple[list[str], dict | None]:
+    """A section whose record needs no device (one JSON, never pending): its heading lines and the record,
+    or the lines saying there is none yet."""
+    lines = [f"## {question}", "", command, ""]
+    if not path.is_file():
+        return lines + ["No record here yet: run the command above (no GPU needed).", ""], None
+    return lines, json.loads(path.read_text())
+
+
 def _emulator_section(out: Path) -> list[str]:
     """csrc/'s CUDA kernels on the CPU emulator (tests/cpu_emu): one record (cpu_emu.json), no device."""
-    lines = [
-        "## Do csrc/'s CUDA kernels compute the right thing? On a CPU emulator, under sanitizers",
-        "",
+    lines, r = _record_section(
+        out / "cpu_emu.json",
+        "Do csrc/'s CUDA kernels compute the right thing? On a CPU emulator, under sanitizers",
         "`python -m tests.cpu_emu --record benchmarks/results/cpu_emu.json` (the full stage; `python -m "
         "benchmarks` runs it; CI runs `--quick` on every change)",
-        "",
-    ]
-    path = out / "cpu_emu.json"
-    if not path.is_file():
-        return lines + ["No record here yet: run the command above (no GPU needed).", ""]
-    r = json.loads(path.read_text())
+    )
+    if r is None:
+        return lines
     verdict = "**passed**" if r["ok"] else f"**FAILED**: {r.get('failure', '?')}"
     lines += [
         f"{r['mode']} stage {verdict} in {r['seconds']:.0f} s; {r['cpu_count']} CPU cores; "
@@ -248,16 +254,13 @@ def _emulator_section(out: Path) -> list[str]:
 
 def _compiled_section(out: Path) -> list[str]:
     """The sm_90 compile table: no device needed, so one record (kernels_compiled.json), never pending."""
-    lines = [
-        "## Are the kernels compiled well for Hopper (sm_90)? Registers, spills, occupancy",
-        "",
+    lines, r = _record_section(
+        out / "kernels_compiled.json",
+        "Are the kernels compiled well for Hopper (sm_90)? Registers, spills, occupancy",
         "`python benchmarks/kernels_compiled.py` (CI runs it; it fails on a compile error or a spill)",
-        "",
-    ]
-    path = out / "kernels_compiled.json"
-    if not path.is_file():
-        return lines + ["No record here yet: run the command above (no GPU needed).", ""]
-    r = json.loads(path.read_text())
+    )
+    if r is None:
+        return lines
     try:
         lines += [f"{r['device']}; triton {r['triton_version']}; commit {r['commit']}; {r['date']}", "",
                   *kernels_compiled.table(r)]  # fmt: skip
