@@ -148,7 +148,7 @@ def _kernels(r: dict) -> list[str]:
     if r.get("copy_GBps") is None:
         return [f"Ran under the Triton interpreter (no CUDA device): {len(r['rows'])} op/size cases ran; "
                 "**speed figures pending** until this runs on a GPU."]  # fmt: skip
-    lines = [] if r.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
+    lines = common.partial(r)
     lines += [
         "| op | size | fwd vs compile | fwd+bwd vs compile | fwd vs eager | fwd+bwd vs eager "
         "| fwd GB/s (of copy) | fwd+bwd vs compile, CUDA graphs | fwd GB/s, graphs (of copy) |",

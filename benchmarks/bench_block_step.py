@@ -151,7 +151,7 @@ def table(record: dict) -> list[str]:
     if not any("ms" in r for r in record["rows"]):
         return [f"{size['name']}: **GPU figures pending** (no CUDA device where this ran; each eager variant "
                 "ran one tiny step)."]  # fmt: skip
-    lines = [] if record.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
+    lines = common.partial(record)
     lines += [f"{size['name']}: {size['layers']} layers of width {size['hidden']}, batch {size['batch']} x "
               f"{size['tokens']} tokens, bf16 autocast, forward + EDM loss + backward + fused AdamW.", "",
               "| variant | ms per step | vs eager | vs torch.compile | peak memory |",

@@ -231,8 +231,7 @@ def table(record: dict) -> list[str]:
 def _markdown(prov: dict, record: dict) -> str:
     s = record["settings"]
     title = f"Peak training memory: end to end against B blocks ({s['model']}, batch {s['batch_size']}, fp32)"
-    partial = [] if record.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
-    return "\n".join(common.header(title, prov, record["quick"]) + partial + table(record)) + "\n"
+    return common.markdown(title, prov, record, table(record))
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:

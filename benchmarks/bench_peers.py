@@ -581,8 +581,7 @@ def capacity_table(record: dict) -> list[str]:
 def _markdown(prov: dict, record: dict) -> str:
     s = record["settings"]
     title = f"DiffusionBlocks against its alternatives ({s['model']}, batch {s['batch_size']}, fp32)"
-    partial = [] if record.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
-    return "\n".join(common.header(title, prov, record["quick"]) + partial + table(record)) + "\n"
+    return common.markdown(title, prov, record, table(record))
 
 
 def _plot(record: dict, prov: dict, out: Path) -> None:

@@ -112,6 +112,16 @@ def header(title: str, prov: dict, quick: bool) -> list[str]:
     ]
 
 
+def partial(record: dict) -> list[str]:
+    """The line a record written before its run finished starts its table with (none when complete)."""
+    return [] if record.get("complete", True) else ["**Partial**: the run stopped after these rows.", ""]
+
+
+def markdown(title: str, prov: dict, record: dict, table: list[str]) -> str:
+    """A benchmark's markdown file: header(), a partial run said as such, then its table."""
+    return "\n".join(header(title, prov, record.get("quick", False)) + partial(record) + table) + "\n"
+
+
 def speedup_plot(series: dict, xlabel: str, ylabel: str, title: str, name: str, prov: dict, out: Path,
                  cores: int | None = None) -> Path:  # fmt: skip
     """Speed-up against a count (blocks, processes), one line per series, with the ideal y = x."""

@@ -370,23 +370,12 @@ def test_fused_adamw(lib, n, aligned):
     p_bf16 = torch.full((n,), float("nan"), dtype=torch.bfloat16)
     found_inf = torch.zeros(1)
     before = p.clone()
-    rc = lib.dblocks_fused_adamw_f32(
-        ptr(p),
-        ptr(g),
-        ptr(m),
-        ptr(v),
-        ptr(p_bf16),
-        n,
-        lr,
-        b1,
-        b2,
-        eps,
-        wd,
-        step,
-        ptr(scale),
-        ptr(found_inf),
-        None,
-    )
+
+    def step_once():  # one step over the buffers above, with a bf16 copy of the parameters
+        args = (ptr(p), ptr(g), ptr(m), ptr(v), ptr(p_bf16), n, lr, b1, b2, eps, wd, step)
+        return lib.dblocks_fused_adamw_f32(*args, ptr(scale), ptr(found_inf), None)
+
+    rc = step_once()
     assert rc == 0
     close("exp_avg", m, ref_m, ref_m.abs() + g.double().abs() / 4, torch.float32)
     close("exp_avg_sq", v, ref_v, ref_v.abs() * 4, torch.float32)
@@ -401,23 +390,7 @@ def test_fused_adamw(lib, n, aligned):
     # the mixed-precision skip changes nothing
     found_inf.fill_(1.0)
     state = [t.clone() for t in (p, m, v, p_bf16)]
-    rc = lib.dblocks_fused_adamw_f32(
-        ptr(p),
-        ptr(g),
-        ptr(m),
-        ptr(v),
-        ptr(p_bf16),
-        n,
-        lr,
-        b1,
-        b2,
-        eps,
-        wd,
-        step,
-        ptr(scale),
-        ptr(found_inf),
-        None,
-    )
+    rc = step_once()
     assert rc == 0 and all(torch.equal(a, b) for a, b in zip(state, (p, m, v, p_bf16)))
     assert (
         lib.dblocks_fused_adamw_f32(
