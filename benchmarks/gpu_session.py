@@ -15,6 +15,8 @@ calls with a machine start fit the 15 minutes):
     call 1, --budget 540, the evidence that matters most, first:
         build      _C for sm_90 only, the package installed
         tests      pytest -m gpu (not the sanitizer runs): do the kernels compute the right thing on a GPU?
+        triton     pytest -m kernel: the Triton kernels against float64, compiled for the GPU at last (the
+                   CPU runs the same tests under Triton's interpreter)
         kernels    bench_kernels.py: the kernel table, each row timed under CUDA graphs and eager
         step       bench_block_step.py: a DiT-XL/2 block's training step, ours vs eager vs torch.compile
         memory     bench_memory.py --blocks 8 4 --offload none: peak memory, end to end vs B = 8 and 4
@@ -34,6 +36,7 @@ Stages:
                with .wheels/ carried (`python benchmarks/gpu_wheels.py` makes it, 37 MiB), installs the
                diffusers extra from it (the machine has no package index), so its tests run too
     tests      pytest -m gpu, all but the compute-sanitizer runs, one line per test; JUnit XML in the archive
+    triton     pytest -m "kernel and not gpu": tests/test_kernel_*.py and test_custom_op.py on the GPU
     sanitizer  compute-sanitizer memcheck of the CUDA ops (tests/test_cuda_ops.py); racecheck: `racecheck`
     kernels, paging, memory, capacity, inference: the benchmark scripts of the same names, on CUDA
     diffusers  bench_memory_diffusers.py: a LoRA step of a Flux.1-size transformer, end to end vs block-wise,
@@ -70,10 +73,13 @@ PY = sys.executable
 DEVICE_BUDGET = 900  # seconds of device time a session is lent, machine starts included
 MACHINE_START = 150  # seconds a call that finds no warm machine spends before the command runs (and after)
 PYTEST = [PY, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
+# the Triton kernels against float64 (the tests the CPU runs under the interpreter), compiled for the GPU
+TRITON = [PY, "-m", "pytest", "-m", "kernel and not gpu", "-v", "-rfE", "-p", "no:cacheprovider"]
 # name: (time limit in seconds, command). "{left}" is replaced by the seconds left to the stage.
 STAGES: dict[str, tuple[int, list[str]]] = {
     "build": (110, []),  # done in-process: see build()
-    "tests": (130, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
+    "tests": (100, [*PYTEST, "-k", "not compute_sanitizer", "--junitxml={log}.xml"]),
+    "triton": (80, [*TRITON, "--junitxml={log}.xml"]),
     "kernels": (120, [PY, "benchmarks/bench_kernels.py"]),  # CUDA graphs and eager, row by row
     "step": (60, [PY, "benchmarks/bench_block_step.py"]),  # a DiT-XL/2 block's training step
     "memory": (
@@ -108,7 +114,15 @@ class Call:
 PLAN = [
     Call(
         540,
-        (("build", 110), ("tests", 130), ("kernels", 120), ("step", 60), ("memory", 60), ("sanitizer", 40)),
+        (
+            ("build", 110),
+            ("tests", 100),
+            ("triton", 80),
+            ("kernels", 100),
+            ("step", 50),
+            ("memory", 50),
+            ("sanitizer", 30),
+        ),
         True,
         "the evidence that matters most, first",
     ),

@@ -350,7 +350,7 @@ def test_gpu_session_plan_adds_up_to_the_device_budget():
     assert spent <= gs.DEVICE_BUDGET, spent
     first = [stage for stage, _ in gs.PLAN[0].stages]
     # the first call brings the most valuable evidence first, in this order
-    assert first == ["build", "tests", "kernels", "step", "memory", "sanitizer"]
+    assert first == ["build", "tests", "triton", "kernels", "step", "memory", "sanitizer"]
     assert gs.PLAN[0].needs_start and not gs.PLAN[1].needs_start
     assert {"paging", "capacity"} <= {stage for stage, _ in gs.PLAN[1].stages}
 

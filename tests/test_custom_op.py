@@ -14,6 +14,8 @@ from dblocks_fast.kernels import _custom_op, _opdefs
 from tests import test_kernel_adaln as adaln_tests
 from tests.kerneltest import device
 
+pytestmark = pytest.mark.kernel  # on the GPU, gpu_session.py runs these (its stage "triton")
+
 # --- the helper on a toy op ---------------------------------------------------------------------------------
 TOY = _custom_op.OpDef(
     "(Tensor a, Tensor b, float alpha) -> (Tensor prod, Tensor total, Tensor stat)",

@@ -8,6 +8,8 @@ import triton
 from dblocks_fast.kernels import adaln_modulate, gated_residual_adaln
 from tests.kerneltest import DTYPES, assert_calibrated, device
 
+pytestmark = pytest.mark.kernel  # on the GPU, gpu_session.py runs these (its stage "triton")
+
 SHAPES = [(1, 1, 37), (3, 5, 113), (2, 17, 64), (4, 33, 8), (2, 3, 96)]  # N, T, D: T = 1, D odd, not a power
 # of two, a power of two, and 64 + 32 (a row in two parts that fit it exactly; 37 and 113 leave lanes over)
 

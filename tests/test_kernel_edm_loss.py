@@ -18,6 +18,8 @@ from dblocks_fast.kernels import _utils, edm_loss
 from dblocks_fast.kernels.edm_loss import edm_l2_loss
 from tests.kerneltest import DTYPES, assert_calibrated, device
 
+pytestmark = pytest.mark.kernel  # on the GPU, gpu_session.py runs these (its stage "triton")
+
 SHAPES = [(1, 1), (3, 1, 5, 7), (2, 37), (5, 3, 11, 13)]  # N = 1 and M = 1; odd M; several chunks
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -12,6 +12,8 @@ from dblocks_fast.kernels.linear_cross_entropy import weighted_linear_cross_entr
 from dblocks_fast.ops import weighted_linear_cross_entropy_ref
 from tests.kerneltest import DTYPES, FLOOR, assert_calibrated, device
 
+pytestmark = pytest.mark.kernel  # on the GPU, gpu_session.py runs these (its stage "triton")
+
 # (leading shape of h, D, V, chunk, row weights): R = 1; D = 37; V not a power of two; chunk < R and not
 # dividing it; a (3, 5, D) input; row weights with zeros, and None; a vocabulary of several blocks.
 CASES = [
