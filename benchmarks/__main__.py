@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -247,7 +248,9 @@ def _emulator_section(out: Path) -> list[str]:
         lines += ["", f"Planted faults, each caught: {len(r['faults'])}", "",
                   "| fault | build | caught as |", "|---|---|---|"]  # fmt: skip
         for f in r["faults"]:
-            said = " / ".join(x.replace("|", "/").strip()[:160] for x in f["caught"][:2]) or "-"
+            # build paths cut to the source file or library: ".../src/csrc/x.cu:107" -> "csrc/x.cu:107"
+            short = [re.sub(r"/\S*/(src/)?(csrc/|libdblocks)", r"\2", x) for x in f["caught"][:2]]
+            said = " / ".join(x.replace("|", "/").strip()[:160] for x in short) or "-"
             lines.append(f"| {f['name']} | {f['variant']} | {said} |")
     return lines + [""]
 
