@@ -47,9 +47,12 @@ BENCH_SIZES = {  # bench_kernels.GPU_SIZES
     "DiT-S/2": dict(n=128, t=256, d=384, dtype=torch.bfloat16),
     "LM head": dict(rows=65536, d=768, v=32000, dtype=torch.bfloat16),
 }
-WIDE_SIZES = {  # reported, not gated: where the issue saw the AdaLN backward spill
+WIDE_SIZES = {  # reported, not gated: where the issue saw the AdaLN backward spill, and odd widths
     "wide D=4096 fp32": dict(n=4, t=256, d=4096, dtype=torch.float32),
     "wide D=16384 bf16": dict(n=4, t=64, d=16384, dtype=torch.bfloat16),
+    # widths not a multiple of 16: no vector loads, so the launchers hold fewer elements a thread
+    "odd D=113 fp32": dict(n=8, t=64, d=113, dtype=torch.float32),
+    "odd D=3000 bf16": dict(n=4, t=64, d=3000, dtype=torch.bfloat16),
     "LM head V=50257": dict(rows=8192, d=768, v=50257, dtype=torch.bfloat16),
 }
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",

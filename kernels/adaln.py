@@ -326,12 +326,20 @@ def _row_parts(d: int) -> tuple[int, int]:
     return head, (0 if head == d else triton.next_power_of_2(d - head))
 
 
+def _per_thread(d: int, aligned: int) -> int:
+    """Elements of a row tensor a thread holds: `aligned` where rows start 16-byte aligned (d a multiple of
+    16, as Triton's specialisation sees it), a quarter of that otherwise: without vector loads every element
+    has an address of its own in registers, and at d = 3000 or 8200 the gated backward spilled."""
+    return aligned if d % 16 == 0 else max(1, aligned // 4)
+
+
 def _block_sizes(d: int) -> tuple[int, int, int, int]:
     """(BLOCK_D, TAIL, BLOCK_R, num_warps) of the forward: about 4K elements a program, whole rows in
-    registers, up to 32 elements a thread."""
+    registers, up to 32 elements a thread (8 without vector loads)."""
     head, tail = _row_parts(d)
     block_r = max(1, min(16, _pow2_floor(4096 // (head + tail))))
-    return head, tail, block_r, min(8, max(1, triton.next_power_of_2((head + tail) * block_r) // 1024))
+    elements = triton.next_power_of_2((head + tail) * block_r)
+    return head, tail, block_r, min(16, max(1, elements // (32 * _per_thread(d, 32))))
 
 
 def _pow2_floor(v: int) -> int:
@@ -340,15 +348,19 @@ def _pow2_floor(v: int) -> int:
 
 _MAX_BWD_ROW = 8192  # row lanes above which the backward walks rows in tiles (_bwd_tiled_kernel)
 _BWD_TILE = 4096  # the tiled backward's columns at a time: 16 a thread over 8 warps
+# the same without vector loads (d not a multiple of 16): 4 a thread over 16 warps, rows from 2048 lanes tiled
+_MAX_BWD_ROW_UNALIGNED, _BWD_TILE_UNALIGNED = 2048, 2048
 
 
 def _bwd_block_sizes(d: int) -> tuple[int, int, int, int]:
     """(BLOCK_D, TAIL, BLOCK_R, num_warps) of the backward: the forward's tile, over more warps. The gated
     backward keeps about ten values per element live (x', dh, dx', y, x-hat, dx and three column sums); at 32
     elements a thread (D = 1152 as 2 x 2048 over 4 warps) it took 238 registers, and it spilled from D = 4096
-    (fp32). Up to 16 elements a thread, up to 32 warps (D = 16384), keeps it under 255 without spills."""
+    (fp32). Up to 16 elements a thread (4 without vector loads), up to 16 warps (at 32, a thread may hold 64
+    registers), keeps it under 255 without spills; wider rows take the tiled kernel."""
     head, tail, block_r, _ = _block_sizes(d)
-    return head, tail, block_r, min(32, max(4, triton.next_power_of_2((head + tail) * block_r) // 512))
+    elements = triton.next_power_of_2((head + tail) * block_r)
+    return head, tail, block_r, min(16, max(4, elements // (32 * _per_thread(d, 16))))
 
 
 def _check(op: str, x: torch.Tensor, vectors: dict, tensors: dict, eps: float) -> torch.device:
@@ -405,10 +417,11 @@ def _backward(x, y, gate, scale, mean, rstd, dxnew, dh, *dtypes):
     dh = torch.zeros_like(x) if dh is None else dh
     dxnew = torch.zeros_like(x) if gated and dxnew is None else dxnew
     block_d, tail, block_r, warps = _bwd_block_sizes(d)
-    tiled = block_d + tail > _MAX_BWD_ROW
-    if tiled:  # too wide a row for registers even over 32 warps (D = 16384 spilled): tiles, one row a time
-        block_d = min(_BWD_TILE, triton.next_power_of_2(d))
-        tail, block_r, warps = 0, 1, max(1, min(8, block_d // 512))
+    aligned = d % 16 == 0
+    tiled = block_d + tail > (_MAX_BWD_ROW if aligned else _MAX_BWD_ROW_UNALIGNED)
+    if tiled:  # too wide a row for registers (D = 16384 spilled over 32 warps): tiles, one row a time
+        block_d = min(_BWD_TILE if aligned else _BWD_TILE_UNALIGNED, triton.next_power_of_2(d))
+        tail, block_r, warps = 0, 1, max(1, min(16, block_d // (32 * _per_thread(d, 16))))
     dx = _utils.empty((n, t, d), dtypes[0] or x.dtype, x.device)
     dy = _utils.empty((n, t, d), y.dtype, x.device) if gated else dx
     inputs = (dh, dxnew if gated else dh, x, y if gated else x, gate if gated else scale, scale, mean, rstd)

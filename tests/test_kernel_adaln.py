@@ -176,8 +176,8 @@ def test_tiled_backward_for_wide_rows(gated, dtype, monkeypatch, poison_outputs)
     with tiles of 16 over D = 37 (three tiles, the last partial) and 7 rows a sample."""
     from dblocks_fast.kernels import adaln
 
-    monkeypatch.setattr(adaln, "_MAX_BWD_ROW", 16)
-    monkeypatch.setattr(adaln, "_BWD_TILE", 16)
+    for name in ("_MAX_BWD_ROW", "_BWD_TILE", "_MAX_BWD_ROW_UNALIGNED", "_BWD_TILE_UNALIGNED"):
+        monkeypatch.setattr(adaln, name, 16)
     launched = []
     real = adaln._bwd_tiled_kernel
     monkeypatch.setattr(adaln, "_bwd_tiled_kernel", type("Spy", (), {
