@@ -11,7 +11,8 @@ judge, bit for bit, whatever the process's thread count (a torchrun rank has one
 one per core).
 
 Continuations of Python source bytes (the autoregressive LM and its baseline), judged by the end-to-end
-model and by Python's tokenizer (`generative_score`, `tokenizes`, `tokenize_fraction`). A model's own
+model, by a smoothed byte n-gram model of the training text that neither model shaped (`NgramJudge`), and by
+Python's tokenizer (`generative_score`, `tokenizes`, `tokenize_fraction`). A model's own
 likelihood figures (bits per byte, the MDM's ELBO) stay with its task: they run its inference.
 """
 
@@ -47,6 +48,7 @@ __all__ = [
     "tokenizes",
     "tokenize_fraction",
     "generative_score",
+    "NgramJudge",
 ]
 
 
@@ -286,6 +288,59 @@ def tokenize_fraction(prompts: torch.Tensor, continuations: torch.Tensor) -> flo
     return sum(ok) / len(ok)
 
 
+class NgramJudge:
+    """A byte n-gram model of a text with Witten-Bell interpolation (Chen & Goodman 1998, section 2.4):
+
+        p_k(c | h) = (C(h c) + N(h) p_{k-1}(c | h')) / (C(h) + N(h)),   p_0(c) = 1/256,
+
+    h the k - 1 bytes before c, h' its last k - 2, C counts in the text, N(h) how many distinct bytes follow
+    h (p_k = p_{k-1} for an unseen h). Fitted on the training text, it scores generated continuations in
+    bits per byte without favouring either model's own distribution: continuations that match the data's
+    n-gram statistics score near the validation text's own continuations; repetitive ones score lower,
+    garbled ones higher. order: n (at most 3: the counts take 256^n entries)."""
+
+    def __init__(self, text: torch.Tensor, order: int = 3):
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        data = torch.as_tensor(text).reshape(-1).to(torch.int64).numpy()
+        if data.size < order:
+            raise ValueError(f"need at least {order} bytes of text for a {order}-gram model, got {data.size}")
+        self.order = order
+        self.counts, self.totals, self.distinct = [], [], []
+        for k in range(1, order + 1):
+            idx = np.zeros(data.size - k + 1, dtype=np.int64)
+            for j in range(k):
+                idx = idx * 256 + data[j : data.size - k + 1 + j]
+            c = np.bincount(idx, minlength=256**k).reshape(-1, 256)
+            self.counts.append(c)
+            self.totals.append(c.sum(1))
+            self.distinct.append((c > 0).sum(1))
+
+    def bits(self, context: torch.Tensor, new: torch.Tensor) -> float:
+        """Mean -log2 p(byte | the order - 1 bytes before it) over the bytes of `new` (N, n), each read after
+        its row of `context` (N, P) (P >= order - 1 gives every byte its full history)."""
+        full = torch.cat([torch.as_tensor(context), torch.as_tensor(new)], dim=1).long().cpu().numpy()
+        p0 = full.shape[1] - new.shape[1]
+        if new.shape[1] == 0:
+            raise ValueError("no bytes to score")
+        total = 0.0
+        for i in range(p0, full.shape[1]):
+            c = full[:, i]
+            p = np.full(c.shape, 1.0 / 256)
+            for k in range(1, self.order + 1):
+                if i - (k - 1) < 0:
+                    break
+                h = np.zeros_like(c)
+                for j in range(i - (k - 1), i):
+                    h = h * 256 + full[:, j]
+                tot, dist = self.totals[k - 1][h], self.distinct[k - 1][h]
+                seen = tot > 0
+                cnt = self.counts[k - 1][h, c]
+                p = np.where(seen, (cnt + dist * p) / np.maximum(tot + dist, 1), p)
+            total += float(-np.log2(p).sum())
+        return total / new.numel()
+
+
 @torch.no_grad()
 def generative_score(
     model,
@@ -298,6 +353,7 @@ def generative_score(
     temperature: float = 0.0,
     sigmas="middle",
     num_steps: int | None = None,
+    ngram: NgramJudge | None = None,
 ) -> dict:
     """Scores of continuations of `num` prompts, the first prompt_len bytes of windows spread evenly over
     `data` (validation text).
@@ -307,8 +363,9 @@ def generative_score(
     Returns {"bits_per_byte_under_baseline": mean CE / ln 2 of the new_len continuation bytes under
     `baseline` given their prompts (lower: more plausible to the baseline; greedy text scores low by
     construction), "tokenize_fraction": the fraction of prompt + continuation fragments that `tokenizes`
-    accepts}. Defaults: prompt_len = seq_len // 2, new_len = seq_len - prompt_len. sigmas, num_steps: the
-    BlockModel's inference steps (see `generate`).
+    accepts}, and with `ngram` also "bits_per_byte_under_ngram" (the same bytes under that judge, which no
+    model shaped). Defaults: prompt_len = seq_len // 2, new_len = seq_len - prompt_len. sigmas, num_steps:
+    the BlockModel's inference steps (see `generate`).
     """
     seq_len = baseline.cfg.seq_len
     require_text(data)
@@ -339,4 +396,7 @@ def generative_score(
     logits = baseline(full)[:, prompt_len - 1 : -1].float()
     ce = F.cross_entropy(logits.reshape(-1, VOCAB), full[:, prompt_len:].reshape(-1), reduction="sum")
     bits = float(ce) / cont.numel() / math.log(2)
-    return {"bits_per_byte_under_baseline": bits, "tokenize_fraction": tokenize_fraction(prompts, cont)}
+    out = {"bits_per_byte_under_baseline": bits, "tokenize_fraction": tokenize_fraction(prompts, cont)}
+    if ngram is not None:
+        out["bits_per_byte_under_ngram"] = ngram.bits(prompts, cont)
+    return out

@@ -104,9 +104,14 @@ def test_quality_summary_has_a_row_per_task(quick):
         assert r["baseline"] > 0 and r["blocks"] > 0 and r["commit"] and r["device"], r["task"]
         assert r["better"] in ("lower", "higher")
     ar = record["rows"][2]
-    assert ar["num_blocks"] == 4 and len(ar["runs"][0]["generative"]) == 5
+    assert ar["num_blocks"] == 4 and len(ar["runs"][0]["generative"]) == 6
     for score in ar["runs"][0]["generative"].values():
         assert 0.0 <= score["tokenize_fraction"] <= 1.0 and score["bits_per_byte_under_baseline"] > 0
+        assert score["bits_per_byte_under_ngram"] > 0
+    # the row's figure is block 0 alone (a likelihood); the chain's last step is kept beside it
+    run = ar["runs"][0]
+    assert ar["blocks"] == run["blocks_first_block"] and run["blocks_last_step"] > 0
+    assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values()) and len(run["accuracy"]) == 4
     assert record["rows"][4]["num_blocks"] == 1
     rec = record["rows"][4]["runs"][0]
     assert rec["baseline_token_layers_forward"] > rec["blocks_token_layers"] > 0

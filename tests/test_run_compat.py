@@ -149,7 +149,10 @@ def test_an_old_masked_diffusion_run_loads_with_its_masking_process():
 @pytest.mark.parametrize(
     "task,added",
     [
-        (dbf.tasks.AutoregressiveLM(dbf.tasks.ARConfig()), {"cond_sigma_max": None, "prev_byte": False}),
+        (
+            dbf.tasks.AutoregressiveLM(dbf.tasks.ARConfig()),
+            {"cond_sigma_max": None, "prev_byte": False, "z_in_std": 0.02},
+        ),
         (dbf.tasks.MaskedDiffusionLM(dbf.tasks.MDMConfig()), {"rope": False}),
     ],
 )

@@ -52,7 +52,7 @@ _TASKS = {
 
 # settings added with a new default that changes what a saved block computes, and their value before
 _BEFORE = {
-    AutoregressiveLM.kind: {"cond_sigma_max": None, "prev_byte": False},
+    AutoregressiveLM.kind: {"cond_sigma_max": None, "prev_byte": False, "z_in_std": 0.02},
     MaskedDiffusionLM.kind: {"rope": False},
 }
 
