@@ -54,7 +54,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--data",
         type=Path,
-        help="ar, mdm: a text file or folder instead of the standard library (rows named task@name)",
+        help="ar, mdm: a text file or folder instead of the standard library, or the built-in pydoc-topics "
+        "(English prose of Python's help() topics); rows named task@name",
     )
     ap.add_argument("--warmup", type=int, help="warm-up steps of every block (default: preset's)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: preset's)")
