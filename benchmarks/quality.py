@@ -57,6 +57,7 @@ def parse_args(argv=None):
         help="ar, mdm: a text file or folder instead of the standard library, or the built-in pydoc-topics "
         "(English prose of Python's help() topics); rows named task@name",
     )
+    ap.add_argument("--batch-size", type=int, help="sequences a step, every model (default: preset's)")
     ap.add_argument("--warmup", type=int, help="warm-up steps of every block (default: preset's)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: preset's)")
     ap.add_argument("--device", default="auto")
@@ -72,6 +73,8 @@ def _config(preset, args, seed: int, device: torch.device, quick_overrides: dict
         cfg.update(quick_overrides)
     if args.steps_per_block:
         cfg["steps_per_block"] = args.steps_per_block
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
     if args.warmup is not None:
         cfg["warmup"] = args.warmup
     if args.lr is not None:
