@@ -528,3 +528,19 @@ def test_block_step_record_never_invents_a_gpu_figure(quick):
     if DEV == "cpu":
         assert all("pending" in r["status"] and "ms" not in r for r in record["rows"])
         assert "GPU figures pending" in (quick / "bench_block_step-cpu.md").read_text()
+
+
+def test_quality_batch_size_flag_sets_both_models_batch():
+    """--batch-size (issue 21's easy text needs 128 sequences a step for masked diffusion to get under 1 bit
+    per byte in 300 steps) reaches the TrainConfig that both the baseline and the blocks train with."""
+    import torch
+
+    from benchmarks import quality
+    from dblocks_fast.tasks import PRESETS
+
+    preset = PRESETS["pystdlib-mdm"]
+    args = quality.parse_args(["--task", "mdm", "--batch-size", "128", "--steps-per-block", "7"])
+    cfg = quality._config(preset, args, 0, torch.device("cpu"), {})
+    assert cfg.batch_size == 128 and cfg.steps_per_block == 7
+    default = quality._config(preset, quality.parse_args(["--task", "mdm"]), 0, torch.device("cpu"), {})
+    assert default.batch_size == preset.train_defaults["batch_size"] == 32
