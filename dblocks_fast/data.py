@@ -737,7 +737,9 @@ def load_pydoc_topics(split: str = "train", seq_len: int = 128) -> TextData:
 TEXT_CORPORA = {"pystdlib": load_pystdlib, "pydoc-topics": load_pydoc_topics}
 
 
-def load_text_or_builtin(path: str | os.PathLike | None, split: str = "train", seq_len: int = 128) -> TextData:
+def load_text_or_builtin(
+    path: str | os.PathLike | None, split: str = "train", seq_len: int = 128
+) -> TextData:
     """load_text(path), or a built-in corpus when `path` is one of TEXT_CORPORA's names and no file or folder
     of that name exists (None = the standard library)."""
     if path is None:

@@ -97,7 +97,6 @@ def test_pystdlib_split_by_file_is_deterministic_and_disjoint():
 def test_pydoc_topics_is_english_split_by_topic_and_reachable_by_name(tmp_path, monkeypatch):
     """The second built-in corpus (issue 21): Python's help() topics, split by a hash of the topic name."""
     import zlib
-
     from pydoc_data.topics import topics
 
     from dblocks_fast.data import load_pydoc_topics, load_text_or_builtin
