@@ -397,6 +397,17 @@ def _verdict(r: dict, fmt: str) -> str:
     return fmt.format(_gap(r))
 
 
+def _batch(r: dict) -> str:
+    """' (N a step)' when a row trained with another batch size than its preset's (--batch-size)."""
+    from dblocks_fast.tasks import PRESETS
+
+    preset = PRESETS.get(r["preset"])
+    used = r.get("train", {}).get("batch_size")
+    if preset is None or used is None or used == preset.train_defaults.get("batch_size"):
+        return ""
+    return f" ({used} a step)"
+
+
 def _gap(r: dict) -> float:
     """DiffusionBlocks minus end to end, signed so that positive means DiffusionBlocks is better."""
     d = r["blocks"] - r["baseline"]
@@ -431,7 +442,8 @@ def table(record: dict) -> list[str]:
         lines.append(
             f"| {r['task']} ({r['preset']}) | {r['metric']} ({sign} is better) | "
             f"{base}{_mark(r, 'baseline')} | {blocks}{_mark(r, 'blocks')} | {r['num_blocks']} | "
-            f"{_verdict(r, fmt)} | {_floor(r)} | {r['steps_per_block']} | {train} | {r['commit']} |"
+            f"{_verdict(r, fmt)} | {_floor(r)} | {r['steps_per_block']}{_batch(r)} | {train} | "
+            f"{r['commit']} |"
         )
     for r in record["rows"]:
         if r["task"].split("@")[0] != "ar" or "generative" not in r["runs"][0]:

@@ -544,3 +544,7 @@ def test_quality_batch_size_flag_sets_both_models_batch():
     assert cfg.batch_size == 128 and cfg.steps_per_block == 7
     default = quality._config(preset, quality.parse_args(["--task", "mdm"]), 0, torch.device("cpu"), {})
     assert default.batch_size == preset.train_defaults["batch_size"] == 32
+    row = {"preset": "pystdlib-mdm", "train": {"batch_size": 128}}
+    assert quality._batch(row) == " (128 a step)"  # the results table says so beside the steps
+    assert quality._batch({**row, "train": {"batch_size": 32}}) == ""
+    assert quality._batch({"preset": "x"}) == ""
