@@ -57,14 +57,21 @@ def parse_args(argv=None):
     ap.add_argument(
         "--data",
         type=Path,
-        help="ar, mdm: a text file or folder instead of the standard library (rows named task@name)",
+        help="ar, mdm: a text file or folder instead of the standard library, or the built-in pydoc-topics "
+        "(English prose of Python's help() topics); rows named task@name",
     )
+    ap.add_argument("--batch-size", type=int, help="sequences a step, every model (default: preset's)")
     ap.add_argument("--warmup", type=int, help="warm-up steps of every block (default: preset's)")
     ap.add_argument("--lr", type=float, help="peak learning rate (default: preset's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="tiny run: checks the pipeline, measures nothing")
     ap.add_argument("--out", type=Path, default=common.RESULTS, help="folder for the JSON and markdown")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="train nothing: rewrite the markdown and plot from the JSON record in --out",
+    )
     return ap.parse_args(argv)
 
 
@@ -74,6 +81,8 @@ def _config(preset, args, seed: int, device: torch.device, quick_overrides: dict
         cfg.update(quick_overrides)
     if args.steps_per_block:
         cfg["steps_per_block"] = args.steps_per_block
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
     if args.warmup is not None:
         cfg["warmup"] = args.warmup
     if args.lr is not None:
@@ -385,8 +394,26 @@ def _rows_from_records(out: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def render(out: Path, device_type: str = "cpu") -> dict:
+    """The markdown and plot of the record out/quality-<device_type>.json rewritten from its rows (after
+    rows were merged by hand, e.g. two branches' rows); the record's own provenance heads the page."""
+    path = out / f"quality-{device_type}.json"
+    if not path.is_file():
+        raise SystemExit(f"--render-only: no record {path}; run quality.py first")
+    rec = json.loads(path.read_text())
+    prov = {k: v for k, v in rec.items() if k not in ("benchmark", "quick", "rows")}
+    record = {"quick": rec["quick"], "rows": rec["rows"]}
+    md = "\n".join([*common.header("Block-wise vs end-to-end, every task", prov, record["quick"]),
+                    *table(record)])  # fmt: skip
+    common.write("quality", prov, record, md + "\n", out)
+    _plot(record, prov, out)
+    return record
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render_only:
+        return render(args.out, "cuda" if args.device == "cuda" else "cpu")
     if args.quick:
         args.seeds, args.eval_windows = [0], 32
         args.threads = args.threads or 1  # tiny models run faster on one thread than on two busy ones
@@ -438,6 +465,17 @@ def _verdict(r: dict, fmt: str) -> str:
     return fmt.format(_gap(r))
 
 
+def _batch(r: dict) -> str:
+    """' (N a step)' when a row trained with another batch size than its preset's (--batch-size)."""
+    from dblocks_fast.tasks import PRESETS
+
+    preset = PRESETS.get(r["preset"])
+    used = r.get("train", {}).get("batch_size")
+    if preset is None or used is None or used == preset.train_defaults.get("batch_size"):
+        return ""
+    return f" ({used} a step)"
+
+
 def _gap(r: dict) -> float:
     """DiffusionBlocks minus end to end, signed so that positive means DiffusionBlocks is better."""
     d = r["blocks"] - r["baseline"]
@@ -472,7 +510,8 @@ def table(record: dict) -> list[str]:
         lines.append(
             f"| {r['task']} ({r['preset']}) | {r['metric']} ({sign} is better) | "
             f"{base}{_mark(r, 'baseline')} | {blocks}{_mark(r, 'blocks')} | {r['num_blocks']} | "
-            f"{_verdict(r, fmt)} | {_floor(r)} | {r['steps_per_block']} | {train} | {r['commit']} |"
+            f"{_verdict(r, fmt)} | {_floor(r)} | {r['steps_per_block']}{_batch(r)} | {train} | "
+            f"{r['commit']} |"
         )
     for r in record["rows"]:
         if r["task"].split("@")[0] != "ar" or "generative" not in r["runs"][0]:

@@ -599,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own data instead of the built-in set. Image presets: a folder of PNG/JPEG/WebP images "
         "(class subfolders give the labels, a .txt beside an image its caption), a Hugging Face dataset "
         "(a save_to_disk folder, a .parquet file or a folder of them), or an .npz with images and labels. "
-        "pystdlib-* presets: a text file or a folder of text files. Split by a hash of each path",
+        "pystdlib-* presets: a text file or a folder of text files, or the built-in pydoc-topics (English "
+        "prose of Python's help() topics). Split by a hash of each path",
     )
     _add_data_flags(t)
     t.add_argument(

@@ -32,8 +32,11 @@ __all__ = [
     "load_image_folder",
     "load_image_npz",
     "load_images",
+    "load_pydoc_topics",
     "load_pystdlib",
     "load_text",
+    "load_text_or_builtin",
+    "TEXT_CORPORA",
     "split_files",
     "stratified_split",
 ]
@@ -701,6 +704,54 @@ def load_pystdlib(split: str = "train", seq_len: int = 128) -> TextData:
     import platform
 
     return _text_split(files, root, split, seq_len, f"pystdlib-{platform.python_version()}")
+
+
+def load_pydoc_topics(split: str = "train", seq_len: int = 128) -> TextData:
+    """English prose that every Python carries: the reference manual's topics that `help()` prints
+    (`pydoc_data.topics`, about 0.46 MB in 79 topics on CPython 3.11: statements, operators, the data model,
+    with short code examples), as UTF-8 bytes in sorted order of the topic names. Split by topic, as
+    load_pystdlib splits by file: a topic is validation ("test") when crc32 of its name % 10 == 0 (8 topics,
+    about 54 KB on 3.11). The topics differ between Python versions, so the name records the version."""
+    import platform
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - a Python built without its pydoc data
+        raise FileNotFoundError(
+            "this Python has no pydoc_data.topics (the help() topics); pass your own text with --data PATH"
+        ) from None
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    names = sorted(topics)
+    if split != "all":
+        val = {n for n in names if zlib.crc32(n.encode()) % 10 == 0}
+        names = [n for n in names if (n in val) == (split == "test")]
+    text = b"".join(topics[n].encode("utf-8") for n in names)
+    name = f"pydoc-topics-{platform.python_version()}" + ("" if split == "all" else f"[{split}]")
+    return TextData(
+        torch.frombuffer(bytearray(text), dtype=torch.uint8), seq_len, name, len(names), split == "train"
+    )
+
+
+# the text corpora that need no download, by the name --data takes
+TEXT_CORPORA = {"pystdlib": load_pystdlib, "pydoc-topics": load_pydoc_topics}
+
+
+def load_text_or_builtin(
+    path: str | os.PathLike | None, split: str = "train", seq_len: int = 128
+) -> TextData:
+    """load_text(path), or a built-in corpus when `path` is one of TEXT_CORPORA's names and no file or folder
+    of that name exists (None = the standard library)."""
+    if path is None:
+        return load_pystdlib(split, seq_len)
+    if not os.path.exists(path) and os.fspath(path) in TEXT_CORPORA:
+        return TEXT_CORPORA[os.fspath(path)](split, seq_len)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"--data {os.fspath(path)}: no such file or folder (expected a text file, a folder of them, or a "
+            f"built-in corpus: {', '.join(TEXT_CORPORA)})"
+        )
+    return load_text(path, split, seq_len)
 
 
 def load_text(path: str | os.PathLike, split: str = "train", seq_len: int = 128) -> TextData:

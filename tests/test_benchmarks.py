@@ -566,3 +566,44 @@ def test_emulator_record_reaches_the_results_page_and_a_full_run_starts_with_it(
         ran.clear()
         runner.main(["--out", str(tmp_path), *flags])
         assert "emu" not in ran, flags
+
+
+def test_quality_batch_size_flag_sets_both_models_batch():
+    """--batch-size (issue 21's easy text needs 128 sequences a step for masked diffusion to get under 1 bit
+    per byte in 300 steps) reaches the TrainConfig that both the baseline and the blocks train with."""
+    import torch
+
+    from benchmarks import quality
+    from dblocks_fast.tasks import PRESETS
+
+    preset = PRESETS["pystdlib-mdm"]
+    args = quality.parse_args(["--task", "mdm", "--batch-size", "128", "--steps-per-block", "7"])
+    cfg = quality._config(preset, args, 0, torch.device("cpu"), {})
+    assert cfg.batch_size == 128 and cfg.steps_per_block == 7
+    default = quality._config(preset, quality.parse_args(["--task", "mdm"]), 0, torch.device("cpu"), {})
+    assert default.batch_size == preset.train_defaults["batch_size"] == 32
+    row = {"preset": "pystdlib-mdm", "train": {"batch_size": 128}}
+    assert quality._batch(row) == " (128 a step)"  # the results table says so beside the steps
+    assert quality._batch({**row, "train": {"batch_size": 32}}) == ""
+    assert quality._batch({"preset": "x"}) == ""
+
+
+def test_quality_render_only_rewrites_the_page_from_the_record(tmp_path):
+    """quality.py --render-only: a record whose rows were merged by hand gets its markdown from its rows."""
+    from benchmarks import quality
+
+    row = dict(task="mdm@x.txt", preset="pystdlib-mdm", metric="ELBO", better="lower", baseline=0.75,
+               baseline_std=0.05, blocks=0.54, blocks_std=0.01, num_blocks=3,
+               steps_per_block=300, baseline_train_s=1.0, blocks_train_s=2.0, commit="abc1234",
+               floor=4.048, train={"batch_size": 128})  # fmt: skip
+    prov = dict(device="cpu box", device_type="cpu", commit="abc1234", date="today", command="python q",
+                versions={"torch": "x"})  # fmt: skip
+    (tmp_path / "quality-cpu.json").write_text(json.dumps({"benchmark": "quality", **prov, "quick": False,
+                                                           "rows": [row]}))  # fmt: skip
+    quality.main(["--render-only", "--out", str(tmp_path)])
+    md = (tmp_path / "quality-cpu.md").read_text()
+    assert "| mdm@x.txt (pystdlib-mdm) |" in md and "| 0.750 ± 0.050 | 0.540 ± 0.010 |" in md
+    assert "| 0.210 | 4.048 | 300 (128 a step) |" in md and "`python q`" in md
+    assert (tmp_path / "quality-cpu.png").is_file()
+    with pytest.raises(SystemExit, match="no record"):
+        quality.main(["--render-only", "--out", str(tmp_path / "none")])

@@ -94,6 +94,36 @@ def test_pystdlib_split_by_file_is_deterministic_and_disjoint():
         assert bytes(b[0].tolist()) == f.read(32)
 
 
+def test_pydoc_topics_is_english_split_by_topic_and_reachable_by_name(tmp_path, monkeypatch):
+    """The second built-in corpus (issue 21): Python's help() topics, split by a hash of the topic name."""
+    import zlib
+    from pydoc_data.topics import topics
+
+    from dblocks_fast.data import load_pydoc_topics, load_text_or_builtin
+    from dblocks_fast.tasks import PRESETS
+
+    tr, te, every = (load_pydoc_topics(s, seq_len=32) for s in ("train", "test", "all"))
+    val = sorted(n for n in topics if zlib.crc32(n.encode()) % 10 == 0)
+    assert val and te.num_files == len(val) and tr.num_files + te.num_files == len(topics) == every.num_files
+    assert bytes(te.data.tolist()) == b"".join(topics[n].encode() for n in val)  # whole topics, in order
+    assert tr.data.numel() + te.data.numel() == every.data.numel()
+    assert tr.random_offsets and not te.random_offsets and tr.name.startswith("pydoc-topics-")
+    assert torch.equal(load_pydoc_topics("test", seq_len=32).data, te.data)  # deterministic
+    text = bytes(every.data.tolist())
+    assert text.count(b" the ") > 1000 and text.count(b". ") > 1000  # English prose, not code
+    # by name through the presets' loader (--data pydoc-topics), unless a file of that name is there
+    monkeypatch.chdir(tmp_path)
+    got = PRESETS["pystdlib-mdm"].load_data("pydoc-topics", "test")
+    assert got.name == te.name and torch.equal(got.data, te.data) and got.seq_len == 64
+    (tmp_path / "pydoc-topics").write_bytes(b"my own text, " * 100)
+    assert load_text_or_builtin("pydoc-topics", "test", 16).name.startswith("pydoc-topics[")
+    assert load_text_or_builtin(None, "test", 16).name.startswith("pystdlib-")
+    with pytest.raises(FileNotFoundError, match="built-in corpus: pystdlib, pydoc-topics"):
+        load_text_or_builtin("no-such-corpus", "test", 16)
+    with pytest.raises(ValueError, match="split must be"):
+        load_pydoc_topics("val")
+
+
 def test_text_windows_and_errors(tmp_path):
     from dblocks_fast.data import TextData, load_text
 

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..data import load_digits, load_images, load_pystdlib, load_text
+from ..data import load_digits, load_images, load_text_or_builtin
 from .autoregressive import ARBaselineLM, ARBlock, ARConfig, AutoregressiveLM
 from .classification import ImageClassification, ViTBlock, ViTClassifier, ViTConfig
 from .image_generation import DiTBlock, DiTConfig, ImageGeneration
@@ -114,7 +114,8 @@ def _pystdlib_or_text(path, split, **options):
     if options:
         flags = ", ".join("--" + k.replace("_", "-") for k in options)
         raise ValueError(f"{flags} apply to images; the text presets take none")
-    return load_pystdlib(split, TEXT_SEQ_LEN) if path is None else load_text(path, split, TEXT_SEQ_LEN)
+    # None: the standard library; a built-in corpus's name (data.TEXT_CORPORA, e.g. pydoc-topics); else a path
+    return load_text_or_builtin(path, split, TEXT_SEQ_LEN)
 
 
 def _text(rows) -> list[str]:
