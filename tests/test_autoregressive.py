@@ -499,6 +499,7 @@ def test_the_noise_input_of_a_fresh_block_starts_as_large_as_the_token_embedding
     """What the test above measures, at init: c_in z has unit variance in each of its emb_dim components at
     every sigma, and its projection must not drown the byte and position embeddings (std 0.02 a unit)."""
 
+    @torch.no_grad()
     def ratio(block, emb_dim):
         noise = block.z_in(torch.randn(4096, emb_dim)) - block.z_in.bias
         return float(noise.std() / block.tok_embed.weight.std())
