@@ -172,11 +172,7 @@ def cached_latents(
     One-channel images are repeated to the VAE's channels."""
 
     def encode() -> dict[str, torch.Tensor]:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
-        scale = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        vae, scale, shift = _load_vae(vae_path, device)
         out = []
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
@@ -255,14 +251,19 @@ def decode_latents(
 ) -> torch.Tensor:
     """Images in [-1, 1] from latents made by cached_latents: the inverse shift and scaling, then the VAE's
     decoder."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    vae, scale, shift = _load_vae(vae_path, device)
     out = []
     with torch.no_grad():
         for start in range(0, len(latents), batch_size):
             z = latents[start : start + batch_size].to(device, torch.float32) / scale + shift
             out.append(vae.decode(z).sample.float().cpu().clamp(-1, 1))
     return torch.cat(out)
+
+
+def _load_vae(vae_path, device):
+    """(vae, scaling_factor, shift_factor) of a diffusers AutoencoderKL folder, in eval mode on `device`:
+    latents are (encoded - shift) * scale, as diffusers' pipelines make them."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    return vae, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
