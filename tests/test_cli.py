@@ -116,7 +116,7 @@ def test_user_data_from_npz(tmp_path):
     )  # finds its data again
 
 
-@pytest.mark.parametrize("preset,figure", [("pystdlib-ar", "bits_per_byte_last_step"),
+@pytest.mark.parametrize("preset,figure", [("pystdlib-ar", "bits_per_byte_first_block"),
                                            ("pystdlib-mdm", "elbo_bits_per_byte"),
                                            ("pystdlib-recurrent", "bits_per_byte_first_block")])  # fmt: skip
 def test_language_model_presets_on_user_text(tmp_path, capsys, preset, figure):

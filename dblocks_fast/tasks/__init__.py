@@ -52,7 +52,13 @@ _TASKS = {
 
 # settings added with a new default that changes what a saved block computes, and their value before
 _BEFORE = {
-    AutoregressiveLM.kind: {"cond_sigma_max": None, "prev_byte": False, "z_in_std": 0.02},
+    AutoregressiveLM.kind: {
+        "cond_sigma_max": None,
+        "prev_byte": False,
+        "z_in_std": 0.02,
+        "likelihood_skip": False,
+        "z_input": True,
+    },
     MaskedDiffusionLM.kind: {"rope": False},
 }
 

@@ -213,7 +213,19 @@ class DiscreteTargetTask:
         """The head's logits over the targets for noisy targets z at sigma (N,), given the condition: the
         block is called as block(cond, c_noise, c_in z)."""
         z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
-        return block(cond, c_noise, z_in)
+        logits = block(cond, c_noise, z_in)
+        if getattr(self.config, "likelihood_skip", False):
+            logits = logits.float() + self.log_likelihood(z, sigma)
+        return logits
+
+    def log_likelihood(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """log p(z | y = E_k) over the targets k, up to a constant in k: (z . E_k - |E_k|^2 / 2) / sigma^2
+        (float32, (..., num_targets)), sigma (N,) against z (N, ..., emb_dim). The Bayes posterior of the
+        target is softmax(prior logits + this), so a block whose logits add it needs only learn the prior
+        (see `likelihood_skip`)."""
+        table = self.label_table(z.device)
+        s = sigma.to(torch.float32).reshape(-1, *([1] * (z.dim() - 1)))
+        return (z.float() @ table.T - 0.5 * table.square().sum(1)) / s.square()
 
     def noise_process(self, noise, num_blocks: int) -> NoiseProcess:
         """EDM only: the loss weight w(sigma) and the target table's scale are EDM's."""
