@@ -57,6 +57,7 @@ _BEFORE = {
         "prev_byte": False,
         "z_in_std": 0.02,
         "likelihood_skip": False,
+        "prior_loss": 0.0,
         "z_input": True,
     },
     MaskedDiffusionLM.kind: {"rope": False},

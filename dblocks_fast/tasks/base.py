@@ -212,11 +212,15 @@ class DiscreteTargetTask:
     def logits(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """The head's logits over the targets for noisy targets z at sigma (N,), given the condition: the
         block is called as block(cond, c_noise, c_in z)."""
-        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
-        logits = block(cond, c_noise, z_in)
+        logits = self.network_logits(block, z, sigma, cond)
         if getattr(self.config, "likelihood_skip", False):
             logits = logits.float() + self.log_likelihood(z, sigma)
         return logits
+
+    def network_logits(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """The block's own logits, block(cond, c_noise, c_in z): `logits` without the likelihood skip."""
+        z_in, c_noise = precond.inputs(z, sigma, self.config.sigma_data)
+        return block(cond, c_noise, z_in)
 
     def log_likelihood(self, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """log p(z | y = E_k) over the targets k, up to a constant in k: (z . E_k - |E_k|^2 / 2) / sigma^2

@@ -81,7 +81,10 @@ class AutoregressiveLM(DiscreteTargetTask):
         """(loss, per_sample) for one batch of windows at per-window noise levels sigma (N,) (Task.loss;
         `process` is EDM).
 
-        per_sample[n] = min(w(sigma_n), max_weight) * mean_i CE(logits_{n,i}, s_{n,i}); loss = its mean.
+        per_sample[n] = min(w(sigma_n), max_weight) * mean_i CE(logits_{n,i}, s_{n,i})
+                        + prior_loss * mean_i CE(f_{n,i}, s_{n,i}); loss = its mean,
+        where f is the block's own logits (F, the context's prior under the likelihood skip) and logits =
+        f + log p(z | byte) (model.py's docstring).
         """
         tokens = batch["tokens"]
         n, t = tokens.shape
@@ -91,10 +94,15 @@ class AutoregressiveLM(DiscreteTargetTask):
         )
         s = sigma.to(torch.float32)
         z = process.noisy(table[tokens], eps, s)
-        logits = self.logits(block, z, s, tokens).float()
-        # plain CE: at 256 classes the logits are small, and we need the per-window means
-        ce = F.cross_entropy(logits.reshape(n * t, VOCAB), tokens.reshape(-1), reduction="none")
-        per_sample = self.loss_weight(s) * ce.view(n, t).mean(1)
+        f = self.network_logits(block, z, s, tokens).float()
+        logits = f + self.log_likelihood(z, s) if self.config.likelihood_skip else f
+
+        def ce(x):  # plain CE: at 256 classes the logits are small, and we need the per-window means
+            return F.cross_entropy(x.reshape(n * t, VOCAB), tokens.reshape(-1), reduction="none").view(n, t)
+
+        per_sample = self.loss_weight(s) * ce(logits).mean(1)
+        if self.config.prior_loss:
+            per_sample = per_sample + self.config.prior_loss * ce(f).mean(1)
         return per_sample.mean(), per_sample
 
     @torch.no_grad()
