@@ -570,8 +570,10 @@ def _ar_notes(r: dict) -> list[str]:
             f"carries nothing: a predictive distribution of the next byte from the context, with {layers} of "
             f"the {r['model']['config']['num_layers']} layers, so a likelihood (a lower bound on what the "
             f"model can do, not its chain). A causal LM with the same {layers} layers and steps scores "
-            f"{pm(mean('baseline_block0_layers'))}. The chain's last step (one Euler step per block) is a "
-            f"sampler: one deterministic step per block sharpens D towards the byte it leans to, so its "
+            f"{pm(mean('baseline_block0_layers'))} (its layers see the T clean bytes; block 0's see those "
+            f"and T noisy tokens, twice the tokens a layer). The chain's last step (one Euler step per "
+            f"block) is a sampler: one deterministic step per block sharpens D towards the byte it leans to "
+            f"(with the likelihood skip its logits peak on the byte z reached), so its "
             f"cross-entropy, {pm(mean('blocks_last_step'))}, is no likelihood; its argmax accuracy is "
             f"meaningful:"
         )

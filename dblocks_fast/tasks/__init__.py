@@ -130,7 +130,10 @@ def _text(rows) -> list[str]:
 
 
 def _ar_evaluate(model, test_data, seed=0, windows=1024, iterations=None) -> dict:
-    """Both teacher-forced figures of the AR LM (tasks.autoregressive.bits_per_byte) and two continuations.
+    """Both teacher-forced figures of the AR LM (tasks.autoregressive.bits_per_byte) and two continuations:
+    block 0 alone at sigma_max (a likelihood: the context's prior) first, then the chain's last step (a
+    sampler's logits, peaked on the byte it picks by the likelihood skip: no likelihood, often hundreds of
+    bits where it picks wrong).
 
     iterations: None = one denoising step per block ("middle" sigmas); K = K steps along the sampling sigmas
     (the recurrent-depth preset: its one block applied K times)."""
@@ -147,8 +150,8 @@ def _ar_evaluate(model, test_data, seed=0, windows=1024, iterations=None) -> dic
     out = generate(model, prompt.to(model.device), TEXT_SEQ_LEN // 2, seed=seed, **steps)
     floor = byte_frequency_bits(test_data, windows)
     return {
-        "bits_per_byte_last_step": last,
         "bits_per_byte_first_block": first,
+        "bits_per_byte_last_step": last,
         "byte_frequency_floor": floor,
         "first_block_learned": learned(first, floor),
         "validation_windows": min(windows, len(test_data)),

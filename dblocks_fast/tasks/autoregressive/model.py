@@ -39,9 +39,9 @@ LM of its 2 layers, 200 steps: 4.15 against 2.29 bits per byte before, 2.40 afte
   the next-byte predictor (as c_skip z carries what z already knows in EDM's D). Before, F had to learn
   z's likelihood itself, and block 0, trained at sigma in [0.68, 80] (B = 4) where z mostly reveals the
   byte, learned the context slowly. Standard library, preset size (12 layers, B = 4, 300 steps), block 0
-  alone at sigma_max, seeds 0 / 1: 4.125 / 4.135 bits per byte before; 3.820 (seed 0) with the skip and
-  F still reading z; 3.705 / 3.667 with the skip alone, against 3.697 / 3.619 for a causal LM of its 3
-  layers (floor 4.710).
+  alone at sigma_max, seeds 0 / 1: 4.125 / 4.145 bits per byte before; 3.820 (seed 0) with the skip and
+  F still reading z; 3.583 / 3.667 with the skip alone (and 3.583 / 3.630 with the prior's loss below),
+  against 3.697 / 3.619 for a causal LM of its 3 layers (floor 4.710).
 - the loss adds CE(F) to the posterior's w(sigma) CE (`ARConfig.prior_loss`, weight 1): under the skip the
   posterior's CE gives F a gradient only where z leaves the byte in doubt, which at the lower blocks'
   sigmas is seldom, so their priors stayed poor (easy text, preset size, seed 1, F alone at each block's
