@@ -97,6 +97,43 @@ def test_blocks_hold_fp32_parameters_only_and_each_owns_its_stem(tiny_vit):
     assert all(p.data_ptr() != table.data_ptr() for p in blk.parameters())
 
 
+def test_the_likelihood_skip_gives_the_bayes_posterior_and_the_loss_its_definition(digits):
+    """With likelihood_skip a fresh block (zero logits: a uniform prior) denoises to the Bayes posterior mean
+    of the label given z alone, computed here in float64 from squared distances; with z_input=False its CLS
+    slot is a learned token; the loss is w(sigma) CE(F + log p(z | label)) + prior_loss CE(F)."""
+    task = _tiny(digits, likelihood_skip=True, z_input=False, prior_loss=0.5)
+    blk = task.build_block(0, 1)
+    names = {n.split(".")[0] for n, _ in blk.named_parameters()}
+    assert "cls" in names and "label_in" not in names
+    table = task.label_table()
+    images = digits.batch(torch.arange(5))["y"]
+    labels = digits.batch(torch.arange(5))["label"]
+    z = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.05, 0.3, 1.0, 5.0, 80.0])
+    post = -(z.double()[:, None] - table.double()).square().sum(-1) / (2 * sigma.double()[:, None] ** 2)
+    want = post.softmax(-1) @ table.double()
+    torch.testing.assert_close(task.denoise(blk, z, sigma, images).double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # a block away from its init: F no longer uniform
+        for p in blk.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    _, per_sample = task.loss(blk, {"y": images, "label": labels}, sigma, torch.Generator().manual_seed(3),
+                              process=EDM(4))  # fmt: skip
+    zz = table[labels].double() + sigma.double()[:, None] * torch.randn(
+        5, 8, generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        f = task.network_logits(blk, zz.float(), sigma, images).double()
+    loglik = -(zz[:, None] - table.double()).square().sum(-1) / (2 * sigma.double()[:, None] ** 2)
+    ce = torch.nn.functional.cross_entropy
+    want = task.loss_weight(sigma).double() * ce(f + loglik, labels, reduction="none")
+    want = want + 0.5 * ce(f, labels, reduction="none")
+    torch.testing.assert_close(per_sample.double(), want, rtol=2e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no block reads z"):
+        _tiny(digits, z_input=False)
+    with pytest.raises(ValueError, match="set prior_loss=0"):
+        _tiny(digits, prior_loss=1.0)
+
+
 def test_label_table_is_frozen_seeded_and_unit_norm(digits, trained):
     a, b = _tiny(digits), _tiny(digits)
     ea = a.label_table()

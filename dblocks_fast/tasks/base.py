@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import precond, samplers, schedule
@@ -163,7 +164,8 @@ def label_table(num_classes: int, emb_dim: int, seed: int) -> torch.Tensor:
 
 def validate_target_fields(cfg) -> None:
     """The checks every DiscreteTargetTask config shares: the transformer's width and heads, the frozen target
-    table (label_seed, label_scale) and the loss (max_weight, sigma_data)."""
+    table (label_seed, label_scale), the loss (max_weight, sigma_data, prior_loss) and how z is read
+    (likelihood_skip, z_input)."""
     if cfg.hidden % cfg.heads:
         raise ValueError(f"heads {cfg.heads} must divide hidden {cfg.hidden}")
     if cfg.mlp_ratio <= 0:
@@ -176,6 +178,19 @@ def validate_target_fields(cfg) -> None:
         raise ValueError(f"label_scale must be a finite value > 0, got {cfg.label_scale}")
     if cfg.sigma_data <= 0:
         raise ValueError(f"sigma_data must be positive, got {cfg.sigma_data}")
+    name = type(cfg).__name__
+    if not (cfg.likelihood_skip or cfg.z_input):
+        raise ValueError(
+            f"{name}: with likelihood_skip=False and z_input=False no block reads z; set z_input=True "
+            "(F reads c_in z) or likelihood_skip=True (the logits add z's exact log-likelihood)"
+        )
+    if not (cfg.prior_loss >= 0 and math.isfinite(cfg.prior_loss)):
+        raise ValueError(f"{name}.prior_loss must be a finite value >= 0, got {cfg.prior_loss}")
+    if cfg.prior_loss and not cfg.likelihood_skip:
+        raise ValueError(
+            f"{name}.prior_loss trains F as the prior of the target given the condition, which it is only "
+            "with likelihood_skip=True; set prior_loss=0 with likelihood_skip=False"
+        )
 
 
 class DiscreteTargetTask:
@@ -213,9 +228,28 @@ class DiscreteTargetTask:
         """The head's logits over the targets for noisy targets z at sigma (N,), given the condition: the
         block is called as block(cond, c_noise, c_in z)."""
         logits = self.network_logits(block, z, sigma, cond)
-        if getattr(self.config, "likelihood_skip", False):
+        if self.config.likelihood_skip:
             logits = logits.float() + self.log_likelihood(z, sigma)
         return logits
+
+    def target_loss(self, f: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, targets: torch.Tensor):
+        """per_sample (N,): w(sigma) CE(logits) + prior_loss CE(f), each CE averaged over a sample's targets,
+        from the block's own logits f (N, ..., num_targets) of the noisy targets z at sigma (N,); logits = f
+        + log p(z | target) under the likelihood skip, else f. Both CEs are minimised by the same f (the
+        prior of the target given the condition), so the prior's term changes no optimum: it gives f a
+        gradient where z alone decides the target (tasks.autoregressive.model's docstring)."""
+        f = f.float()
+        n = f.shape[0]
+
+        def ce(x):  # plain CE: a few hundred targets at most, and we need the per-sample means
+            flat = F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), reduction="none")
+            return flat.view(n, -1).mean(1)
+
+        logits = f + self.log_likelihood(z, sigma) if self.config.likelihood_skip else f
+        per_sample = self.loss_weight(sigma) * ce(logits)
+        if self.config.prior_loss:
+            per_sample = per_sample + self.config.prior_loss * ce(f)
+        return per_sample
 
     def network_logits(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """The block's own logits, block(cond, c_noise, c_in z): `logits` without the likelihood skip."""

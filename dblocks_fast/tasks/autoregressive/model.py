@@ -108,18 +108,6 @@ class ARConfig:
         validate_target_fields(self)
         if self.cond_sigma_max is not None and not self.cond_sigma_max > 0:
             raise ValueError(f"ARConfig.cond_sigma_max must be positive or None, got {self.cond_sigma_max}")
-        if not (self.likelihood_skip or self.z_input):
-            raise ValueError(
-                "ARConfig: with likelihood_skip=False and z_input=False no block reads z; set z_input=True "
-                "(F reads c_in z) or likelihood_skip=True (the logits add z's exact log-likelihood)"
-            )
-        if not (self.prior_loss >= 0 and math.isfinite(self.prior_loss)):
-            raise ValueError(f"ARConfig.prior_loss must be a finite value >= 0, got {self.prior_loss}")
-        if self.prior_loss and not self.likelihood_skip:
-            raise ValueError(
-                "ARConfig.prior_loss trains F as the context's prior, which it is only with "
-                "likelihood_skip=True; set prior_loss=0 with likelihood_skip=False"
-            )
         if self.z_in_std is not None and not (self.z_in_std >= 0 and math.isfinite(self.z_in_std)):
             raise ValueError(f"ARConfig.z_in_std must be a finite value >= 0 or None, got {self.z_in_std}")
 

@@ -94,15 +94,7 @@ class AutoregressiveLM(DiscreteTargetTask):
         )
         s = sigma.to(torch.float32)
         z = process.noisy(table[tokens], eps, s)
-        f = self.network_logits(block, z, s, tokens).float()
-        logits = f + self.log_likelihood(z, s) if self.config.likelihood_skip else f
-
-        def ce(x):  # plain CE: at 256 classes the logits are small, and we need the per-window means
-            return F.cross_entropy(x.reshape(n * t, VOCAB), tokens.reshape(-1), reduction="none").view(n, t)
-
-        per_sample = self.loss_weight(s) * ce(logits).mean(1)
-        if self.config.prior_loss:
-            per_sample = per_sample + self.config.prior_loss * ce(f).mean(1)
+        per_sample = self.target_loss(self.network_logits(block, z, s, tokens), z, s, tokens)
         return per_sample.mean(), per_sample
 
     @torch.no_grad()
