@@ -227,10 +227,12 @@ class DiscreteTargetTask:
     def logits(self, block: nn.Module, z: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
         """The head's logits over the targets for noisy targets z at sigma (N,), given the condition: the
         block is called as block(cond, c_noise, c_in z)."""
-        logits = self.network_logits(block, z, sigma, cond)
-        if self.config.likelihood_skip:
-            logits = logits.float() + self.log_likelihood(z, sigma)
-        return logits
+        return self.with_likelihood(self.network_logits(block, z, sigma, cond), z, sigma)
+
+    def with_likelihood(self, f: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The logits from a block's own f: f + log p(z | target) (float32) under config.likelihood_skip,
+        else f."""
+        return f.float() + self.log_likelihood(z, sigma) if self.config.likelihood_skip else f
 
     def target_loss(self, f: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, targets: torch.Tensor):
         """per_sample (N,): w(sigma) CE(logits) + prior_loss CE(f), each CE averaged over a sample's targets,
@@ -245,8 +247,7 @@ class DiscreteTargetTask:
             flat = F.cross_entropy(x.reshape(-1, x.shape[-1]), targets.reshape(-1), reduction="none")
             return flat.view(n, -1).mean(1)
 
-        logits = f + self.log_likelihood(z, sigma) if self.config.likelihood_skip else f
-        per_sample = self.loss_weight(sigma) * ce(logits)
+        per_sample = self.loss_weight(sigma) * ce(self.with_likelihood(f, z, sigma))
         if self.config.prior_loss:
             per_sample = per_sample + self.config.prior_loss * ce(f)
         return per_sample

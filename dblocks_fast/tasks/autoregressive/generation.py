@@ -62,9 +62,8 @@ def generate(
             with model.block(b) as blk:
                 if cache.length < i:  # the prompt (first token) or the byte chosen last
                     cache.append(blk, out[:, cache.length : i])
-                logits = cache.noisy_logits(blk, z).float()
-            if cfg.likelihood_skip:
-                logits = logits + task.log_likelihood(z, torch.full((n,), s, device=dev))
+                f = cache.noisy_logits(blk, z).float()
+            logits = task.with_likelihood(f, z, torch.full((n,), s, device=dev))
             z = euler_step(z, logits.softmax(-1) @ table, s, s_next)
         new_logits.append(logits)
         out = torch.cat([out, pick_next(logits, temperature, pick)[:, None]], dim=1)

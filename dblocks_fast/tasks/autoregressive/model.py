@@ -12,8 +12,8 @@ and every block owns its whole network F: byte embedding of the clean tokens, th
 sigma embedding (the AdaLN conditioning of every token), its L/B AdaLN-Zero layers, and a head from each
 noisy token to 256 logits.
 
-Five choices found by measurement (issue 21; tiny model on an easy text, block 0 of B = 2 against a causal
-LM of its 2 layers, 200 steps: 4.15 against 2.29 bits per byte before, 2.40 after):
+Five choices found by measurement (issue 21; the first two on a tiny model on an easy text, block 0 of
+B = 2 against a causal LM of its 2 layers, 200 steps: 4.15 against 2.29 bits per byte before, 2.40 after):
 - noisy token i also holds the embedding of byte s_{i-1} (one it may see anyway; zero for i = 0), as the
   causal model's token i-1 holds its own byte. Without it block 0 must first learn to find position i-1
   through the position table before it can use any context (3.49 -> 2.37 at sigma = 2).
@@ -21,12 +21,11 @@ LM of its 2 layers, 200 steps: 4.15 against 2.29 bits per byte before, 2.40 afte
   pure noise, and the training density (log-normal, P_mean -1.2, P_std 1.2) puts 0.2% of its draws above
   sigma = 10, so the embedding of sigma_max = 80, where generation starts, was an untrained extrapolation
   (block 0 scored 3.49 bits at sigma_max against 2.37 at sigma = 2).
-- (with z_input) z_in's weight starts at std 0.02 / sqrt(emb_dim) (`ARConfig.z_in_std`), so the
-  projection of c_in z, whose emb_dim components have unit variance at every sigma, starts as large as
-  the token and position
-  embeddings (std 0.02 a unit). With std 0.02 it started sqrt(emb_dim) = 8 times larger at the preset's
-  emb_dim 64: at sigma_max the noisy token's input was mostly noise, which the block had to learn to
-  suppress before its context could show, and block 0 sat at the byte-frequency floor for its first 100
+- (with z_input) z_in's weight starts at std 0.02 / sqrt(emb_dim) (`ARConfig.z_in_std`), so the projection
+  of c_in z, whose emb_dim components have unit variance at every sigma, starts as large as the token and
+  position embeddings (std 0.02 a unit). With std 0.02 it started sqrt(emb_dim) = 8 times larger at the
+  preset's emb_dim 64: at sigma_max the noisy token's input was mostly noise, which the block had to learn
+  to suppress before its context could show, and block 0 sat at the byte-frequency floor for its first 100
   steps. Easy text, preset size (12 layers, B = 4, 300 steps), block 0 alone at sigma_max: 1.42 bits per
   byte (argmax accuracy 0.61) before, 0.33 (0.91) after, against 0.128 (0.96) for a causal LM of its 3
   layers; trained 800 steps at sigma ~ 80 alone with the old init it reaches 0.12, so the old init cost
